@@ -1,0 +1,312 @@
+"""Exact gradient accumulation over micro-batches.
+
+The gradient of ``L(B) = Σ_u ℓ_u / N(B)`` is ``(Σ_k ∇ total_k) / N(B)``: each
+micro-batch ``k`` backpropagates its own ``total_k = Σ_{u∈k} ℓ_u`` (so autograd sums
+the micro-batch gradients into ``p.grad``), and once every micro-batch has been
+seen, and so ``N(B) = Σ_k count_k`` is known, the sum is divided by it, in one
+place: `_normalise`. No count needs to be known in advance (padding, masks and
+ignored tokens are counted by the loss itself), and no micro-batch's mean is ever
+weighted against another's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from ._errors import (
+    ConfigError,
+    ExistingGradError,
+    LossTypeError,
+    NonFiniteError,
+    ZeroCountError,
+)
+from ._loss import Loss
+from ._reduction import REDUCTIONS, Reduction
+from ._split import Batch, is_structured, micro_batches
+from ._state import BufferSnapshot, GradStash, RngSnapshot
+
+LossFn = Callable[[nn.Module, Any], Loss]
+"""``loss_fn(model, micro_batch) -> bg.Loss``."""
+
+ExistingGrad = Literal["error", "replace", "add"]
+"""What `accumulate` does with gradients already in ``p.grad``.
+
+- ``"error"`` (default): raise `ExistingGradError` if any is non-zero, so stale
+  gradients (a forgotten ``optimizer.zero_grad()``) are never silently added to.
+  All-zero gradients (``zero_grad(set_to_none=False)``) count as cleared.
+- ``"replace"``: discard them; ``p.grad`` holds the gradient of ``L(B)``.
+- ``"add"``: add the gradient of ``L(B)`` to them (e.g. a sum of several losses).
+"""
+
+_EXISTING_GRAD: tuple[ExistingGrad, ...] = ("error", "replace", "add")
+
+
+@dataclass(frozen=True)
+class AccumulateReport:
+    """What one call of `accumulate` computed.
+
+    Attributes:
+        loss: ``L(B)``, the loss of the whole logical batch.
+        count: ``N(B)``, the units in the logical batch (a float when units are
+            weighted).
+        micro_batches: how many micro-batches were run.
+        grad_norm: the global L2 norm of the gradients left in ``p.grad``.
+        reduction: ``"mean"`` or ``"sum"``.
+        micro_batch_counts: the units in each micro-batch.
+    """
+
+    loss: float
+    count: int | float
+    micro_batches: int
+    grad_norm: float
+    reduction: Reduction
+    micro_batch_counts: tuple[int | float, ...]
+
+
+def accumulate(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Batch | Iterable[Batch],
+    *,
+    micro_batch_size: int | None = None,
+    reduction: Reduction = "mean",
+    existing_grad: ExistingGrad = "error",
+) -> AccumulateReport:
+    """Leave in every ``p.grad`` the gradient of the loss of the whole logical batch.
+
+    The logical batch ``B`` is run in micro-batches, one forward and one backward
+    each, so memory holds the activations of one micro-batch only. With
+    ``loss_fn(model, micro_batch) = Loss(total_k, count_k)``:
+
+    - ``"mean"``: ``L(B) = Σ_k total_k / Σ_k count_k``
+    - ``"sum"``:  ``L(B) = Σ_k total_k``
+
+    This equals the loss of the whole batch at once to floating-point rounding,
+    however the units are spread over micro-batches. (The common recipe
+    ``(total_k / count_k) / K`` weights a unit by ``1 / (K·count_k)`` instead of
+    ``1 / N(B)``: wrong whenever micro-batches hold different numbers of units.)
+
+    Only the parameters of ``model`` are normalised; a leaf outside it that the loss
+    depends on would receive the unnormalised sum.
+
+    Args:
+        model: the module whose parameters receive the gradient.
+        loss_fn: ``loss_fn(model, micro_batch) -> bg.Loss``.
+        batch: a tensor, a (nested) tuple/list/dict of tensors sharing dimension 0
+            (other leaves go to every micro-batch unchanged), or any other iterable
+            yielding ready-made micro-batches.
+        micro_batch_size: rows per micro-batch (the last may be smaller); ``None``
+            runs a structured batch whole, and must be ``None`` for ready-made
+            micro-batches.
+        reduction: ``"mean"`` or ``"sum"`` over the units of the logical batch.
+        existing_grad: ``"error"``, ``"replace"`` or ``"add"``; see `ExistingGrad`.
+
+    Returns:
+        An `AccumulateReport`.
+
+    Raises:
+        BatchError: for bad input (see `batchgrad._errors`). Every ``p.grad`` and
+            every buffer is then exactly as before the call.
+
+    Example:
+        >>> import torch, batchgrad as bg
+        >>> model = torch.nn.Linear(3, 1)
+        >>> x, y = torch.randn(10, 3), torch.randn(10, 1)
+        >>> def loss_fn(model, batch):
+        ...     x, y = batch
+        ...     return bg.Loss.from_criterion(torch.nn.MSELoss(), model(x), y)
+        >>> report = bg.accumulate(model, loss_fn, (x, y), micro_batch_size=4)
+        >>> report.micro_batches, report.count, report.micro_batch_counts
+        (3, 10, (4, 4, 2))
+    """
+    if reduction not in REDUCTIONS:
+        raise ConfigError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
+    if existing_grad not in _EXISTING_GRAD:
+        raise ConfigError(f"existing_grad must be one of {_EXISTING_GRAD}, got {existing_grad!r}.")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if existing_grad == "error":
+        _refuse_existing_grads(model, params)
+
+    stash = GradStash.take(params)
+    buffers = BufferSnapshot.take(model)
+    rng = RngSnapshot.take()
+    try:
+        totals: list[Tensor] = []
+        counts: list[int | float | Tensor] = []
+        for index, micro_batch in enumerate(micro_batches(batch, micro_batch_size)):
+            total, count = _unpack(loss_fn(model, micro_batch), index)
+            total.backward()
+            totals.append(total.detach())
+            counts.append(count)
+        loss_sum, unit_counts = _check_losses(totals, counts)
+        count = sum(unit_counts)
+        divisor = _divisor(count, reduction, len(totals))
+        grads = [p.grad for p in params if p.grad is not None]
+        _normalise(grads, divisor)
+        grad_norm = _total_norm(grads)
+        if not math.isfinite(grad_norm):
+            rng.put_back()
+            raise _non_finite_grad_error(model, loss_fn, batch, micro_batch_size)
+    except BaseException:
+        stash.put_back()
+        buffers.put_back()
+        raise
+
+    if existing_grad == "add":
+        grad_norm = _add_back(stash)
+    return AccumulateReport(
+        loss=loss_sum / divisor,
+        count=_as_number(count),
+        micro_batches=len(totals),
+        grad_norm=grad_norm,
+        reduction=reduction,
+        micro_batch_counts=tuple(_as_number(c) for c in unit_counts),
+    )
+
+
+def _divisor(count: float, reduction: Reduction, micro_batches: int) -> float:
+    """``N(B)`` under ``"mean"``, 1 under ``"sum"``."""
+    if reduction == "sum":
+        return 1.0
+    if count == 0:
+        raise ZeroCountError(
+            f"The logical batch has 0 units over its {micro_batches} micro-batch(es) "
+            f"(e.g. every token is padding or ignore_index), so its mean loss is "
+            f"undefined. Skip such batches, or use reduction='sum'."
+        )
+    return float(count)
+
+
+def _normalise(grads: list[Tensor], divisor: float) -> None:
+    """The one place where the summed gradient is divided by ``N(B)``."""
+    if divisor != 1.0 and grads:
+        torch._foreach_div_(grads, divisor)
+
+
+def _total_norm(grads: list[Tensor]) -> float:
+    if not grads:
+        return 0.0
+    return float(torch.nn.utils.get_total_norm(grads))
+
+
+def _add_back(stash: GradStash) -> float:
+    """Add the new gradients into the stashed ones (in place, like autograd does)."""
+    for p, old in zip(stash.params, stash.grads, strict=True):
+        if old is not None:
+            if p.grad is not None:
+                old.add_(p.grad)
+            p.grad = old
+    return _total_norm([p.grad for p in stash.params if p.grad is not None])
+
+
+def _unpack(loss: object, index: int) -> tuple[Tensor, int | float | Tensor]:
+    """Check what ``loss_fn`` returned for micro-batch ``index``."""
+    if not isinstance(loss, Loss):
+        raise LossTypeError(
+            f"loss_fn returned {type(loss).__name__} for micro-batch {index}; it must "
+            f"return bg.Loss(total, count), e.g. bg.Loss.from_criterion(criterion, output, "
+            f"target) or bg.Loss.from_values(values, mask)."
+        )
+    total, count = loss.total, loss.count
+    if not isinstance(total, Tensor) or total.ndim != 0:
+        shape = tuple(total.shape) if isinstance(total, Tensor) else type(total).__name__
+        raise LossTypeError(
+            f"Loss.total of micro-batch {index} must be a 0-d tensor (the sum of the unit "
+            f"losses), got {shape}. Reduce it with .sum(), or use bg.Loss.from_values."
+        )
+    if not total.requires_grad:
+        raise LossTypeError(
+            f"Loss.total of micro-batch {index} does not depend on any parameter that "
+            f"requires grad, so there is nothing to backpropagate. Compute it from the "
+            f"model's output, outside torch.no_grad()."
+        )
+    if isinstance(count, bool) or not isinstance(count, int | float | Tensor):
+        raise LossTypeError(
+            f"Loss.count of micro-batch {index} must be an int, float or 0-d tensor, "
+            f"got {type(count).__name__}."
+        )
+    if isinstance(count, Tensor):
+        if count.ndim != 0:
+            raise LossTypeError(
+                f"Loss.count of micro-batch {index} must be 0-d, got shape "
+                f"{tuple(count.shape)}; count the units with .sum()."
+            )
+        count = count.detach()
+    return total, count
+
+
+def _check_losses(
+    totals: list[Tensor], counts: list[int | float | Tensor]
+) -> tuple[float, list[float]]:
+    """The summed loss and the count of each micro-batch, all checked (one sync)."""
+    values = torch.stack([t.double() for t in totals]).tolist()
+    bad = [i for i, value in enumerate(values) if not math.isfinite(value)]
+    if bad:
+        raise NonFiniteError(
+            f"The loss of micro-batch {bad[0]} is {values[bad[0]]} (non-finite losses in "
+            f"micro-batches {bad[:10]}). Look at that micro-batch's data, and at the "
+            f"model's outputs for it (log of 0, division by 0, overflow in low precision)."
+        )
+    unit_counts = [float(c) for c in counts]
+    for index, count in enumerate(unit_counts):
+        if not math.isfinite(count) or count < 0:
+            raise LossTypeError(
+                f"Loss.count of micro-batch {index} is {count}; a count must be a finite "
+                f"number of units >= 0."
+            )
+    return math.fsum(values), unit_counts
+
+
+def _as_number(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else value
+
+
+def _refuse_existing_grads(model: nn.Module, params: list[nn.Parameter]) -> None:
+    present = [p for p in params if p.grad is not None]
+    if not present:
+        return
+    nonzero = torch.stack([p.grad.detach().ne(0).any() for p in present if p.grad is not None])
+    if not bool(nonzero.any()):
+        return
+    names = {p: name for name, p in model.named_parameters()}
+    stale = [names[p] for p, flag in zip(present, nonzero.tolist(), strict=True) if flag]
+    raise ExistingGradError(
+        f"{len(stale)} parameter(s) already hold non-zero gradients ({', '.join(stale[:3])}"
+        f"{', ...' if len(stale) > 3 else ''}); accumulate would add the new gradient to "
+        f"stale ones. Call optimizer.zero_grad() first, or pass existing_grad='replace' "
+        f"to overwrite them or existing_grad='add' to add to them on purpose."
+    )
+
+
+def _non_finite_grad_error(
+    model: nn.Module, loss_fn: LossFn, batch: object, micro_batch_size: int | None
+) -> NonFiniteError:
+    """Name the parameters with non-finite gradients and, by replaying, the micro-batch."""
+    names = {p: name for name, p in model.named_parameters()}
+    params = [p for p in names if p.requires_grad]
+    bad_names = [names[p] for p in params if p.grad is not None and not p.grad.isfinite().all()]
+    where = "an unknown micro-batch (ready-made micro-batches cannot be replayed)"
+    if is_structured(batch):
+        for index, micro_batch in enumerate(micro_batches(batch, micro_batch_size)):
+            for p in params:
+                p.grad = None
+            loss_fn(model, micro_batch).total.backward()
+            replayed = [
+                names[p] for p in params if p.grad is not None and not p.grad.isfinite().all()
+            ]
+            if replayed:
+                where, bad_names = f"micro-batch {index}", replayed
+                break
+    return NonFiniteError(
+        f"The gradient of {', '.join(bad_names[:3])}{', ...' if len(bad_names) > 3 else ''} "
+        f"is NaN or infinite (first seen in {where}), although every loss was finite. "
+        f"Look for operations with infinite derivatives at the values reached (sqrt or "
+        f"norm at 0, log near 0), or run that micro-batch under "
+        f"torch.autograd.detect_anomaly() to find the operation."
+    )

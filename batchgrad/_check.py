@@ -1,0 +1,367 @@
+"""`check`: prove that micro-batching reproduces the whole-batch gradient, or say why not.
+
+Three gradients of the same logical batch, from the same model state and RNG state:
+
+- ``g_full``: the whole batch in one forward and backward;
+- ``g_acc``: `accumulate` over micro-batches;
+- ``g_naive``: the common recipe, each micro-batch's own reduced loss divided by
+  the number of micro-batches ``K``.
+
+Where the model itself makes a sample's output depend on the rest of its batch
+(BatchNorm in training mode) or on random draws (dropout), no accumulation can be
+exact; `findings` names those modules: known layers by type, any other one by
+running it on half of the batch and comparing.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from ._accumulate import LossFn, _unpack, accumulate
+from ._errors import ConfigError
+from ._reduction import REDUCTIONS, Reduction
+from ._split import Batch, batch_length, batched_leaves, is_structured, micro_batches, slice_batch
+from ._state import ModelSnapshot
+
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+
+
+def default_tolerance(dtype: torch.dtype) -> float:
+    """The relative error rounding alone can explain: 1e-10 (float64), 1e-5 (float32)."""
+    if dtype == torch.float64:
+        return 1e-10
+    if dtype == torch.float32:
+        return 1e-5
+    return 1e-2
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A module that keeps micro-batching from matching the whole batch exactly.
+
+    Attributes:
+        module: the module's qualified name in the model (``""`` is the model).
+        kind: ``"batchnorm"``, ``"dropout"``, ``"couples-samples"`` or ``"random"``.
+        message: why, and what to do.
+    """
+
+    module: str
+    kind: Literal["batchnorm", "dropout", "couples-samples", "random"]
+    message: str
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    """The comparison of accumulated, naive and whole-batch gradients.
+
+    Attributes:
+        ok: ``max_rel_err <= tolerance``.
+        max_rel_err: ``‖g_acc − g_full‖ / ‖g_full‖`` over all parameters.
+        naive_rel_err: ``‖g_naive − g_full‖ / ‖g_full‖``, NaN when a micro-batch has
+            no units (the naive recipe divides 0 by 0 there).
+        per_param: parameter name → ``‖g_acc − g_full‖ / ‖g_full‖`` of that parameter.
+        naive_per_param: the same for the naive recipe.
+        findings: modules that make micro-batching inexact.
+        tolerance: the threshold of ``ok``.
+        micro_batches: ``K``.
+        micro_batch_counts: the units in each micro-batch.
+        reduction: ``"mean"`` or ``"sum"``.
+    """
+
+    ok: bool
+    max_rel_err: float
+    naive_rel_err: float
+    per_param: dict[str, float]
+    naive_per_param: dict[str, float]
+    findings: tuple[Finding, ...]
+    tolerance: float
+    micro_batches: int
+    micro_batch_counts: tuple[int | float, ...]
+    reduction: Reduction = field(default="mean")
+
+
+def check(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Batch,
+    micro_batch_size: int,
+    *,
+    reduction: Reduction = "mean",
+    tolerance: float | None = None,
+    probe: bool = True,
+) -> CheckReport:
+    """Compare the accumulated gradient with the whole-batch one on ``model``.
+
+    Parameters, buffers (BatchNorm running statistics included), RNG state and
+    gradients are restored afterwards, so ``check`` can run in the middle of
+    training.
+
+    Args:
+        model: the model, in the mode (train/eval) to check.
+        loss_fn: ``loss_fn(model, micro_batch) -> bg.Loss``.
+        batch: a tensor or (nested) tuple/list/dict of tensors: the logical batch.
+        micro_batch_size: rows per micro-batch.
+        reduction: ``"mean"`` or ``"sum"``.
+        tolerance: the largest relative error called ok; by default what rounding
+            explains in the parameters' dtype (`default_tolerance`).
+        probe: also run every module on half of the batch to find modules, of any
+            type, whose output for a sample depends on the other samples.
+
+    Returns:
+        A `CheckReport`.
+
+    Example:
+        >>> import torch, batchgrad as bg
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.5))
+        >>> def loss_fn(model, x):
+        ...     return bg.Loss.from_values(model(x).square())
+        >>> report = bg.check(model, loss_fn, torch.randn(6, 4), micro_batch_size=4)
+        >>> report.ok, [finding.module for finding in report.findings]
+        (False, ['1'])
+        >>> bg.check(model.eval(), loss_fn, torch.randn(6, 4), micro_batch_size=4).ok
+        True
+    """
+    if reduction not in REDUCTIONS:
+        raise ConfigError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
+    if not is_structured(batch):
+        raise ConfigError(
+            "check needs the whole logical batch as a tensor or a tuple/list/dict of "
+            f"tensors, to run it both whole and split; got {type(batch).__name__}."
+        )
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("The model has no parameter that requires grad: nothing to check.")
+    if tolerance is None:
+        tolerance = default_tolerance(params[0].dtype)
+
+    snapshot = ModelSnapshot.take(model)
+    try:
+        g_full = _whole_batch_grads(model, loss_fn, batch, reduction, params)
+        snapshot.reset()
+        report = accumulate(
+            model, loss_fn, batch, micro_batch_size=micro_batch_size, reduction=reduction
+        )
+        g_acc = _grads(params)
+        snapshot.reset()
+        g_naive = _naive_grads(model, loss_fn, batch, micro_batch_size, reduction, params)
+        snapshot.reset()
+        findings = _findings(model, loss_fn, batch) if probe else _known_findings(model)
+    finally:
+        snapshot.put_back()
+
+    max_rel_err = _rel_err(g_acc, g_full)
+    return CheckReport(
+        ok=max_rel_err <= tolerance,
+        max_rel_err=max_rel_err,
+        naive_rel_err=_rel_err(g_naive, g_full),
+        per_param={n: _rel_err([a], [f]) for n, a, f in zip(names, g_acc, g_full, strict=True)},
+        naive_per_param={
+            n: _rel_err([a], [f]) for n, a, f in zip(names, g_naive, g_full, strict=True)
+        },
+        findings=tuple(findings),
+        tolerance=tolerance,
+        micro_batches=report.micro_batches,
+        micro_batch_counts=report.micro_batch_counts,
+        reduction=reduction,
+    )
+
+
+def _grads(params: list[nn.Parameter]) -> list[Tensor]:
+    return [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]
+
+
+def _whole_batch_grads(
+    model: nn.Module, loss_fn: LossFn, batch: Batch, reduction: Reduction, params: list[Any]
+) -> list[Tensor]:
+    total, count = _unpack(loss_fn(model, batch), 0)
+    loss = total / count if reduction == "mean" else total
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+
+
+def _naive_grads(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Batch,
+    micro_batch_size: int,
+    reduction: Reduction,
+    params: list[nn.Parameter],
+) -> list[Tensor]:
+    """The recipe of most training loops: ``reduced_loss_k / K``, backward per micro-batch."""
+    splits = list(micro_batches(batch, micro_batch_size))
+    for micro_batch in splits:
+        total, count = _unpack(loss_fn(model, micro_batch), 0)
+        reduced = total / count if reduction == "mean" else total
+        (reduced / len(splits)).backward()
+    return _grads(params)
+
+
+def _rel_err(approx: list[Tensor], exact: list[Tensor]) -> float:
+    diff = math.sqrt(
+        sum(
+            float((a.double() - e.double()).square().sum())
+            for a, e in zip(approx, exact, strict=True)
+        )
+    )
+    norm = math.sqrt(sum(float(e.double().square().sum()) for e in exact))
+    if norm == 0:
+        return 0.0 if diff == 0 else math.inf
+    return diff / norm
+
+
+def _known_findings(model: nn.Module) -> list[Finding]:
+    findings = []
+    for name, module in model.named_modules():
+        kind = type(module).__name__
+        if isinstance(module, _BATCH_NORMS) and module.training:
+            findings.append(
+                Finding(
+                    name,
+                    "batchnorm",
+                    f"{name or 'the model'} ({kind}) is in training mode: it normalises each "
+                    f"micro-batch with that micro-batch's own mean and variance, so a sample's "
+                    f"output depends on which samples share its micro-batch (and running "
+                    f"statistics are updated once per micro-batch). Put it in eval mode, or use "
+                    f"GroupNorm/LayerNorm, which do not mix samples.",
+                )
+            )
+        elif module.training and (
+            (isinstance(module, _DROPOUTS) and module.p > 0)
+            or (isinstance(module, nn.MultiheadAttention) and module.dropout > 0)
+        ):
+            findings.append(
+                Finding(
+                    name,
+                    "dropout",
+                    f"{name or 'the model'} ({kind}) drops activations at random in training "
+                    f"mode: micro-batches draw other masks than the whole batch, so the two "
+                    f"gradients agree only in expectation (each is exact for its own masks). "
+                    f"To compare exactly, check the model in eval mode.",
+                )
+            )
+    return findings
+
+
+def _findings(model: nn.Module, loss_fn: LossFn, batch: Batch) -> list[Finding]:
+    """Known layers by type, then any module that fails the half-batch probe."""
+    findings = _known_findings(model)
+    length = batch_length(batch)
+    if length < 2:
+        return findings
+    calls: dict[str, tuple[nn.Module, tuple[Any, ...], dict[str, Any], Any]] = {}
+
+    def record(name: str, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        calls.setdefault(name, (module, args, kwargs, output))
+
+    handles = [
+        module.register_forward_hook(functools.partial(record, name), with_kwargs=True)
+        for name, module in model.named_modules()
+    ]
+    try:
+        with torch.no_grad():
+            loss_fn(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    flagged = {finding.module for finding in findings}
+    for name, (module, args, kwargs, output) in calls.items():
+        if name in flagged or not _is_per_sample_call(args, kwargs, output, length):
+            continue
+        verdict = _probe(module, args, kwargs, length)
+        if verdict is not None:
+            findings.append(Finding(name, verdict, _probe_message(name, module, verdict)))
+            flagged.add(name)
+    # Report the innermost modules: a parent of a flagged module is flagged through it.
+    return [
+        f
+        for f in findings
+        if not any(other != f.module and _is_inside(other, f.module) for other in flagged)
+    ]
+
+
+def _is_inside(name: str, ancestor: str) -> bool:
+    return ancestor == "" or name.startswith(ancestor + ".")
+
+
+def _is_per_sample_call(args: Any, kwargs: Any, output: Any, length: int) -> bool:
+    """Every batched tensor in and out has the logical batch as dimension 0."""
+    inputs = list(batched_leaves((args, kwargs)))
+    outputs = list(batched_leaves(output))
+    return bool(inputs and outputs) and all(t.shape[0] == length for _, t in inputs + outputs)
+
+
+def _probe(
+    module: nn.Module, args: Any, kwargs: Any, length: int
+) -> Literal["couples-samples", "random"] | None:
+    half = length // 2
+    try:
+        with torch.no_grad():
+            torch.manual_seed(1)
+            first = module(*args, **kwargs)
+            torch.manual_seed(2)
+            second = module(*args, **kwargs)
+            if not _same(first, second):
+                return "random"
+            torch.manual_seed(1)
+            part = module(*slice_batch(args, 0, half), **slice_batch(kwargs, 0, half))
+    except Exception:  # a call that cannot be repeated or sliced proves nothing
+        return None
+    return None if _same(part, slice_batch(first, 0, half)) else "couples-samples"
+
+
+def _same(a: Any, b: Any) -> bool:
+    leaves_a, leaves_b = list(_tensor_leaves(a)), list(_tensor_leaves(b))
+    if len(leaves_a) != len(leaves_b):
+        return False
+    for x, y in zip(leaves_a, leaves_b, strict=True):
+        if x.shape != y.shape:
+            return False
+        if not x.is_floating_point():
+            if not torch.equal(x, y):
+                return False
+            continue
+        # Slicing a matmul changes its blocking: allow rounding, not more.
+        scale = float(x.abs().max()) if x.numel() else 0.0
+        rtol = default_tolerance(x.dtype) * 10
+        if not torch.allclose(x, y, rtol=rtol, atol=rtol * scale, equal_nan=True):
+            return False
+    return True
+
+
+def _tensor_leaves(tree: Any) -> Iterator[Tensor]:
+    if isinstance(tree, Tensor):
+        yield tree
+    elif isinstance(tree, dict):
+        for value in tree.values():
+            yield from _tensor_leaves(value)
+    elif isinstance(tree, tuple | list):
+        for value in tree:
+            yield from _tensor_leaves(value)
+
+
+def _probe_message(name: str, module: nn.Module, kind: str) -> str:
+    label = f"{name or 'the model'} ({type(module).__name__})"
+    if kind == "random":
+        return (
+            f"{label} gives a different output for the same input under another random "
+            f"seed: it draws random numbers (dropout, noise), so micro-batches draw other "
+            f"numbers than the whole batch and the gradients agree only in expectation. "
+            f"To compare exactly, disable the randomness (eval mode) while checking."
+        )
+    return (
+        f"{label} gives a different output for the first half of the batch when run on "
+        f"that half alone: a sample's output depends on the other samples in its batch "
+        f"(batch statistics, in-batch normalisation or negatives), so no split can "
+        f"reproduce the whole-batch gradient. Make the module per-sample (e.g. GroupNorm or "
+        f"LayerNorm instead of batch statistics)."
+    )

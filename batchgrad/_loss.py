@@ -1,0 +1,144 @@
+"""`Loss`: a partial loss, the sum of unit losses and the number of units.
+
+A logical batch ``B`` is made of units (samples, tokens, pixels, whatever the loss
+counts). Its loss is ``L(B) = (Σ_u ℓ_u) / N(B)`` under ``"mean"`` and ``Σ_u ℓ_u``
+under ``"sum"``. Both are built from the two sums a micro-batch can report on its
+own, its ``total = Σ_u ℓ_u`` and its ``count``; only the engine divides, once,
+by the count summed over the whole logical batch.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from ._errors import LossTypeError
+
+# Criteria whose mean divides by the (class-)weighted number of non-ignored targets.
+_WEIGHTED_TARGET_CRITERIA = (nn.CrossEntropyLoss, nn.NLLLoss)
+
+
+@dataclass(frozen=True)
+class Loss:
+    """A partial loss over a (micro-)batch.
+
+    Attributes:
+        total: 0-d tensor, the sum of the unit losses ``Σ_u ℓ_u``; it carries the
+            autograd graph.
+        count: the number of units ``N`` (an int or a 0-d tensor, may be 0). With
+            weighted units it is the sum of the weights, exactly the denominator
+            PyTorch's weighted ``"mean"`` uses.
+
+    Example:
+        >>> import torch, batchgrad as bg
+        >>> values = torch.tensor([[1.0, 2.0, 9.0], [3.0, 9.0, 9.0]])
+        >>> mask = torch.tensor([[True, True, False], [True, False, False]])
+        >>> loss = bg.Loss.from_values(values, mask)
+        >>> loss.total.item(), int(loss.count), loss.mean().item()
+        (6.0, 3, 2.0)
+    """
+
+    total: Tensor
+    count: int | Tensor
+
+    def mean(self) -> Tensor:
+        """``total / count``: the loss of this (micro-)batch on its own."""
+        return self.total / self.count
+
+    @classmethod
+    def from_values(cls, values: Tensor, mask: Tensor | None = None) -> Loss:
+        """Build a `Loss` from unreduced unit losses and an optional mask.
+
+        Args:
+            values: one loss per unit, any shape (e.g. ``[batch, time]``).
+            mask: broadcastable to ``values``. A boolean mask keeps the units where
+                it is True (masked values are dropped, even NaN ones, so padding
+                cannot poison the sum). A floating mask weights each unit and
+                ``count`` becomes the sum of the weights.
+        """
+        if mask is None:
+            return cls(values.sum(), values.numel())
+        if mask.dtype == torch.bool:
+            mask = mask.expand_as(values)
+            return cls(torch.where(mask, values, 0).sum(), mask.sum())
+        weights = mask.expand_as(values).to(values.dtype)
+        return cls((values * weights).sum(), weights.sum())
+
+    @classmethod
+    def from_criterion(cls, criterion: nn.Module, *inputs: Tensor) -> Loss:
+        """Build a `Loss` from a standard PyTorch criterion and its inputs.
+
+        ``total`` is the criterion's ``"sum"`` and ``count`` is the denominator of
+        its ``"mean"``, so ``total / count`` equals ``criterion(*inputs)`` with
+        ``reduction="mean"`` whatever ``reduction`` the criterion was built with:
+
+        - `nn.CrossEntropyLoss` and `nn.NLLLoss` with class indices: the sum of
+          the class weights of the targets that are not ``ignore_index`` (the number
+          of such targets without ``weight``);
+        - `nn.CrossEntropyLoss` with class probabilities: the number of samples
+          (times spatial positions);
+        - `nn.KLDivLoss` with ``reduction="batchmean"``: the batch size;
+        - every other element-wise criterion (`nn.MSELoss`, `nn.L1Loss`,
+          `nn.BCEWithLogitsLoss`, `nn.HuberLoss`, ...): the number of elements.
+
+        Raises:
+            LossTypeError: ``criterion`` is not a PyTorch loss module with a
+                ``reduction`` attribute.
+
+        Example:
+            >>> import torch, batchgrad as bg
+            >>> criterion = torch.nn.CrossEntropyLoss(ignore_index=-100)
+            >>> logits, target = torch.randn(4, 3), torch.tensor([0, 2, -100, 1])
+            >>> loss = bg.Loss.from_criterion(criterion, logits, target)
+            >>> int(loss.count), torch.allclose(loss.mean(), criterion(logits, target))
+            (3, True)
+        """
+        if not isinstance(criterion, nn.Module) or not hasattr(criterion, "reduction"):
+            raise LossTypeError(
+                f"Loss.from_criterion needs a torch.nn loss module with a `reduction` "
+                f"attribute, got {type(criterion).__name__}. For any other loss, compute "
+                f"the unreduced values and use bg.Loss.from_values(values, mask)."
+            )
+        unreduced = copy.copy(criterion)  # shallow: shares weights, owns `reduction`
+        unreduced.reduction = "none"  # type: ignore[assignment]  # a str attribute
+        values = unreduced(*inputs)
+        count: int | Tensor
+        if isinstance(criterion, _WEIGHTED_TARGET_CRITERIA) and not inputs[1].is_floating_point():
+            count = _weighted_target_count(criterion, inputs[1])
+        elif isinstance(criterion, nn.KLDivLoss) and criterion.reduction == "batchmean":
+            count = inputs[0].shape[0] if inputs[0].ndim > 0 else 1
+        else:
+            count = values.numel()
+        return cls(values.sum(), count)
+
+    @classmethod
+    def from_causal_lm(cls, logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Loss:
+        """Build the next-token `Loss` of a causal language model.
+
+        Position ``t`` predicts token ``t + 1``: logits ``[batch, time, vocab]`` are
+        shifted against labels ``[batch, time]`` (the usual ``labels = input_ids``,
+        with padding and prompt tokens set to ``ignore_index``). ``count`` is the
+        number of predicted tokens that are not ignored.
+        """
+        if logits.ndim != 3 or labels.shape != logits.shape[:2]:
+            raise LossTypeError(
+                f"Loss.from_causal_lm needs logits [batch, time, vocab] and labels "
+                f"[batch, time], got logits {tuple(logits.shape)} and labels "
+                f"{tuple(labels.shape)}."
+            )
+        predicted = logits[:, :-1].reshape(-1, logits.shape[-1])
+        targets = labels[:, 1:].reshape(-1)
+        total = F.cross_entropy(predicted, targets, ignore_index=ignore_index, reduction="sum")
+        return cls(total, (targets != ignore_index).sum())
+
+
+def _weighted_target_count(criterion: nn.Module, target: Tensor) -> Tensor:
+    valid = torch.ne(target, criterion.ignore_index)
+    weight: Tensor | None = criterion.weight
+    if weight is None:
+        return valid.sum()
+    return torch.where(valid, weight[torch.where(valid, target, 0)], 0).sum()

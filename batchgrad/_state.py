@@ -1,0 +1,109 @@
+"""Taking and putting back the parts of a model a computation may change.
+
+`accumulate` must leave gradients and buffers exactly as they were when it raises,
+and `check` must leave the whole model as it found it. Gradients are moved aside
+(no copy) and put back as the same tensor objects; buffers are cloned and copied
+back (unconditionally: BatchNorm's kernel updates running statistics without
+bumping the tensors' version counters).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class GradStash:
+    """The ``.grad`` of each parameter, moved aside so the parameters start clean."""
+
+    params: list[nn.Parameter]
+    grads: list[Tensor | None]
+
+    @classmethod
+    def take(cls, params: list[nn.Parameter]) -> GradStash:
+        stash = cls(params, [p.grad for p in params])
+        for p in params:
+            p.grad = None
+        return stash
+
+    def put_back(self) -> None:
+        """Make every ``p.grad`` the very tensor (or None) it was before `take`."""
+        for p, grad in zip(self.params, self.grads, strict=True):
+            p.grad = grad
+
+
+@dataclass
+class BufferSnapshot:
+    """Every buffer of a model: the tensor object and a copy of its value."""
+
+    entries: list[tuple[nn.Module, str, Tensor, Tensor]]
+
+    @classmethod
+    def take(cls, model: nn.Module) -> BufferSnapshot:
+        entries = []
+        for module in model.modules():
+            for name, buffer in module._buffers.items():
+                if buffer is not None:
+                    entries.append((module, name, buffer, buffer.detach().clone()))
+        return cls(entries)
+
+    def put_back(self) -> None:
+        with torch.no_grad():
+            for module, name, buffer, value in self.entries:
+                module._buffers[name] = buffer
+                buffer.copy_(value)
+
+
+@dataclass
+class RngSnapshot:
+    """The state of torch's CPU generator and of every initialised CUDA generator."""
+
+    cpu: Tensor
+    cuda: list[Tensor]
+
+    @classmethod
+    def take(cls) -> RngSnapshot:
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
+        return cls(torch.get_rng_state(), cuda)
+
+    def put_back(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda:
+            torch.cuda.set_rng_state_all(self.cuda)
+
+
+@dataclass
+class ModelSnapshot:
+    """Parameters (values and gradients), buffers and RNG: all `check` may disturb."""
+
+    values: list[Tensor]
+    grads: GradStash
+    buffers: BufferSnapshot
+    rng: RngSnapshot
+
+    @classmethod
+    def take(cls, model: nn.Module) -> ModelSnapshot:
+        params = list(model.parameters())
+        return cls(
+            values=[p.detach().clone() for p in params],
+            grads=GradStash.take(params),
+            buffers=BufferSnapshot.take(model),
+            rng=RngSnapshot.take(),
+        )
+
+    def reset(self) -> None:
+        """Back to the state of `take`, with gradients cleared (ready for a new run)."""
+        with torch.no_grad():
+            for p, value in zip(self.grads.params, self.values, strict=True):
+                p.copy_(value)
+                p.grad = None
+        self.buffers.put_back()
+        self.rng.put_back()
+
+    def put_back(self) -> None:
+        """Back to the state of `take`, gradients included."""
+        self.reset()
+        self.grads.put_back()
