@@ -136,9 +136,9 @@ class Loss:
         return cls(total, (targets != ignore_index).sum())
 
 
-def _weighted_target_count(criterion: nn.Module, target: Tensor) -> Tensor:
-    valid = torch.ne(target, criterion.ignore_index)
-    weight: Tensor | None = criterion.weight
+def _weighted_target_count(criterion: nn.CrossEntropyLoss | nn.NLLLoss, target: Tensor) -> Tensor:
+    valid = target != criterion.ignore_index
+    weight = criterion.weight
     if weight is None:
         return valid.sum()
     return torch.where(valid, weight[torch.where(valid, target, 0)], 0).sum()

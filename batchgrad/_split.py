@@ -58,7 +58,7 @@ def batch_length(batch: Batch, where: str = "the batch") -> int:
     for path, tensor in batched_leaves(batch, "batch"):
         sizes.setdefault(tensor.shape[0], path)
     if len(sizes) > 1:
-        found = ", ".join(f"{path} has {size}" for size, path in sorted(sizes.items()))
+        found = ", ".join(f"{path} has {size}" for size, path in sizes.items())
         hint = (
             " If these are ready-made micro-batches, pass an iterator over them "
             "(e.g. iter(micro_batches)) and no micro_batch_size."
