@@ -120,13 +120,14 @@ def check(
 
     Example:
         >>> import torch, batchgrad as bg
-        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.5))
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8))
         >>> def loss_fn(model, x):
         ...     return bg.Loss.from_values(model(x).square())
-        >>> report = bg.check(model, loss_fn, torch.randn(6, 4), micro_batch_size=4)
-        >>> report.ok, [finding.module for finding in report.findings]
-        (False, ['1'])
-        >>> bg.check(model.eval(), loss_fn, torch.randn(6, 4), micro_batch_size=4).ok
+        >>> x = torch.randn(8, 4)
+        >>> report = bg.check(model, loss_fn, x, micro_batch_size=4)
+        >>> report.ok, [(finding.module, finding.kind) for finding in report.findings]
+        (False, [('1', 'batchnorm')])
+        >>> bg.check(model.eval(), loss_fn, x, micro_batch_size=4).ok
         True
     """
     if reduction not in REDUCTIONS:

@@ -1,0 +1,147 @@
+import re
+
+import pytest
+import torch
+from torch import nn
+
+import batchgrad as bg
+from tests.cases import CASE_IDS, CASES
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_check_proves_equivalence_and_measures_the_naive_recipe(case):
+    model, batch = case.build(12, torch.float64, seed=2)
+    report = bg.check(model, case.loss_fn, batch, micro_batch_size=5)
+    assert report.ok
+    assert report.max_rel_err <= 1e-10
+    assert report.naive_rel_err > 0.01
+    assert report.findings == ()
+    assert set(report.per_param) == {name for name, _ in model.named_parameters()}
+    assert max(report.per_param.values()) <= 1e-9
+    assert report.micro_batches == 3
+
+
+def test_float32_tolerance():
+    case = CASES[0]
+    model, batch = case.build(12, torch.float32, seed=2)
+    report = bg.check(model, case.loss_fn, batch, micro_batch_size=5)
+    assert report.ok
+    assert report.tolerance == 1e-5
+
+
+def _loss(model, batch):
+    x, y = batch
+    return bg.Loss.from_criterion(nn.MSELoss(), model(x), y)
+
+
+class Center(nn.Module):
+    """Subtracts the batch mean: a sample's output depends on the others."""
+
+    def forward(self, x):
+        return x - x.mean(dim=0)
+
+
+class Noise(nn.Module):
+    def forward(self, x):
+        return x + torch.randn_like(x)
+
+
+class Block(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.linear(self.inner(x))
+
+
+@pytest.mark.parametrize(
+    ("layer", "name", "kind", "message"),
+    [
+        (nn.BatchNorm1d(4), "1", "batchnorm", r"1 \(BatchNorm1d\).*eval mode.*GroupNorm"),
+        (nn.Dropout(0.3), "1", "dropout", r"1 \(Dropout\) drops activations"),
+        (Block(Center()), "1.inner", "couples-samples", r"1\.inner \(Center\).*other samples"),
+        (Block(Noise()), "1.inner", "random", r"1\.inner \(Noise\).*random"),
+    ],
+    ids=["batchnorm", "dropout", "custom-coupling", "custom-random"],
+)
+def test_findings_name_the_module_that_breaks_equivalence(layer, name, kind, message):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), layer, nn.Linear(4, 1)).double()
+    x, y = torch.randn(12, 3, dtype=torch.float64), torch.randn(12, 1, dtype=torch.float64)
+    report = bg.check(model, _loss, (x, y), micro_batch_size=4)
+    [finding] = report.findings  # the innermost module only, not its parents
+    assert (finding.module, finding.kind) == (name, kind)
+    assert re.search(message, finding.message)
+    if kind in ("batchnorm", "couples-samples"):
+        assert not report.ok
+    # Random layers may still agree when the draws happen to line up; `ok` is
+    # what was measured, the finding says why it cannot be relied on.
+
+
+def test_eval_mode_removes_the_findings():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Dropout(0.5), nn.Linear(4, 1))
+    model = model.double().eval()
+    x, y = torch.randn(12, 3, dtype=torch.float64), torch.randn(12, 1, dtype=torch.float64)
+    report = bg.check(model, _loss, (x, y), micro_batch_size=4)
+    assert report.ok
+    assert report.findings == ()
+
+
+def test_check_restores_parameters_buffers_rng_and_gradients():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Dropout(0.2), nn.Linear(4, 1))
+    model = model.double()
+    x, y = torch.randn(12, 3, dtype=torch.float64), torch.randn(12, 1, dtype=torch.float64)
+    _loss(model, (x, y)).total.backward()
+    model[3].bias.grad = None
+    grads = [p.grad for p in model.parameters()]
+    grad_values = [None if g is None else g.clone() for g in grads]
+    params = [p.detach().clone() for p in model.parameters()]
+    buffers = [b.clone() for b in model.buffers()]
+    rng = torch.get_rng_state()
+
+    bg.check(model, _loss, (x, y), micro_batch_size=4)
+
+    for p, value, grad, grad_value in zip(
+        model.parameters(), params, grads, grad_values, strict=True
+    ):
+        assert torch.equal(p, value)
+        assert p.grad is grad
+        if grad is not None:
+            assert torch.equal(p.grad, grad_value)
+    for buffer, value in zip(model.buffers(), buffers, strict=True):
+        assert torch.equal(buffer, value)
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_sum_reduction_naive_recipe_is_off_by_the_micro_batch_count():
+    model = nn.Linear(3, 1).double()
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+    report = bg.check(model, _loss, (x, y), micro_batch_size=2, reduction="sum")
+    assert report.ok
+    assert report.naive_rel_err == pytest.approx(1 - 1 / 4)
+
+
+def test_check_needs_a_structured_batch():
+    with pytest.raises(bg.ConfigError, match="whole logical batch"):
+        bg.check(nn.Linear(1, 1), _loss, iter([]), micro_batch_size=1)
+
+
+def test_check_needs_trainable_parameters():
+    model = nn.Linear(1, 1).requires_grad_(False)
+    with pytest.raises(bg.ConfigError, match="no parameter that requires grad"):
+        bg.check(model, _loss, (torch.ones(2, 1), torch.ones(2, 1)), micro_batch_size=1)
+
+
+def test_check_errors_restore_the_model():
+    model = nn.Linear(3, 1).double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    x[4] = float("nan")
+    weight = model.weight.detach().clone()
+    with pytest.raises(bg.NonFiniteError):
+        bg.check(model, _loss, (x, torch.zeros(6, 1, dtype=torch.float64)), micro_batch_size=2)
+    assert torch.equal(model.weight, weight)
+    assert model.weight.grad is None
