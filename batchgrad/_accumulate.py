@@ -245,7 +245,7 @@ def _check_losses(
     totals: list[Tensor], counts: list[int | float | Tensor]
 ) -> tuple[float, list[float]]:
     """The summed loss and the count of each micro-batch, all checked (one sync)."""
-    values = torch.stack([t.double() for t in totals]).tolist()
+    values = torch.stack(totals).double().tolist()
     bad = [i for i, value in enumerate(values) if not math.isfinite(value)]
     if bad:
         raise NonFiniteError(
@@ -253,7 +253,10 @@ def _check_losses(
             f"micro-batches {bad[:10]}). Look at that micro-batch's data, and at the "
             f"model's outputs for it (log of 0, division by 0, overflow in low precision)."
         )
-    unit_counts = [float(c) for c in counts]
+    if all(isinstance(c, Tensor) for c in counts):  # one transfer, not one per micro-batch
+        unit_counts = torch.stack(counts).double().tolist()  # type: ignore[arg-type]
+    else:
+        unit_counts = [float(c) for c in counts]
     for index, count in enumerate(unit_counts):
         if not math.isfinite(count) or count < 0:
             raise LossTypeError(

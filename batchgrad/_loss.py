@@ -10,6 +10,7 @@ by the count summed over the whole logical batch.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +20,18 @@ from torch.nn import functional as F
 from ._errors import LossTypeError
 
 # Criteria whose mean divides by the (class-)weighted number of non-ignored targets.
-_WEIGHTED_TARGET_CRITERIA = (nn.CrossEntropyLoss, nn.NLLLoss)
+_CLASS_CRITERIA = (nn.CrossEntropyLoss, nn.NLLLoss)
+# Criteria whose mean divides by the number of elements of the broadcast inputs.
+_ELEMENT_WISE_CRITERIA = (
+    nn.MSELoss,
+    nn.L1Loss,
+    nn.SmoothL1Loss,
+    nn.HuberLoss,
+    nn.BCELoss,
+    nn.BCEWithLogitsLoss,
+    nn.SoftMarginLoss,
+    nn.KLDivLoss,
+)
 
 
 @dataclass(frozen=True)
@@ -82,12 +94,15 @@ class Loss:
         - `nn.CrossEntropyLoss` with class probabilities: the number of samples
           (times spatial positions);
         - `nn.KLDivLoss` with ``reduction="batchmean"``: the batch size;
-        - every other element-wise criterion (`nn.MSELoss`, `nn.L1Loss`,
-          `nn.BCEWithLogitsLoss`, `nn.HuberLoss`, ...): the number of elements.
+        - element-wise criteria (`nn.MSELoss`, `nn.L1Loss`, `nn.BCEWithLogitsLoss`,
+          `nn.HuberLoss`, ...): the number of elements;
+        - any other criterion with a ``reduction``: the number of values it returns
+          under ``reduction="none"``.
 
         Raises:
             LossTypeError: ``criterion`` is not a PyTorch loss module with a
-                ``reduction`` attribute.
+                ``reduction`` attribute, or its mean is no sum over units
+                (`nn.CTCLoss`).
 
         Example:
             >>> import torch, batchgrad as bg
@@ -103,17 +118,25 @@ class Loss:
                 f"attribute, got {type(criterion).__name__}. For any other loss, compute "
                 f"the unreduced values and use bg.Loss.from_values(values, mask)."
             )
-        unreduced = copy.copy(criterion)  # shallow: shares weights, owns `reduction`
-        unreduced.reduction = "none"  # type: ignore[assignment]  # a str attribute
-        values = unreduced(*inputs)
+        if isinstance(criterion, nn.CTCLoss):
+            raise LossTypeError(
+                "CTCLoss's mean divides each sequence by its target length before averaging, "
+                "which is no sum over units; use reduction='none' and bg.Loss.from_values."
+            )
         count: int | Tensor
-        if isinstance(criterion, _WEIGHTED_TARGET_CRITERIA) and not inputs[1].is_floating_point():
+        if isinstance(criterion, _CLASS_CRITERIA) and not inputs[1].is_floating_point():
             count = _weighted_target_count(criterion, inputs[1])
+        elif isinstance(criterion, nn.CrossEntropyLoss):  # class probabilities
+            logits = inputs[0]
+            count = logits.numel() // logits.shape[1 if logits.ndim > 1 else 0]
         elif isinstance(criterion, nn.KLDivLoss) and criterion.reduction == "batchmean":
             count = inputs[0].shape[0] if inputs[0].ndim > 0 else 1
-        else:
-            count = values.numel()
-        return cls(values.sum(), count)
+        elif isinstance(criterion, _ELEMENT_WISE_CRITERIA):
+            count = math.prod(torch.broadcast_shapes(*(t.shape for t in inputs)))
+        else:  # any other criterion: its unreduced values say what a unit is
+            values = _with_reduction(criterion, "none")(*inputs)
+            return cls(values.sum(), values.numel())
+        return cls(_with_reduction(criterion, "sum")(*inputs), count)
 
     @classmethod
     def from_causal_lm(cls, logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Loss:
@@ -134,6 +157,13 @@ class Loss:
         targets = labels[:, 1:].reshape(-1)
         total = F.cross_entropy(predicted, targets, ignore_index=ignore_index, reduction="sum")
         return cls(total, (targets != ignore_index).sum())
+
+
+def _with_reduction(criterion: nn.Module, reduction: str) -> nn.Module:
+    """A shallow copy of ``criterion`` (sharing its weights) with another reduction."""
+    copied = copy.copy(criterion)
+    copied.reduction = reduction  # type: ignore[assignment]  # a str attribute
+    return copied
 
 
 def _weighted_target_count(criterion: nn.CrossEntropyLoss | nn.NLLLoss, target: Tensor) -> Tensor:

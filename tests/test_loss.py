@@ -71,6 +71,29 @@ def test_element_wise_criteria(criterion):
     _check_against_criterion(criterion, output, target)
 
 
+@pytest.mark.parametrize(
+    ("criterion", "inputs"),
+    [
+        (
+            nn.CosineEmbeddingLoss(),
+            (torch.randn(4, 3), torch.randn(4, 3), torch.tensor([1, -1, 1, 1])),
+        ),
+        (nn.MarginRankingLoss(), (torch.randn(5), torch.randn(5), torch.ones(5))),
+        (nn.TripletMarginLoss(), (torch.randn(4, 3), torch.randn(4, 3), torch.randn(4, 3))),
+    ],
+    ids=lambda c: type(c).__name__ if isinstance(c, nn.Module) else "",
+)
+def test_other_criteria_through_their_unreduced_values(criterion, inputs):
+    _check_against_criterion(
+        criterion, *(t.double() if t.is_floating_point() else t for t in inputs)
+    )
+
+
+def test_ctc_loss_is_refused_with_the_reason():
+    with pytest.raises(bg.LossTypeError, match="target length"):
+        bg.Loss.from_criterion(nn.CTCLoss(), torch.randn(5, 2, 3), torch.ones(2, 2), 5, 2)
+
+
 def test_nll_loss_with_ignore_index():
     log_probs = torch.log_softmax(torch.randn(5, 3, dtype=torch.float64), dim=1)
     _check_against_criterion(nn.NLLLoss(ignore_index=1), log_probs, torch.tensor([0, 1, 2, 1, 0]))
