@@ -12,15 +12,18 @@ weighted against another's.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
+from ._distributed import Replica, replica
 from ._errors import (
     ConfigError,
+    EmptyBatchError,
     ExistingGradError,
     LossTypeError,
     NonFiniteError,
@@ -28,11 +31,13 @@ from ._errors import (
 )
 from ._loss import Loss
 from ._reduction import REDUCTIONS, Reduction
-from ._split import Batch, is_structured, micro_batches
+from ._split import Batch, check_micro_batch_size, is_structured, micro_batches
 from ._state import BufferSnapshot, GradStash, RngSnapshot
 
 LossFn = Callable[[nn.Module, Any], Loss]
 """``loss_fn(model, micro_batch) -> bg.Loss``."""
+
+T = TypeVar("T")
 
 ExistingGrad = Literal["error", "replace", "add"]
 """What `accumulate` does with gradients already in ``p.grad``.
@@ -58,7 +63,8 @@ class AccumulateReport:
         micro_batches: how many micro-batches were run.
         grad_norm: the global L2 norm of the gradients left in ``p.grad``.
         reduction: ``"mean"`` or ``"sum"``.
-        micro_batch_counts: the units in each micro-batch.
+        micro_batch_counts: the units in each of this rank's micro-batches.
+        world_size: the number of data-parallel ranks sharing the logical batch.
     """
 
     loss: float
@@ -67,6 +73,7 @@ class AccumulateReport:
     grad_norm: float
     reduction: Reduction
     micro_batch_counts: tuple[int | float, ...]
+    world_size: int = 1
 
 
 def accumulate(
@@ -77,6 +84,7 @@ def accumulate(
     micro_batch_size: int | None = None,
     reduction: Reduction = "mean",
     existing_grad: ExistingGrad = "error",
+    group: dist.ProcessGroup | None = None,
 ) -> AccumulateReport:
     """Leave in every ``p.grad`` the gradient of the loss of the whole logical batch.
 
@@ -129,45 +137,169 @@ def accumulate(
         raise ConfigError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
     if existing_grad not in _EXISTING_GRAD:
         raise ConfigError(f"existing_grad must be one of {_EXISTING_GRAD}, got {existing_grad!r}.")
-    params = [p for p in model.parameters() if p.requires_grad]
-    if existing_grad == "error":
-        _refuse_existing_grads(model, params)
-
-    stash = GradStash.take(params)
-    buffers = BufferSnapshot.take(model)
+    check_micro_batch_size(micro_batch_size)
+    peer = replica(model, group)
+    module = peer.module if peer is not None and peer.module is not None else model
+    params = [p for p in module.parameters() if p.requires_grad]
+    buffers = BufferSnapshot.take(module)
     rng = RngSnapshot.take()
+    stash: GradStash | None = None
     try:
-        totals: list[Tensor] = []
-        counts: list[int | float | Tensor] = []
-        for index, micro_batch in enumerate(micro_batches(batch, micro_batch_size)):
-            total, count = _unpack(loss_fn(model, micro_batch), index)
-            total.backward()
-            totals.append(total.detach())
-            counts.append(count)
-        loss_sum, unit_counts = _check_losses(totals, counts)
-        count = sum(unit_counts)
-        divisor = _divisor(count, reduction, len(totals))
+        if peer is None:
+            if existing_grad == "error":
+                _refuse_existing_grads(module, params)
+            stash = GradStash.take(params)
+            totals, counts = _backward_each(module, loss_fn, micro_batches(batch, micro_batch_size))
+            loss_sum, unit_counts = _check_losses(totals, counts)
+            count, averaged_over = sum(unit_counts), 1
+        else:
+            stash, totals, unit_counts, loss_sum, count, averaged_over = _data_parallel_pass(
+                peer, module, params, loss_fn, batch, micro_batch_size, existing_grad
+            )
+        divisor = _divisor(count, reduction, len(totals)) / averaged_over
         grads = [p.grad for p in params if p.grad is not None]
         _normalise(grads, divisor)
         grad_norm = _total_norm(grads)
         if not math.isfinite(grad_norm):
             rng.put_back()
-            raise _non_finite_grad_error(model, loss_fn, batch, micro_batch_size)
+            raise _non_finite_grad_error(module, loss_fn, batch, micro_batch_size, peer)
     except BaseException:
-        stash.put_back()
+        if stash is not None:
+            stash.put_back()
         buffers.put_back()
         raise
 
     if existing_grad == "add":
         grad_norm = _add_back(stash)
     return AccumulateReport(
-        loss=loss_sum / divisor,
+        loss=loss_sum / (divisor * averaged_over),
         count=_as_number(count),
         micro_batches=len(totals),
         grad_norm=grad_norm,
         reduction=reduction,
         micro_batch_counts=tuple(_as_number(c) for c in unit_counts),
+        world_size=1 if peer is None else peer.world_size,
     )
+
+
+def _backward_each(
+    model: nn.Module, loss_fn: LossFn, parts: Iterable[Batch]
+) -> tuple[list[Tensor], list[int | float | Tensor]]:
+    """One forward and one backward of each micro-batch's ``total``; gradients add up."""
+    totals: list[Tensor] = []
+    counts: list[int | float | Tensor] = []
+    for index, micro_batch in enumerate(parts):
+        total, count = _unpack(loss_fn(model, micro_batch), index)
+        total.backward()
+        totals.append(total.detach())
+        counts.append(count)
+    return totals, counts
+
+
+def _data_parallel_pass(
+    peer: Replica,
+    module: nn.Module,
+    params: list[nn.Parameter],
+    loss_fn: LossFn,
+    batch: Batch | Iterable[Batch],
+    micro_batch_size: int | None,
+    existing_grad: ExistingGrad,
+) -> tuple[GradStash, list[Tensor], list[float], float, float, int]:
+    """This rank's micro-batches, then the ranks' agreement and one gradient sync.
+
+    Every rank runs the same collectives in the same order whatever its data or
+    failures (see `batchgrad._distributed`). Returns the stash of the gradients
+    found, this rank's totals and unit counts, the global loss sum and count, and
+    the number of ranks the synchronised gradient is already averaged over.
+    """
+    failure: BaseException | None = None
+    parts: Iterator[tuple[Batch, bool]] = iter(())
+    has_work = False
+    try:
+        if existing_grad == "error":
+            _refuse_existing_grads(module, params)
+        parts, has_work = _with_last(micro_batches(batch, micro_batch_size, allow_empty=True))
+    except Exception as error:  # reported to every rank below, so none waits
+        failure = error
+    idle_ranks, failed = peer.agree([0.0 if has_work else 1.0, float(failure is not None)])
+    if failed:
+        peer.raise_failures(failure)
+    if idle_ranks == peer.world_size:
+        raise EmptyBatchError(
+            f"Every one of the {peer.world_size} ranks has an empty batch; there is no "
+            f"gradient to compute. Check the distributed sampler and the data loader."
+        )
+
+    stash = GradStash.take(params)
+    try:
+        result = _synchronised_pass(peer, module, parts, loss_fn, params, idle_ranks == 0)
+    except BaseException:
+        stash.put_back()
+        raise
+    return (stash, *result)
+
+
+def _synchronised_pass(
+    peer: Replica,
+    module: nn.Module,
+    parts: Iterator[tuple[Batch, bool]],
+    loss_fn: LossFn,
+    params: list[nn.Parameter],
+    every_rank_has_work: bool,
+) -> tuple[list[Tensor], list[float], float, float, int]:
+    # DDP synchronises in the last micro-batch's backward only if every rank has one.
+    ddp = peer.ddp if every_rank_has_work else None
+    totals: list[Tensor] = []
+    counts: list[int | float | Tensor] = []
+    pending: Tensor | None = None
+    loss_sum, unit_counts = 0.0, list[float]()
+    failure: BaseException | None = None
+    try:
+        for index, (micro_batch, last) in enumerate(parts):
+            if ddp is None:
+                total, count = _unpack(loss_fn(module, micro_batch), index)
+                total.backward()
+            elif last:  # forward now, backward once every rank is known to be fine
+                total, count = _unpack(loss_fn(ddp, micro_batch), index)
+                pending = total
+            else:
+                with ddp.no_sync():
+                    total, count = _unpack(loss_fn(ddp, micro_batch), index)
+                    total.backward()
+            totals.append(total.detach())
+            counts.append(count)
+        if totals:
+            loss_sum, unit_counts = _check_losses(totals, counts)
+    except Exception as error:  # reported to every rank below, so none waits
+        failure = error
+    failed, global_loss_sum, global_count = peer.agree(
+        [float(failure is not None), loss_sum, math.fsum(unit_counts)]
+    )
+    if failed:
+        peer.raise_failures(failure)
+    if pending is not None:
+        pending.backward()  # DDP's all-reduce: the mean over ranks of the local sums
+        return totals, unit_counts, global_loss_sum, global_count, peer.world_size
+    peer.sum_grads(params)
+    return totals, unit_counts, global_loss_sum, global_count, 1
+
+
+def _with_last(items: Iterable[T]) -> tuple[Iterator[tuple[T, bool]], bool]:
+    """``(item, is_last)`` pairs, and whether there is any item (read one ahead)."""
+    iterator = iter(items)
+    try:
+        first = next(iterator)
+    except StopIteration:
+        return iter(()), False
+
+    def pairs() -> Iterator[tuple[T, bool]]:
+        current = first
+        for following in iterator:
+            yield current, False
+            current = following
+        yield current, True
+
+    return pairs(), True
 
 
 def _divisor(count: float, reduction: Reduction, micro_batches: int) -> float:
@@ -288,28 +420,54 @@ def _refuse_existing_grads(model: nn.Module, params: list[nn.Parameter]) -> None
 
 
 def _non_finite_grad_error(
-    model: nn.Module, loss_fn: LossFn, batch: object, micro_batch_size: int | None
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: object,
+    micro_batch_size: int | None,
+    peer: Replica | None,
 ) -> NonFiniteError:
-    """Name the parameters with non-finite gradients and, by replaying, the micro-batch."""
+    """Name the parameters with non-finite gradients and, by replaying, the micro-batch.
+
+    Under data parallelism every rank sees the same summed gradient; each replays
+    its own micro-batches (no collective), and the ranks that find one are named.
+    """
     names = {p: name for name, p in model.named_parameters()}
     params = [p for p in names if p.requires_grad]
-    bad_names = [names[p] for p in params if p.grad is not None and not p.grad.isfinite().all()]
-    where = "an unknown micro-batch (ready-made micro-batches cannot be replayed)"
+    bad_names = _non_finite(params, names)
+    where = None
     if is_structured(batch):
-        for index, micro_batch in enumerate(micro_batches(batch, micro_batch_size)):
+        for index, micro_batch in enumerate(
+            micro_batches(batch, micro_batch_size, allow_empty=True)
+        ):
             for p in params:
                 p.grad = None
             loss_fn(model, micro_batch).total.backward()
-            replayed = [
-                names[p] for p in params if p.grad is not None and not p.grad.isfinite().all()
-            ]
+            replayed = _non_finite(params, names)
             if replayed:
                 where, bad_names = f"micro-batch {index}", replayed
                 break
-    return NonFiniteError(
-        f"The gradient of {', '.join(bad_names[:3])}{', ...' if len(bad_names) > 3 else ''} "
-        f"is NaN or infinite (first seen in {where}), although every loss was finite. "
-        f"Look for operations with infinite derivatives at the values reached (sqrt or "
-        f"norm at 0, log near 0), or run that micro-batch under "
-        f"torch.autograd.detect_anomaly() to find the operation."
+    shown = f"{', '.join(bad_names[:3])}{', ...' if len(bad_names) > 3 else ''}"
+    advice = (
+        "although every loss was finite. Look for operations with infinite derivatives at "
+        "the values reached (sqrt or norm at 0, log near 0), or run that micro-batch under "
+        "torch.autograd.detect_anomaly() to find the operation."
     )
+    if where is None:
+        where = (
+            "a micro-batch that could not be replayed alone"
+            if is_structured(batch)
+            else "an unknown micro-batch (ready-made micro-batches cannot be replayed)"
+        )
+    elif peer is not None:
+        peer.raise_failures(
+            NonFiniteError(f"The gradient of {shown} is NaN or infinite in {where}, {advice}")
+        )
+    if peer is not None:
+        peer.raise_failures(None)  # this rank found none: learn which rank did
+    return NonFiniteError(
+        f"The gradient of {shown} is NaN or infinite (first seen in {where}), {advice}"
+    )
+
+
+def _non_finite(params: list[nn.Parameter], names: dict[nn.Parameter, str]) -> list[str]:
+    return [names[p] for p in params if p.grad is not None and not p.grad.isfinite().all()]

@@ -39,3 +39,7 @@ class ExistingGradError(BatchError):
 
 class ConfigError(BatchError, ValueError):
     """An argument has a value batchgrad cannot work with."""
+
+
+class DistributedError(BatchError):
+    """Another rank failed with an error of its own; this rank stops with it."""

@@ -100,7 +100,9 @@ def check_micro_batch_size(micro_batch_size: object) -> int | None:
     return micro_batch_size
 
 
-def micro_batches(batch: Batch | Iterable[Batch], micro_batch_size: int | None) -> Iterator[Batch]:
+def micro_batches(
+    batch: Batch | Iterable[Batch], micro_batch_size: int | None, *, allow_empty: bool = False
+) -> Iterator[Batch]:
     """Yield the micro-batches of ``batch``, each checked for a consistent dimension 0.
 
     A structured batch (tensor, tuple, list, dict) is sliced into rows of
@@ -112,16 +114,19 @@ def micro_batches(batch: Batch | Iterable[Batch], micro_batch_size: int | None) 
         BatchShapeError: tensors of a (micro-)batch disagree on dimension 0.
         ConfigError: ``micro_batch_size`` is given with ready-made micro-batches,
             or is not a positive int.
+
+    With ``allow_empty`` (one rank's share of a data-parallel batch may be empty)
+    an empty batch yields nothing instead of raising.
     """
     size = check_micro_batch_size(micro_batch_size)
     if is_structured(batch):
         length = batch_length(batch)
-        if length == 0:
+        if length == 0 and not allow_empty:
             raise EmptyBatchError(
                 "The batch has 0 samples (dimension 0 is empty); there is no gradient "
                 "to compute. Skip empty batches before calling batchgrad."
             )
-        step = length if size is None else size
+        step = size or max(length, 1)
         for start in range(0, length, step):
             yield slice_batch(batch, start, min(start + step, length))
         return
@@ -141,7 +146,7 @@ def micro_batches(batch: Batch | Iterable[Batch], micro_batch_size: int | None) 
         if is_structured(micro_batch):
             batch_length(micro_batch, f"micro-batch {count - 1}")
         yield micro_batch
-    if count == 0:
+    if count == 0 and not allow_empty:
         raise EmptyBatchError(
             "The iterable of micro-batches yielded nothing; there is no gradient to "
             "compute. Check the data loader (an exhausted iterator?)."

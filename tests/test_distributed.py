@@ -1,0 +1,246 @@
+"""Data-parallel accumulation with real gloo processes on 127.0.0.1.
+
+Each world size is launched once (bounded by a timeout) and runs every scenario;
+the parent compares each rank's gradient with one process on the whole batch.
+"""
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.nn.parallel import DistributedDataParallel
+
+import batchgrad as bg
+from batchgrad._distributed import launch
+from tests.cases import CASES, reference_grads, rel_err
+
+CASE = {case.id: case for case in CASES}
+N = 12
+
+# (id, case, shard bounds per rank, micro_batch_size, reduction, wrap)
+SCENARIOS = {
+    2: [
+        ("even-ddp", "mlp-ce-ignore", [(0, 6), (6, 12)], 2, "mean", "ddp"),
+        ("uneven-ddp", "mlp-ce-ignore", [(0, 3), (3, 12)], 2, "mean", "ddp"),
+        ("uneven-plain", "mlp-ce-ignore", [(0, 3), (3, 12)], 2, "mean", "plain"),
+        ("uneven-sum-ddp", "mlp-mse-mask", [(0, 5), (5, 12)], 3, "sum", "ddp"),
+        ("empty-rank-ddp", "mlp-ce-ignore", [(0, 0), (0, 12)], 5, "mean", "ddp"),
+        ("empty-rank-plain", "mlp-mse-mask", [(0, 12), (12, 12)], 5, "mean", "plain"),
+        ("tokens-ddp", "lm-padded", [(0, 4), (4, 12)], 3, "mean", "ddp"),
+        ("tokens-plain-sum", "lm-padded", [(0, 7), (7, 12)], 2, "sum", "plain"),
+        ("ready-made-ddp", "mlp-ce-ignore", [(0, 5), (5, 12)], None, "mean", "ddp"),
+    ],
+    3: [
+        ("uneven-ddp", "mlp-ce-ignore", [(0, 2), (2, 7), (7, 12)], 2, "mean", "ddp"),
+        ("uneven-plain", "lm-padded", [(0, 5), (5, 6), (6, 12)], 2, "mean", "plain"),
+        ("empty-rank-ddp", "mlp-mse-mask", [(0, 6), (6, 6), (6, 12)], 4, "sum", "ddp"),
+    ],
+}
+
+
+def _run_scenarios(scenarios):
+    rank = dist.get_rank()
+    grads = {}
+    for name, case_id, shards, size, reduction, wrap in scenarios:
+        case = CASE[case_id]
+        model, batch = case.build(N, torch.float64, seed=7)
+        start, stop = shards[rank]
+        local = bg._split.slice_batch(batch, start, stop)
+        if size is None:  # ready-made micro-batches of uneven sizes
+            cuts = [*range(start, stop, 3), stop]
+            local = iter([bg._split.slice_batch(batch, a, b) for a, b in itertools.pairwise(cuts)])
+        wrapped = DistributedDataParallel(model) if wrap == "ddp" else model
+        report = bg.accumulate(
+            wrapped, case.loss_fn, local, micro_batch_size=size, reduction=reduction
+        )
+        grads[name] = (
+            [p.grad.clone() for p in model.parameters()],
+            report.loss,
+            report.count,
+            report.world_size,
+        )
+    return grads
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["2-ranks", "3-ranks"])
+def world(request):
+    nproc = request.param
+    return nproc, launch(_run_scenarios, nproc, SCENARIOS[nproc], timeout=180)
+
+
+def test_every_scenario_equals_one_process_on_the_whole_batch(world):
+    nproc, results = world
+    for name, case_id, _, _, reduction, _ in SCENARIOS[nproc]:
+        case = CASE[case_id]
+        model, batch = case.build(N, torch.float64, seed=7)
+        expected = reference_grads(case, model, batch, reduction)
+        expected_loss = float(case.reference(model, batch, reduction).detach())
+        expected_count = float(case.loss_fn(model, batch).count)
+        for rank in range(nproc):
+            grads, loss, count, world_size = results[rank][name]
+            assert rel_err(grads, expected) <= 1e-10, (name, rank)
+            assert loss == pytest.approx(expected_loss, rel=1e-10), (name, rank)
+            assert count == expected_count
+            assert world_size == nproc
+
+
+# ---- one synchronisation per logical batch ----------------------------------------
+
+
+def _count_synchronisations():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    ddp = DistributedDataParallel(model)
+    hook_calls = []
+
+    def counting_hook(state, bucket):
+        hook_calls.append(bucket.index())
+        return allreduce_hook(dist.group.WORLD, bucket)
+
+    ddp.register_comm_hook(None, counting_hook)
+    x = torch.randn(10 + 3 * dist.get_rank(), 4)  # ranks hold 10 and 13 samples
+    ddp(x).sum().backward()  # one plain synchronised step: how many buckets per sync
+    per_sync = len(hook_calls)
+    model.zero_grad(set_to_none=True)
+
+    def loss_fn(model, x):
+        return bg.Loss.from_values(model(x).square())
+
+    counts = []
+    for _ in range(3):  # three logical batches, 4 and 5 micro-batches per rank
+        hook_calls.clear()
+        model.zero_grad(set_to_none=True)
+        bg.accumulate(ddp, loss_fn, x, micro_batch_size=3)
+        counts.append(len(hook_calls))
+
+    # An unwrapped model: count every all-reduce this process issues.
+    all_reduces = []
+    original = dist.all_reduce
+
+    def counting_all_reduce(tensor, *args, **kwargs):
+        all_reduces.append(tensor.numel())
+        return original(tensor, *args, **kwargs)
+
+    dist.all_reduce = counting_all_reduce
+    try:
+        model.zero_grad(set_to_none=True)
+        bg.accumulate(model, loss_fn, x, micro_batch_size=3)
+    finally:
+        dist.all_reduce = original
+    return per_sync, counts, all_reduces
+
+
+def test_ddp_synchronises_once_per_logical_batch():
+    for per_sync, counts, all_reduces in launch(_count_synchronisations, 2, timeout=120):
+        assert per_sync >= 1
+        assert counts == [per_sync] * 3  # not one sync per micro-batch
+        # Unwrapped: two small agreements (2 floats, 3 floats) and one gradient all-reduce.
+        n_params = 4 * 8 + 8 + 8 * 2 + 2
+        assert all_reduces == [2, 3, n_params]
+
+
+# ---- bad input on one rank: every rank raises, nothing hangs, gradients kept -------
+
+
+def _square_loss(model, batch):
+    return bg.Loss.from_values(model(batch).square())
+
+
+def _bad_inputs():
+    rank = dist.get_rank()
+    outcomes = {}
+
+    def attempt(name, wrap, make_batch, loss_fn=_square_loss, **kwargs):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+        module = DistributedDataParallel(model) if wrap else model
+        model(torch.ones(2, 3, dtype=torch.float64)).sum().backward()
+        before = [p.grad.clone() for p in model.parameters()]
+        try:
+            bg.accumulate(module, loss_fn, make_batch(rank), existing_grad="replace", **kwargs)
+            outcomes[name] = ("no error", "", True)
+        except Exception as error:
+            kept = all(
+                torch.equal(p.grad, b) for p, b in zip(model.parameters(), before, strict=True)
+            )
+            outcomes[name] = (type(error).__name__, str(error), kept)
+
+    def nan_on_rank_1(rank):
+        x = torch.randn(6, 3, dtype=torch.float64)
+        if rank == 1:
+            x[3, 0] = math.nan
+        return x
+
+    def mismatch_on_rank_0(rank):
+        rows = 5 if rank == 0 else 6
+        return (torch.randn(6, 3, dtype=torch.float64), torch.randn(rows, 1))
+
+    def fails_on_rank_1(model, batch):
+        if dist.get_rank() == 1:
+            raise RuntimeError("a bug in the user's loss on rank 1")
+        return _square_loss(model, batch)
+
+    def no_units(model, batch):
+        return bg.Loss.from_values(model(batch), torch.zeros(len(batch), 1, dtype=torch.bool))
+
+    def two_rows(rank):
+        return torch.randn(6, 3, dtype=torch.float64)
+
+    for wrap in (True, False):
+        tag = "ddp" if wrap else "plain"
+        attempt(f"nan-{tag}", wrap, nan_on_rank_1, micro_batch_size=2)
+        attempt(
+            f"mismatch-{tag}",
+            wrap,
+            mismatch_on_rank_0,
+            loss_fn=lambda m, b: _square_loss(m, b[0]),
+            micro_batch_size=2,
+        )
+        attempt(f"user-error-{tag}", wrap, two_rows, loss_fn=fails_on_rank_1, micro_batch_size=4)
+        attempt(f"zero-count-{tag}", wrap, two_rows, loss_fn=no_units, micro_batch_size=4)
+        attempt(f"all-empty-{tag}", wrap, lambda rank: torch.zeros(0, 3, dtype=torch.float64))
+    return outcomes
+
+
+BAD = [
+    ("nan", ["NonFiniteError"] * 2, r"On rank 1: The loss of micro-batch 1 is nan"),
+    ("mismatch", ["BatchShapeError"] * 2, r"On rank 0: Tensors in the batch disagree.*has 5"),
+    ("user-error", ["DistributedError", "RuntimeError"], r"rank 1"),
+    ("zero-count", ["ZeroCountError"] * 2, r"0 units"),
+    ("all-empty", ["EmptyBatchError"] * 2, r"Every one of the 2 ranks has an empty batch"),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_outcomes():
+    return launch(_bad_inputs, 2, timeout=180)
+
+
+@pytest.mark.parametrize("wrap", ["ddp", "plain"])
+@pytest.mark.parametrize(("name", "types", "message"), BAD, ids=[b[0] for b in BAD])
+def test_bad_input_on_one_rank_raises_on_every_rank(bad_outcomes, wrap, name, types, message):
+    import re
+
+    for rank, outcomes in enumerate(bad_outcomes):
+        kind, text, kept = outcomes[f"{name}-{wrap}"]
+        assert kind == types[rank], (rank, text)
+        assert re.search(message, text), (rank, text)
+        assert kept, rank
+
+
+def test_group_without_distributed_is_refused():
+    with pytest.raises(bg.ConfigError, match="not initialised"):
+        bg.accumulate(nn.Linear(1, 1), _square_loss, torch.ones(2, 1), group=object())
+
+
+def _failing():
+    raise ValueError("boom")
+
+
+def test_launch_reports_a_failing_process():
+    with pytest.raises(bg.DistributedError, match="ValueError: boom"):
+        launch(_failing, 2, timeout=60)
