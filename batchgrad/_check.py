@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from ._accumulate import LossFn, _unpack, accumulate
-from ._errors import ConfigError
+from ._distributed import launch
+from ._errors import ConfigError, DistributedError
 from ._reduction import REDUCTIONS, Reduction
 from ._split import Batch, batch_length, batched_leaves, is_structured, micro_batches, slice_batch
 from ._state import ModelSnapshot
@@ -71,9 +73,10 @@ class CheckReport:
         naive_per_param: the same for the naive recipe.
         findings: modules that make micro-batching inexact.
         tolerance: the threshold of ``ok``.
-        micro_batches: ``K``.
-        micro_batch_counts: the units in each micro-batch.
+        micro_batches: ``K``, over all ranks.
+        micro_batch_counts: the units in each micro-batch, rank by rank.
         reduction: ``"mean"`` or ``"sum"``.
+        world_size: the processes the accumulated gradient was computed on.
     """
 
     ok: bool
@@ -86,6 +89,7 @@ class CheckReport:
     micro_batches: int
     micro_batch_counts: tuple[int | float, ...]
     reduction: Reduction = field(default="mean")
+    world_size: int = 1
 
 
 def check(
@@ -365,4 +369,102 @@ def _probe_message(name: str, module: nn.Module, kind: str) -> str:
         f"(batch statistics, in-batch normalisation or negatives), so no split can "
         f"reproduce the whole-batch gradient. Make the module per-sample (e.g. GroupNorm or "
         f"LayerNorm instead of batch statistics)."
+    )
+
+
+def check_data_parallel(
+    make: Callable[[], tuple[Any, ...]],
+    nproc: int,
+    micro_batch_size: int,
+    *,
+    reduction: Reduction = "mean",
+    tolerance: float | None = None,
+    timeout: float = 300.0,
+) -> CheckReport:
+    """`check` across ``nproc`` local gloo processes against one process on the whole batch.
+
+    ``make()`` returns ``(model, loss_fn, batch, ...)`` and must be picklable (a
+    module-level function). Every process builds it; rank 0's parameters and
+    buffers are broadcast so all start equal, as DDP does. The batch is split
+    into contiguous, uneven shards, one per rank; each rank accumulates its shard
+    in micro-batches through `DistributedDataParallel`. The naive recipe is the
+    usual DDP loop: each rank's micro-batch means divided by its micro-batch count,
+    averaged over ranks.
+    """
+    if nproc < 1:
+        raise ConfigError(f"nproc must be at least 1, got {nproc}.")
+    results = launch(
+        _data_parallel_check, nproc, make, micro_batch_size, reduction, tolerance, timeout=timeout
+    )
+    report = results[0]
+    if report is None:
+        raise DistributedError("Rank 0 of the data-parallel check returned no report.")
+    return report
+
+
+def _data_parallel_check(
+    make: Callable[[], tuple[Any, ...]],
+    micro_batch_size: int,
+    reduction: Reduction,
+    tolerance: float | None,
+) -> CheckReport | None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    model, loss_fn, batch = make()[:3]
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, src=0)
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]
+    snapshot = ModelSnapshot.take(model)
+    g_full: list[Tensor] = []
+    findings: list[Finding] = []
+    if rank == 0:  # the single-process reference, before anything is synchronised
+        g_full = _whole_batch_grads(model, loss_fn, batch, reduction, params)
+        snapshot.reset()
+        findings = _findings(model, loss_fn, batch)
+        snapshot.reset()
+
+    length = batch_length(batch)
+    bounds = [round(length * r / world_size) for r in range(world_size + 1)]
+    local = slice_batch(batch, bounds[rank], bounds[rank + 1])
+    report = accumulate(
+        DistributedDataParallel(model),
+        loss_fn,
+        local,
+        micro_batch_size=micro_batch_size,
+        reduction=reduction,
+    )
+    g_acc = _grads(params)
+    snapshot.reset()
+    splits = list(micro_batches(local, micro_batch_size, allow_empty=True))
+    for micro_batch in splits:
+        total, count = _unpack(loss_fn(model, micro_batch), 0)
+        reduced = total / count if reduction == "mean" else total
+        (reduced / len(splits) / world_size).backward()
+    g_naive = _grads(params)
+    for grad in g_naive:
+        dist.all_reduce(grad)  # DDP's average over ranks (the division is above)
+    counts: list[Any] = [None] * world_size
+    dist.all_gather_object(counts, report.micro_batch_counts)
+    snapshot.put_back()
+    if rank != 0:
+        return None
+    max_rel_err = _rel_err(g_acc, g_full)
+    tolerance = default_tolerance(params[0].dtype) if tolerance is None else tolerance
+    return CheckReport(
+        ok=max_rel_err <= tolerance,
+        max_rel_err=max_rel_err,
+        naive_rel_err=_rel_err(g_naive, g_full),
+        per_param={n: _rel_err([a], [f]) for n, a, f in zip(names, g_acc, g_full, strict=True)},
+        naive_per_param={
+            n: _rel_err([a], [f]) for n, a, f in zip(names, g_naive, g_full, strict=True)
+        },
+        findings=tuple(findings),
+        tolerance=tolerance,
+        micro_batches=sum(len(c) for c in counts),
+        micro_batch_counts=tuple(c for rank_counts in counts for c in rank_counts),
+        reduction=reduction,
+        world_size=world_size,
     )

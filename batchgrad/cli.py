@@ -8,6 +8,7 @@ import importlib.util
 import math
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
-from ._check import CheckReport, check
+from ._check import CheckReport, check, check_data_parallel
 from ._errors import BatchError, ConfigError
 from ._report import sci
 from ._split import batch_length
@@ -61,6 +62,13 @@ def _parser() -> argparse.ArgumentParser:
     chk.add_argument("--micro-batch-size", type=int, help="overrides the factory's")
     chk.add_argument("--reduction", choices=["mean", "sum"], default="mean")
     chk.add_argument("--tolerance", type=float, help="default: rounding of the model's dtype")
+    chk.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="split the batch over N local gloo processes (DistributedDataParallel) and "
+        "compare with one process on the whole batch",
+    )
     chk.set_defaults(command=_check)
     return parser
 
@@ -104,6 +112,16 @@ def load_factory(spec: str) -> Callable[[], Any]:
     return factory  # type: ignore[no-any-return]
 
 
+@dataclass(frozen=True)
+class FactoryRef:
+    """A picklable handle on ``MODULE:FACTORY``: processes load and call it themselves."""
+
+    spec: str
+
+    def __call__(self) -> Any:
+        return load_factory(self.spec)()
+
+
 def _check(args: argparse.Namespace, console: Console) -> int:
     made = load_factory(args.factory)()
     if not isinstance(made, tuple) or len(made) not in (3, 4):
@@ -116,17 +134,29 @@ def _check(args: argparse.Namespace, console: Console) -> int:
     size = args.micro_batch_size or (made[3] if len(made) == 4 else None)
     if size is None:  # an uneven split by default: the case the naive recipe gets wrong
         size = max(1, math.ceil(batch_length(batch) / 3.5))
-    with console.status("comparing whole-batch, accumulated and naive gradients"):
-        report = check(
-            model, loss_fn, batch, size, reduction=args.reduction, tolerance=args.tolerance
-        )
+    if args.nproc > 1:
+        with console.status(f"comparing across {args.nproc} gloo processes"):
+            report = check_data_parallel(
+                FactoryRef(args.factory),
+                args.nproc,
+                size,
+                reduction=args.reduction,
+                tolerance=args.tolerance,
+            )
+    else:
+        with console.status("comparing whole-batch, accumulated and naive gradients"):
+            report = check(
+                model, loss_fn, batch, size, reduction=args.reduction, tolerance=args.tolerance
+            )
     _print_check(report, size, console)
     return 0 if report.ok else 1
 
 
 def _print_check(report: CheckReport, size: int, console: Console) -> None:
+    ranks = f" on {report.world_size} ranks" if report.world_size > 1 else ""
     console.print(
-        f"Gradient vs whole batch: {report.micro_batches} micro-batches of ≤ {size} samples "
+        f"Gradient vs one process on the whole batch: {report.micro_batches} micro-batches"
+        f"{ranks} of ≤ {size} samples "
         f"(units per micro-batch: {', '.join(map(str, report.micro_batch_counts))}), "
         f"reduction={report.reduction!r}"
     )
@@ -146,7 +176,8 @@ def _print_check(report: CheckReport, size: int, console: Console) -> None:
     console.print(
         f"{verdict}[/]: max relative error {sci(report.max_rel_err)} "
         f"(tolerance {sci(report.tolerance)}); the naive recipe (micro-batch mean / "
-        f"{report.micro_batches}) is off by {sci(report.naive_rel_err)}."
+        f"micro-batches{' per rank, averaged over ranks' if ranks else ''}) is off by "
+        f"{sci(report.naive_rel_err)}."
     )
 
 

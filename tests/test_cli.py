@@ -18,7 +18,7 @@ def test_check_passes_on_an_exact_model(capsys):
     out = _output(capsys)
     assert "OK" in out
     assert "0.weight" in out
-    assert "naive recipe (micro-batch mean / 3)" in out
+    assert "naive recipe (micro-batch mean / micro-batches) is off by 3.3e-01" in out
 
 
 def test_check_fails_and_names_the_batchnorm(capsys):
@@ -26,6 +26,20 @@ def test_check_fails_and_names_the_batchnorm(capsys):
     out = _output(capsys)
     assert "NOT EQUIVALENT" in out
     assert "1 (BatchNorm1d) is in training mode" in out
+
+
+def test_check_across_processes(capsys):
+    assert main(["check", f"{FACTORIES}:exact", "--nproc", "2"]) == 0
+    out = _output(capsys)
+    assert "on 2 ranks" in out
+    assert "OK" in out
+    assert "averaged over ranks" in out
+
+
+def test_check_across_processes_names_the_batchnorm(capsys):
+    args = ["check", f"{FACTORIES}:with_batchnorm", "--nproc", "2", "--micro-batch-size", "3"]
+    assert main(args) == 1
+    assert "1 (BatchNorm1d) is in training mode" in _output(capsys)
 
 
 def test_check_with_an_importable_module(capsys):
