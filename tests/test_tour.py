@@ -20,3 +20,13 @@ def test_accumulation_chapter_writes_its_report(tmp_path):
         assert row["batchgrad_rel_err_float64"] <= 1e-10
         if row["micro_batches"] > 1:
             assert row["naive_rel_err"] > 1e-2
+
+
+def test_data_parallel_chapter_runs_two_processes(tmp_path):
+    answers = run_tour(tmp_path, only=["data-parallel"])
+    assert (tmp_path / "data_parallel_error.png").exists()
+    rows = answers["data-parallel"].data["splits"]
+    assert [r["micro_batches_per_rank"] for r in rows] == [1, 2, 4, 8]
+    for row in rows:
+        assert row["batchgrad_rel_err"] <= 1e-10
+        assert row["naive_rel_err"] > 1e-2  # ranks hold different token counts

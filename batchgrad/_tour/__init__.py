@@ -57,9 +57,9 @@ class Chapter:
 
 
 def _chapters() -> list[Chapter]:
-    from . import accumulation
+    from . import accumulation, data_parallel
 
-    return [accumulation.CHAPTER]
+    return [accumulation.CHAPTER, data_parallel.CHAPTER]
 
 
 def chapter_slugs() -> list[str]:
