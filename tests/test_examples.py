@@ -1,0 +1,32 @@
+"""The examples run exactly as their docstrings say."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+EXAMPLE = Path(__file__).parent.parent / "examples" / "ddp_train.py"
+
+
+def _run(*command):
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=240, env=env, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def _losses(out):
+    return [float(line.split()[3]) for line in out.splitlines() if line.startswith("step")]
+
+
+def test_ddp_train_with_torchrun_gives_the_losses_of_one_process():
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    two = _run(*torchrun, "--nproc_per_node=2", str(EXAMPLE), "--steps", "2")
+    one = _run(sys.executable, str(EXAMPLE), "--steps", "2")
+    assert "ranks 2" in two
+    assert len(_losses(two)) == 2
+    # The same logical batches, so the same training trajectory up to float32 rounding.
+    for a, b in zip(_losses(one), _losses(two), strict=True):
+        assert abs(a - b) <= 1e-4 * abs(a)
