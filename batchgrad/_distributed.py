@@ -156,11 +156,13 @@ def _refuse_sharded(model: nn.Module) -> None:
     for name, module in model.named_modules():
         if isinstance(module, FSDPModule | FullyShardedDataParallel):
             raise ConfigError(
-                f"{name or 'the model'} is sharded with FSDP ({type(module).__name__}). "
-                f"batchgrad does not support sharded parameters yet: each rank holds only a "
-                f"shard of every gradient, reduce-scattered inside backward. Use "
-                f"DistributedDataParallel, or accumulate with FSDP's own no_sync/"
-                f"set_requires_gradient_sync and a loss divided by the global unit count."
+                f"{name or 'the model'} is sharded with FSDP ({type(module).__name__}), "
+                f"which batchgrad does not support yet. FSDP gathers parameters in every "
+                f"forward, so every rank must run the same number of micro-batches and no "
+                f"rank may stop early on bad input, two guarantees batchgrad gives for "
+                f"DistributedDataParallel. Use DDP, or accumulate with FSDP's "
+                f"set_requires_gradient_sync(False) and a loss divided by the global unit "
+                f"count yourself."
             )
 
 

@@ -6,6 +6,7 @@ the parent compares each rank's gradient with one process on the whole batch.
 
 import itertools
 import math
+import re
 
 import pytest
 import torch
@@ -203,6 +204,16 @@ def _bad_inputs():
         attempt(f"user-error-{tag}", wrap, two_rows, loss_fn=fails_on_rank_1, micro_batch_size=4)
         attempt(f"zero-count-{tag}", wrap, two_rows, loss_fn=no_units, micro_batch_size=4)
         attempt(f"all-empty-{tag}", wrap, lambda rank: torch.zeros(0, 3, dtype=torch.float64))
+
+    from torch.distributed.fsdp import fully_shard
+
+    sharded = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1))
+    fully_shard(sharded[0])
+    try:
+        bg.accumulate(sharded, _square_loss, torch.randn(4, 3), micro_batch_size=2)
+        outcomes["fsdp"] = ("no error", "")
+    except bg.BatchError as error:
+        outcomes["fsdp"] = (type(error).__name__, str(error))
     return outcomes
 
 
@@ -223,13 +234,18 @@ def bad_outcomes():
 @pytest.mark.parametrize("wrap", ["ddp", "plain"])
 @pytest.mark.parametrize(("name", "types", "message"), BAD, ids=[b[0] for b in BAD])
 def test_bad_input_on_one_rank_raises_on_every_rank(bad_outcomes, wrap, name, types, message):
-    import re
-
     for rank, outcomes in enumerate(bad_outcomes):
         kind, text, kept = outcomes[f"{name}-{wrap}"]
         assert kind == types[rank], (rank, text)
         assert re.search(message, text), (rank, text)
         assert kept, rank
+
+
+def test_fsdp_is_refused_with_the_reason(bad_outcomes):
+    for outcomes in bad_outcomes:
+        kind, text = outcomes["fsdp"]
+        assert kind == "ConfigError"
+        assert re.search(r"0 is sharded with FSDP \(FSDPLinear\).*same number of micro", text)
 
 
 def test_group_without_distributed_is_refused():
