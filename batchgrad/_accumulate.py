@@ -151,14 +151,14 @@ def accumulate(
             stash = GradStash.take(params)
             totals, counts = _backward_each(module, loss_fn, micro_batches(batch, micro_batch_size))
             loss_sum, unit_counts = _check_losses(totals, counts)
-            count, averaged_over = sum(unit_counts), 1
+            done = _Pass(unit_counts, loss_sum, sum(unit_counts))
         else:
-            stash, totals, unit_counts, loss_sum, count, averaged_over = _data_parallel_pass(
+            stash, done = _data_parallel_pass(
                 peer, module, params, loss_fn, batch, micro_batch_size, existing_grad
             )
-        divisor = _divisor(count, reduction, len(totals)) / averaged_over
+        divisor = _divisor(done.count, reduction, len(done.unit_counts))
         grads = [p.grad for p in params if p.grad is not None]
-        _normalise(grads, divisor)
+        _normalise(grads, divisor / done.averaged_over)
         grad_norm = _total_norm(grads)
         if not math.isfinite(grad_norm):
             rng.put_back()
@@ -172,14 +172,24 @@ def accumulate(
     if existing_grad == "add":
         grad_norm = _add_back(stash)
     return AccumulateReport(
-        loss=loss_sum / (divisor * averaged_over),
-        count=_as_number(count),
-        micro_batches=len(totals),
+        loss=done.loss_sum / divisor,
+        count=_as_number(done.count),
+        micro_batches=len(done.unit_counts),
         grad_norm=grad_norm,
         reduction=reduction,
-        micro_batch_counts=tuple(_as_number(c) for c in unit_counts),
+        micro_batch_counts=tuple(_as_number(c) for c in done.unit_counts),
         world_size=1 if peer is None else peer.world_size,
     )
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """What the micro-batches produced, before the division by ``N(B)``."""
+
+    unit_counts: list[float]  # units in each of this process's micro-batches
+    loss_sum: float  # Σ total over the whole logical batch (every rank)
+    count: float  # N(B), over the whole logical batch (every rank)
+    averaged_over: int = 1  # ranks DDP has already divided the gradient by
 
 
 def _backward_each(
@@ -204,13 +214,12 @@ def _data_parallel_pass(
     batch: Batch | Iterable[Batch],
     micro_batch_size: int | None,
     existing_grad: ExistingGrad,
-) -> tuple[GradStash, list[Tensor], list[float], float, float, int]:
+) -> tuple[GradStash, _Pass]:
     """This rank's micro-batches, then the ranks' agreement and one gradient sync.
 
     Every rank runs the same collectives in the same order whatever its data or
     failures (see `batchgrad._distributed`). Returns the stash of the gradients
-    found, this rank's totals and unit counts, the global loss sum and count, and
-    the number of ranks the synchronised gradient is already averaged over.
+    found before, and the pass over the logical batch.
     """
     failure: BaseException | None = None
     parts: Iterator[tuple[Batch, bool]] = iter(())
@@ -232,11 +241,11 @@ def _data_parallel_pass(
 
     stash = GradStash.take(params)
     try:
-        result = _synchronised_pass(peer, module, parts, loss_fn, params, idle_ranks == 0)
+        done = _synchronised_pass(peer, module, parts, loss_fn, params, idle_ranks == 0)
     except BaseException:
         stash.put_back()
         raise
-    return (stash, *result)
+    return stash, done
 
 
 def _synchronised_pass(
@@ -246,7 +255,7 @@ def _synchronised_pass(
     loss_fn: LossFn,
     params: list[nn.Parameter],
     every_rank_has_work: bool,
-) -> tuple[list[Tensor], list[float], float, float, int]:
+) -> _Pass:
     # DDP synchronises in the last micro-batch's backward only if every rank has one.
     ddp = peer.ddp if every_rank_has_work else None
     totals: list[Tensor] = []
@@ -279,9 +288,9 @@ def _synchronised_pass(
         peer.raise_failures(failure)
     if pending is not None:
         pending.backward()  # DDP's all-reduce: the mean over ranks of the local sums
-        return totals, unit_counts, global_loss_sum, global_count, peer.world_size
+        return _Pass(unit_counts, global_loss_sum, global_count, peer.world_size)
     peer.sum_grads(params)
-    return totals, unit_counts, global_loss_sum, global_count, 1
+    return _Pass(unit_counts, global_loss_sum, global_count)
 
 
 def _with_last(items: Iterable[T]) -> tuple[Iterator[tuple[T, bool]], bool]:

@@ -1,0 +1,217 @@
+"""Communication per logical batch under DDP: batchgrad vs the two usual loops.
+
+    python benchmarks/ddp_communication.py            # ~1 minute on 2 CPU cores
+    python benchmarks/ddp_communication.py --quick    # seconds: a smoke run
+
+Two local gloo processes train an MLP (784-256-256-10); each holds 64 samples of
+the logical batch, in 4 or 16 micro-batches. Per logical batch it counts the
+gradient all-reduces and their bytes (a DDP communication hook sees every bucket)
+and batchgrad's small control all-reduces (the global count and failure flags),
+and times the step. Compared side by side in one run:
+
+- "sync every micro-batch": backward through DDP for every micro-batch;
+- "no_sync loop": the hand-written recipe, every micro-batch but the last under
+  ``no_sync()``;
+- "batchgrad": ``bg.accumulate(ddp_model, ...)``.
+
+Prints a table (ratios to the no_sync loop) and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+import batchgrad as bg
+from batchgrad._distributed import launch
+from batchgrad._models import mlp
+
+METHODS = ("sync every micro-batch", "no_sync loop", "batchgrad")
+
+
+def _worker(samples: int, micro_batch_counts: list[int], repeats: int) -> dict[str, Any]:
+    torch.manual_seed(0)
+    model = mlp((784, 256, 256, 10))
+    ddp = DistributedDataParallel(model)
+    grad_calls: list[int] = []  # bytes of each gradient bucket all-reduced
+    in_hook = [False]
+
+    # No annotations: DDP checks them, and this module's are strings.
+    def counting_hook(state, bucket):  # type: ignore[no-untyped-def]
+        buffer = bucket.buffer()
+        grad_calls.append(buffer.numel() * buffer.element_size())
+        in_hook[0] = True
+        try:
+            return allreduce_hook(dist.group.WORLD, bucket)
+        finally:
+            in_hook[0] = False
+
+    ddp.register_comm_hook(None, counting_hook)
+    control_calls: list[int] = []  # other all-reduces issued (batchgrad's agreement)
+    plain_all_reduce = dist.all_reduce
+
+    def counting_all_reduce(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if not in_hook[0]:
+            control_calls.append(tensor.numel() * tensor.element_size())
+        return plain_all_reduce(tensor, *args, **kwargs)
+
+    dist.all_reduce = counting_all_reduce  # type: ignore[assignment]
+    generator = torch.Generator().manual_seed(dist.get_rank())
+    x = torch.randn(samples, 784, generator=generator)
+    y = torch.randint(0, 10, (samples,), generator=generator)
+
+    def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> bg.Loss:
+        inputs, labels = batch
+        return bg.Loss(F.cross_entropy(model(inputs), labels, reduction="sum"), len(labels))
+
+    rows = []
+    for k in micro_batch_counts:
+        size = samples // k
+        parts = [(x[i : i + size], y[i : i + size]) for i in range(0, samples, size)]
+
+        def every(parts: list[Any] = parts) -> None:
+            for inputs, labels in parts:
+                (F.cross_entropy(ddp(inputs), labels, reduction="sum") / samples).backward()
+
+        def no_sync_loop(parts: list[Any] = parts) -> None:
+            # no_sync must wrap the forward too: DDP prepares the reduction in forward.
+            for inputs, labels in parts[:-1]:
+                with ddp.no_sync():
+                    (F.cross_entropy(ddp(inputs), labels, reduction="sum") / samples).backward()
+            inputs, labels = parts[-1]
+            (F.cross_entropy(ddp(inputs), labels, reduction="sum") / samples).backward()
+
+        def batchgrad_step(size: int = size) -> None:
+            bg.accumulate(ddp, loss_fn, (x, y), micro_batch_size=size)
+
+        steps: dict[str, Callable[[], None]] = {
+            METHODS[0]: every,
+            METHODS[1]: no_sync_loop,
+            METHODS[2]: batchgrad_step,
+        }
+        counted: dict[str, dict[str, int]] = {}
+        for name, step in steps.items():  # one counted step each
+            model.zero_grad(set_to_none=True)
+            grad_calls.clear()
+            control_calls.clear()
+            step()
+            counted[name] = {
+                "grad_all_reduces": len(grad_calls),
+                "grad_bytes": sum(grad_calls),
+                "control_all_reduces": len(control_calls),
+                "control_bytes": sum(control_calls),
+            }
+        times: dict[str, list[float]] = {name: [] for name in steps}
+        for _ in range(repeats):  # interleaved, so drift hits every method alike
+            for name, step in steps.items():
+                model.zero_grad(set_to_none=True)
+                dist.barrier()
+                start = time.perf_counter()
+                step()
+                times[name].append(time.perf_counter() - start)
+        for name in steps:
+            rows.append(
+                {
+                    "micro_batches_per_rank": k,
+                    "method": name,
+                    **counted[name],
+                    "median_ms": 1e3 * statistics.median(times[name]),
+                }
+            )
+    dist.all_reduce = plain_all_reduce  # type: ignore[assignment]
+    return {"rows": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--quick", action="store_true", help="a few seconds, for smoke tests")
+    parser.add_argument(
+        "--out", type=Path, default=Path("benchmarks/results/ddp_communication.json")
+    )
+    args = parser.parse_args(argv)
+    samples, counts, repeats = (64, [4, 16], args.repeats)
+    if args.quick:
+        samples, counts, repeats = (16, [4], 2)
+
+    result = launch(_worker, 2, samples, counts, repeats, timeout=600)[0]
+    rows = result["rows"]
+    for row in rows:
+        reference = next(
+            r
+            for r in rows
+            if r["micro_batches_per_rank"] == row["micro_batches_per_rank"]
+            and r["method"] == METHODS[1]
+        )
+        row["time_ratio_vs_no_sync_loop"] = row["median_ms"] / reference["median_ms"]
+        row["grad_bytes_ratio_vs_no_sync_loop"] = row["grad_bytes"] / reference["grad_bytes"]
+
+    table = Table(
+        title="DDP, 2 gloo processes, MLP 784-256-256-10, per logical batch "
+        "(ratios to the no_sync loop)",
+        title_justify="left",
+    )
+    for column in (
+        "mb/rank",
+        "method",
+        "grad all-reduces",
+        "grad MB",
+        "control all-reduces",
+        "control B",
+        "step ms",
+        "time ratio",
+    ):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for row in rows:
+        table.add_row(
+            str(row["micro_batches_per_rank"]),
+            row["method"],
+            str(row["grad_all_reduces"]),
+            f"{row['grad_bytes'] / 1e6:.2f}",
+            str(row["control_all_reduces"]),
+            str(row["control_bytes"]),
+            f"{row['median_ms']:.1f}",
+            f"{row['time_ratio_vs_no_sync_loop']:.3f}",
+        )
+    Console(width=120).print(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
+        json.dumps(
+            {
+                "benchmark": "ddp_communication",
+                "environment": {
+                    "torch": torch.__version__,
+                    "python": platform.python_version(),
+                    "platform": platform.platform(),
+                    "processes": 2,
+                    "backend": "gloo",
+                },
+                "settings": {"samples_per_rank": samples, "repeats": repeats},
+                "rows": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    print(f"JSON written to {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
