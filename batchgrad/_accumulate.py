@@ -331,9 +331,14 @@ def _normalise(grads: list[Tensor], divisor: float) -> None:
 
 
 def _total_norm(grads: list[Tensor]) -> float:
+    """The global L2 norm: one fused pass per device (the one pass this check costs)."""
     if not grads:
         return 0.0
-    return float(torch.nn.utils.get_total_norm(grads))
+    device = grads[0].device
+    if any(g.device != device for g in grads):
+        return float(torch.nn.utils.get_total_norm(grads))
+    norms = torch._foreach_norm(grads)
+    return float(torch.linalg.vector_norm(torch.stack([n.float() for n in norms])))
 
 
 def _add_back(stash: GradStash) -> float:
@@ -386,7 +391,7 @@ def _check_losses(
     totals: list[Tensor], counts: list[int | float | Tensor]
 ) -> tuple[float, list[float]]:
     """The summed loss and the count of each micro-batch, all checked (one sync)."""
-    values = torch.stack(totals).double().tolist()
+    values = torch.stack(totals).tolist()  # Python floats hold any tensor float exactly
     bad = [i for i, value in enumerate(values) if not math.isfinite(value)]
     if bad:
         raise NonFiniteError(

@@ -125,7 +125,7 @@ class Loss:
             )
         count: int | Tensor
         if isinstance(criterion, _CLASS_CRITERIA) and not inputs[1].is_floating_point():
-            count = _weighted_target_count(criterion, inputs[1])
+            return cls(_class_sum(criterion, *inputs), _weighted_target_count(criterion, inputs[1]))
         elif isinstance(criterion, nn.CrossEntropyLoss):  # class probabilities
             logits = inputs[0]
             count = logits.numel() // logits.shape[1 if logits.ndim > 1 else 0]
@@ -157,6 +157,28 @@ class Loss:
         targets = labels[:, 1:].reshape(-1)
         total = F.cross_entropy(predicted, targets, ignore_index=ignore_index, reduction="sum")
         return cls(total, (targets != ignore_index).sum())
+
+
+def _class_sum(
+    criterion: nn.CrossEntropyLoss | nn.NLLLoss, output: Tensor, target: Tensor
+) -> Tensor:
+    """The criterion's ``"sum"``, called functionally: no copy of the module per call."""
+    if isinstance(criterion, nn.CrossEntropyLoss):
+        return F.cross_entropy(
+            output,
+            target,
+            weight=criterion.weight,
+            ignore_index=criterion.ignore_index,
+            reduction="sum",
+            label_smoothing=criterion.label_smoothing,
+        )
+    return F.nll_loss(
+        output,
+        target,
+        weight=criterion.weight,
+        ignore_index=criterion.ignore_index,
+        reduction="sum",
+    )
 
 
 def _with_reduction(criterion: nn.Module, reduction: str) -> nn.Module:

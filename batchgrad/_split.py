@@ -7,6 +7,7 @@ dimension 0, the batch dimension. Other leaves (strings, numbers, 0-d tensors,
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -86,6 +87,28 @@ def slice_batch(batch: Batch, start: int, stop: int) -> Batch:
     )
 
 
+def _split_rows(batch: Batch, size: int) -> Iterator[Batch]:
+    """Micro-batches of ``size`` rows: each tensor is split once, not sliced per part."""
+    if isinstance(batch, Tensor):
+        yield from batch.split(size)
+        return
+    pieces: dict[int, tuple[Tensor, ...]] = {}
+
+    def split(leaf: Any) -> Any:
+        if isinstance(leaf, Tensor) and leaf.ndim > 0:
+            pieces[id(leaf)] = leaf.split(size)
+        return leaf
+
+    _map_leaves(split, batch)
+    parts = len(next(iter(pieces.values())))
+    for index in range(parts):
+        yield _map_leaves(functools.partial(_piece, pieces, index), batch)
+
+
+def _piece(pieces: dict[int, tuple[Tensor, ...]], index: int, leaf: Any) -> Any:
+    return pieces[id(leaf)][index] if id(leaf) in pieces else leaf
+
+
 def check_micro_batch_size(micro_batch_size: object) -> int | None:
     """Validate ``micro_batch_size``: a positive int or None."""
     if micro_batch_size is None:
@@ -126,9 +149,11 @@ def micro_batches(
                 "The batch has 0 samples (dimension 0 is empty); there is no gradient "
                 "to compute. Skip empty batches before calling batchgrad."
             )
-        step = size or max(length, 1)
-        for start in range(0, length, step):
-            yield slice_batch(batch, start, min(start + step, length))
+        if size is None or size >= length:
+            if length > 0:
+                yield batch
+            return
+        yield from _split_rows(batch, size)
         return
     if size is not None:
         raise ConfigError(
