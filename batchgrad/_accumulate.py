@@ -2,15 +2,18 @@
 
 The gradient of ``L(B) = Σ_u ℓ_u / N(B)`` is ``(Σ_k ∇ total_k) / N(B)``: each
 micro-batch ``k`` backpropagates its own ``total_k = Σ_{u∈k} ℓ_u`` (so autograd sums
-the micro-batch gradients into ``p.grad``), and once every micro-batch has been
-seen, and so ``N(B) = Σ_k count_k`` is known, the sum is divided by it, in one
-place: `_normalise`. No count needs to be known in advance (padding, masks and
-ignored tokens are counted by the loss itself), and no micro-batch's mean is ever
-weighted against another's.
+the micro-batch gradients into ``p.grad``). ``N(B) = Σ_k count_k`` is known once the
+last micro-batch's forward has run; then, in one place, `_normalise`, the sum
+accumulated so far is divided by it and the last micro-batch backpropagates
+``total_K / N(B)``. No count needs to be known in advance (padding, masks and
+ignored tokens are counted by the loss itself), no micro-batch's mean is ever
+weighted against another's, and a single micro-batch costs exactly the plain
+``(loss_sum / N).backward()``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -149,16 +152,18 @@ def accumulate(
             if existing_grad == "error":
                 _refuse_existing_grads(module, params)
             stash = GradStash.take(params)
-            totals, counts = _backward_each(module, loss_fn, micro_batches(batch, micro_batch_size))
+            parts, _ = _with_last(micro_batches(batch, micro_batch_size))
+            totals, counts, last = _forward_backward(module, loss_fn, parts)
             loss_sum, unit_counts = _check_losses(totals, counts)
-            done = _Pass(unit_counts, loss_sum, sum(unit_counts))
+            count = sum(unit_counts)
+            divisor = _divisor(count, reduction, len(unit_counts))
+            _normalise(params, last, divisor)
+            done = _Pass(unit_counts, loss_sum, count, divisor)
         else:
             stash, done = _data_parallel_pass(
-                peer, module, params, loss_fn, batch, micro_batch_size, existing_grad
+                peer, module, params, loss_fn, batch, micro_batch_size, reduction, existing_grad
             )
-        divisor = _divisor(done.count, reduction, len(done.unit_counts))
         grads = [p.grad for p in params if p.grad is not None]
-        _normalise(grads, divisor / done.averaged_over)
         grad_norm = _total_norm(grads)
         if not math.isfinite(grad_norm):
             rng.put_back()
@@ -172,7 +177,7 @@ def accumulate(
     if existing_grad == "add":
         grad_norm = _add_back(stash)
     return AccumulateReport(
-        loss=done.loss_sum / divisor,
+        loss=done.loss_sum / done.divisor,
         count=_as_number(done.count),
         micro_batches=len(done.unit_counts),
         grad_norm=grad_norm,
@@ -184,26 +189,40 @@ def accumulate(
 
 @dataclass(frozen=True)
 class _Pass:
-    """What the micro-batches produced, before the division by ``N(B)``."""
+    """What the micro-batches of one call produced."""
 
     unit_counts: list[float]  # units in each of this process's micro-batches
     loss_sum: float  # Σ total over the whole logical batch (every rank)
     count: float  # N(B), over the whole logical batch (every rank)
-    averaged_over: int = 1  # ranks DDP has already divided the gradient by
+    divisor: float  # N(B) under "mean", 1 under "sum"
 
 
-def _backward_each(
-    model: nn.Module, loss_fn: LossFn, parts: Iterable[Batch]
-) -> tuple[list[Tensor], list[int | float | Tensor]]:
-    """One forward and one backward of each micro-batch's ``total``; gradients add up."""
+def _forward_backward(
+    model: nn.Module,
+    loss_fn: LossFn,
+    parts: Iterable[tuple[Batch, bool]],
+    quiet: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+) -> tuple[list[Tensor], list[int | float | Tensor], Tensor | None]:
+    """Forward each micro-batch and backpropagate its ``total``, except the last's.
+
+    Every micro-batch but the last runs inside ``quiet()`` (DDP's ``no_sync``).
+    Returns the detached totals, the counts, and the last micro-batch's ``total``,
+    still attached: its backward waits for ``N(B)`` (see `_normalise`).
+    """
     totals: list[Tensor] = []
     counts: list[int | float | Tensor] = []
-    for index, micro_batch in enumerate(parts):
-        total, count = _unpack(loss_fn(model, micro_batch), index)
-        total.backward()
+    last_total: Tensor | None = None
+    for index, (micro_batch, last) in enumerate(parts):
+        if last:
+            total, count = _unpack(loss_fn(model, micro_batch), index)
+            last_total = total
+        else:
+            with quiet():
+                total, count = _unpack(loss_fn(model, micro_batch), index)
+                total.backward()
         totals.append(total.detach())
         counts.append(count)
-    return totals, counts
+    return totals, counts, last_total
 
 
 def _data_parallel_pass(
@@ -213,6 +232,7 @@ def _data_parallel_pass(
     loss_fn: LossFn,
     batch: Batch | Iterable[Batch],
     micro_batch_size: int | None,
+    reduction: Reduction,
     existing_grad: ExistingGrad,
 ) -> tuple[GradStash, _Pass]:
     """This rank's micro-batches, then the ranks' agreement and one gradient sync.
@@ -241,7 +261,9 @@ def _data_parallel_pass(
 
     stash = GradStash.take(params)
     try:
-        done = _synchronised_pass(peer, module, parts, loss_fn, params, idle_ranks == 0)
+        done = _synchronised_pass(
+            peer, module, parts, loss_fn, params, reduction, every_rank_has_work=idle_ranks == 0
+        )
     except BaseException:
         stash.put_back()
         raise
@@ -254,29 +276,22 @@ def _synchronised_pass(
     parts: Iterator[tuple[Batch, bool]],
     loss_fn: LossFn,
     params: list[nn.Parameter],
+    reduction: Reduction,
+    *,
     every_rank_has_work: bool,
 ) -> _Pass:
     # DDP synchronises in the last micro-batch's backward only if every rank has one.
     ddp = peer.ddp if every_rank_has_work else None
     totals: list[Tensor] = []
     counts: list[int | float | Tensor] = []
-    pending: Tensor | None = None
+    last: Tensor | None = None
     loss_sum, unit_counts = 0.0, list[float]()
     failure: BaseException | None = None
     try:
-        for index, (micro_batch, last) in enumerate(parts):
-            if ddp is None:
-                total, count = _unpack(loss_fn(module, micro_batch), index)
-                total.backward()
-            elif last:  # forward now, backward once every rank is known to be fine
-                total, count = _unpack(loss_fn(ddp, micro_batch), index)
-                pending = total
-            else:
-                with ddp.no_sync():
-                    total, count = _unpack(loss_fn(ddp, micro_batch), index)
-                    total.backward()
-            totals.append(total.detach())
-            counts.append(count)
+        if ddp is None:
+            totals, counts, last = _forward_backward(module, loss_fn, parts)
+        else:  # the last forward outside no_sync(): its backward synchronises
+            totals, counts, last = _forward_backward(ddp, loss_fn, parts, ddp.no_sync)
         if totals:
             loss_sum, unit_counts = _check_losses(totals, counts)
     except Exception as error:  # reported to every rank below, so none waits
@@ -286,11 +301,15 @@ def _synchronised_pass(
     )
     if failed:
         peer.raise_failures(failure)
-    if pending is not None:
-        pending.backward()  # DDP's all-reduce: the mean over ranks of the local sums
-        return _Pass(unit_counts, global_loss_sum, global_count, peer.world_size)
-    peer.sum_grads(params)
-    return _Pass(unit_counts, global_loss_sum, global_count)
+    divisor = _divisor(global_count, reduction, len(unit_counts))
+    if ddp is not None:
+        # DDP's all-reduce in this backward averages over the ranks: divide by
+        # N(B) / world_size so that the average is the sum over ranks / N(B).
+        _normalise(params, last, divisor / peer.world_size)
+    else:
+        _normalise(params, last, divisor)
+        peer.sum_grads(params)
+    return _Pass(unit_counts, global_loss_sum, global_count, divisor)
 
 
 def _with_last(items: Iterable[T]) -> tuple[Iterator[tuple[T, bool]], bool]:
@@ -324,10 +343,19 @@ def _divisor(count: float, reduction: Reduction, micro_batches: int) -> float:
     return float(count)
 
 
-def _normalise(grads: list[Tensor], divisor: float) -> None:
-    """The one place where the summed gradient is divided by ``N(B)``."""
-    if divisor != 1.0 and grads:
-        torch._foreach_div_(grads, divisor)
+def _normalise(params: list[nn.Parameter], last: Tensor | None, divisor: float) -> None:
+    """The one place where the gradient is divided by ``N(B)``.
+
+    Called once ``N(B)`` is known: divides what the earlier micro-batches have
+    accumulated (nothing with one micro-batch), then backpropagates the last
+    micro-batch's ``total / N(B)``, which autograd adds in.
+    """
+    if divisor != 1.0:
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            torch._foreach_div_(grads, divisor)
+    if last is not None:
+        (last / divisor).backward()
 
 
 def _total_norm(grads: list[Tensor]) -> float:
