@@ -163,6 +163,22 @@ def check(
     finally:
         snapshot.put_back()
 
+    return _compare(
+        names, g_full, g_acc, g_naive, findings, tolerance, report.micro_batch_counts, reduction
+    )
+
+
+def _compare(
+    names: list[str],
+    g_full: list[Tensor],
+    g_acc: list[Tensor],
+    g_naive: list[Tensor],
+    findings: list[Finding],
+    tolerance: float,
+    micro_batch_counts: tuple[int | float, ...],
+    reduction: Reduction,
+    world_size: int = 1,
+) -> CheckReport:
     max_rel_err = _rel_err(g_acc, g_full)
     return CheckReport(
         ok=max_rel_err <= tolerance,
@@ -174,9 +190,10 @@ def check(
         },
         findings=tuple(findings),
         tolerance=tolerance,
-        micro_batches=report.micro_batches,
-        micro_batch_counts=report.micro_batch_counts,
+        micro_batches=len(micro_batch_counts),
+        micro_batch_counts=micro_batch_counts,
         reduction=reduction,
+        world_size=world_size,
     )
 
 
@@ -451,20 +468,8 @@ def _data_parallel_check(
     snapshot.put_back()
     if rank != 0:
         return None
-    max_rel_err = _rel_err(g_acc, g_full)
     tolerance = default_tolerance(params[0].dtype) if tolerance is None else tolerance
-    return CheckReport(
-        ok=max_rel_err <= tolerance,
-        max_rel_err=max_rel_err,
-        naive_rel_err=_rel_err(g_naive, g_full),
-        per_param={n: _rel_err([a], [f]) for n, a, f in zip(names, g_acc, g_full, strict=True)},
-        naive_per_param={
-            n: _rel_err([a], [f]) for n, a, f in zip(names, g_naive, g_full, strict=True)
-        },
-        findings=tuple(findings),
-        tolerance=tolerance,
-        micro_batches=sum(len(c) for c in counts),
-        micro_batch_counts=tuple(c for rank_counts in counts for c in rank_counts),
-        reduction=reduction,
-        world_size=world_size,
+    every_count = tuple(c for rank_counts in counts for c in rank_counts)
+    return _compare(
+        names, g_full, g_acc, g_naive, findings, tolerance, every_count, reduction, world_size
     )

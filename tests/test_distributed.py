@@ -188,8 +188,21 @@ def _bad_inputs():
     def no_units(model, batch):
         return bg.Loss.from_values(model(batch), torch.zeros(len(batch), 1, dtype=torch.bool))
 
+    def sqrt_at_zero_on_rank_1(model, batch):
+        # A finite loss whose gradient is infinite: d/dz sqrt(z) at z = 0, on rank 1's
+        # second micro-batch only.
+        out = model(batch)
+        total = out.square().sum()
+        if dist.get_rank() == 1 and batch[0, 0] == second_micro_batch_marker:
+            total = total + (out * 0).square().sum().sqrt()
+        return bg.Loss(total, len(batch))
+
+    second_micro_batch_marker = 7.0
+
     def two_rows(rank):
-        return torch.randn(6, 3, dtype=torch.float64)
+        x = torch.randn(6, 3, dtype=torch.float64)
+        x[2, 0] = second_micro_batch_marker
+        return x
 
     for wrap in (True, False):
         tag = "ddp" if wrap else "plain"
@@ -204,6 +217,9 @@ def _bad_inputs():
         attempt(f"user-error-{tag}", wrap, two_rows, loss_fn=fails_on_rank_1, micro_batch_size=4)
         attempt(f"zero-count-{tag}", wrap, two_rows, loss_fn=no_units, micro_batch_size=4)
         attempt(f"all-empty-{tag}", wrap, lambda rank: torch.zeros(0, 3, dtype=torch.float64))
+        attempt(
+            f"inf-grad-{tag}", wrap, two_rows, loss_fn=sqrt_at_zero_on_rank_1, micro_batch_size=2
+        )
 
     from torch.distributed.fsdp import fully_shard
 
@@ -223,6 +239,7 @@ BAD = [
     ("user-error", ["DistributedError", "RuntimeError"], r"rank 1"),
     ("zero-count", ["ZeroCountError"] * 2, r"0 units"),
     ("all-empty", ["EmptyBatchError"] * 2, r"Every one of the 2 ranks has an empty batch"),
+    ("inf-grad", ["NonFiniteError"] * 2, r"On rank 1: The gradient of .* in micro-batch 1,"),
 ]
 
 
