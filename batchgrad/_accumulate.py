@@ -117,13 +117,20 @@ def accumulate(
             micro-batches.
         reduction: ``"mean"`` or ``"sum"`` over the units of the logical batch.
         existing_grad: ``"error"``, ``"replace"`` or ``"add"``; see `ExistingGrad`.
+        group: under `torch.distributed`, the process group sharing the logical
+            batch (default: the model's DDP group, else the default group). Each
+            rank passes its own share; ``N(B)`` is the count over all ranks, and
+            every rank ends with the same gradient, synchronised once (see
+            `batchgrad._distributed`). Ranks may hold different numbers of
+            micro-batches, or none.
 
     Returns:
         An `AccumulateReport`.
 
     Raises:
         BatchError: for bad input (see `batchgrad._errors`). Every ``p.grad`` and
-            every buffer is then exactly as before the call.
+            every buffer is then exactly as before the call; under
+            `torch.distributed`, on every rank, the message naming the rank.
 
     Example:
         >>> import torch, batchgrad as bg
