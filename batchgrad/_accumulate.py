@@ -153,12 +153,11 @@ def accumulate(
     params = [p for p in module.parameters() if p.requires_grad]
     buffers = BufferSnapshot.take(module)
     rng = RngSnapshot.take()
-    stash: GradStash | None = None
+    stash = GradStash.take(params)  # put back unchanged whatever fails below
     try:
         if peer is None:
             if existing_grad == "error":
-                _refuse_existing_grads(module, params)
-            stash = GradStash.take(params)
+                _refuse_existing_grads(module, stash)
             parts, _ = _with_last(micro_batches(batch, micro_batch_size))
             totals, counts, last = _forward_backward(module, loss_fn, parts)
             loss_sum, unit_counts = _check_losses(totals, counts)
@@ -167,8 +166,8 @@ def accumulate(
             _normalise(params, last, divisor)
             done = _Pass(unit_counts, loss_sum, count, divisor)
         else:
-            stash, done = _data_parallel_pass(
-                peer, module, params, loss_fn, batch, micro_batch_size, reduction, existing_grad
+            done = _data_parallel_pass(
+                peer, module, stash, loss_fn, batch, micro_batch_size, reduction, existing_grad
             )
         grads = [p.grad for p in params if p.grad is not None]
         grad_norm = _total_norm(grads)
@@ -176,8 +175,7 @@ def accumulate(
             rng.put_back()
             raise _non_finite_grad_error(module, loss_fn, batch, micro_batch_size, peer)
     except BaseException:
-        if stash is not None:
-            stash.put_back()
+        stash.put_back()
         buffers.put_back()
         raise
 
@@ -235,25 +233,24 @@ def _forward_backward(
 def _data_parallel_pass(
     peer: Replica,
     module: nn.Module,
-    params: list[nn.Parameter],
+    stash: GradStash,
     loss_fn: LossFn,
     batch: Batch | Iterable[Batch],
     micro_batch_size: int | None,
     reduction: Reduction,
     existing_grad: ExistingGrad,
-) -> tuple[GradStash, _Pass]:
+) -> _Pass:
     """This rank's micro-batches, then the ranks' agreement and one gradient sync.
 
     Every rank runs the same collectives in the same order whatever its data or
-    failures (see `batchgrad._distributed`). Returns the stash of the gradients
-    found before, and the pass over the logical batch.
+    failures (see `batchgrad._distributed`).
     """
     failure: BaseException | None = None
     parts: Iterator[tuple[Batch, bool]] = iter(())
     has_work = False
     try:
         if existing_grad == "error":
-            _refuse_existing_grads(module, params)
+            _refuse_existing_grads(module, stash)
         parts, has_work = _with_last(micro_batches(batch, micro_batch_size, allow_empty=True))
     except Exception as error:  # reported to every rank below, so none waits
         failure = error
@@ -265,16 +262,9 @@ def _data_parallel_pass(
             f"Every one of the {peer.world_size} ranks has an empty batch; there is no "
             f"gradient to compute. Check the distributed sampler and the data loader."
         )
-
-    stash = GradStash.take(params)
-    try:
-        done = _synchronised_pass(
-            peer, module, parts, loss_fn, params, reduction, every_rank_has_work=idle_ranks == 0
-        )
-    except BaseException:
-        stash.put_back()
-        raise
-    return stash, done
+    return _synchronised_pass(
+        peer, module, parts, loss_fn, stash.params, reduction, every_rank_has_work=idle_ranks == 0
+    )
 
 
 def _synchronised_pass(
@@ -451,15 +441,16 @@ def _as_number(value: float) -> int | float:
     return int(value) if float(value).is_integer() else value
 
 
-def _refuse_existing_grads(model: nn.Module, params: list[nn.Parameter]) -> None:
-    present = [p for p in params if p.grad is not None]
+def _refuse_existing_grads(model: nn.Module, stash: GradStash) -> None:
+    """Raise if any gradient found before the call (now in ``stash``) is non-zero."""
+    present = [(p, g) for p, g in zip(stash.params, stash.grads, strict=True) if g is not None]
     if not present:
         return
-    nonzero = torch.stack([p.grad.detach().ne(0).any() for p in present if p.grad is not None])
+    nonzero = torch.stack([g.detach().ne(0).any() for _, g in present])
     if not bool(nonzero.any()):
         return
     names = {p: name for name, p in model.named_parameters()}
-    stale = [names[p] for p, flag in zip(present, nonzero.tolist(), strict=True) if flag]
+    stale = [names[p] for (p, _), flag in zip(present, nonzero.tolist(), strict=True) if flag]
     raise ExistingGradError(
         f"{len(stale)} parameter(s) already hold non-zero gradients ({', '.join(stale[:3])}"
         f"{', ...' if len(stale) > 3 else ''}); accumulate would add the new gradient to "
