@@ -217,13 +217,18 @@ def _naive_grads(
     micro_batch_size: int,
     reduction: Reduction,
     params: list[nn.Parameter],
+    world_size: int = 1,
 ) -> list[Tensor]:
-    """The recipe of most training loops: ``reduced_loss_k / K``, backward per micro-batch."""
-    splits = list(micro_batches(batch, micro_batch_size))
+    """The recipe of most training loops: ``reduced_loss_k / K``, backward per micro-batch.
+
+    Under data parallelism each rank does this on its share and DDP averages the
+    ranks' gradients; this returns the rank's part of that average, ``/ world_size``.
+    """
+    splits = list(micro_batches(batch, micro_batch_size, allow_empty=world_size > 1))
     for micro_batch in splits:
         total, count = _unpack(loss_fn(model, micro_batch), 0)
         reduced = total / count if reduction == "mean" else total
-        (reduced / len(splits)).backward()
+        (reduced / len(splits) / world_size).backward()
     return _grads(params)
 
 
@@ -455,14 +460,9 @@ def _data_parallel_check(
     )
     g_acc = _grads(params)
     snapshot.reset()
-    splits = list(micro_batches(local, micro_batch_size, allow_empty=True))
-    for micro_batch in splits:
-        total, count = _unpack(loss_fn(model, micro_batch), 0)
-        reduced = total / count if reduction == "mean" else total
-        (reduced / len(splits) / world_size).backward()
-    g_naive = _grads(params)
+    g_naive = _naive_grads(model, loss_fn, local, micro_batch_size, reduction, params, world_size)
     for grad in g_naive:
-        dist.all_reduce(grad)  # DDP's average over ranks (the division is above)
+        dist.all_reduce(grad)  # DDP's average over ranks (each part already / world_size)
     counts: list[Any] = [None] * world_size
     dist.all_gather_object(counts, report.micro_batch_counts)
     snapshot.put_back()
