@@ -145,3 +145,8 @@ def test_check_errors_restore_the_model():
         bg.check(model, _loss, (x, torch.zeros(6, 1, dtype=torch.float64)), micro_batch_size=2)
     assert torch.equal(model.weight, weight)
     assert model.weight.grad is None
+
+
+def test_data_parallel_check_needs_a_process():
+    with pytest.raises(bg.ConfigError, match="nproc must be at least 1, got 0"):
+        bg._check.check_data_parallel(lambda: None, 0, micro_batch_size=2)

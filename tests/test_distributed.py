@@ -221,6 +221,30 @@ def _bad_inputs():
             f"inf-grad-{tag}", wrap, two_rows, loss_fn=sqrt_at_zero_on_rank_1, micro_batch_size=2
         )
 
+    # Stale gradients on rank 0 only: refused before any micro-batch, on every rank.
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1).double()
+    if rank == 0:
+        model.weight.grad = torch.ones_like(model.weight)
+    kept = model.weight.grad
+    try:
+        bg.accumulate(DistributedDataParallel(model), _square_loss, two_rows(rank))
+        outcomes["stale-grad"] = ("no error", "", True)
+    except bg.BatchError as error:
+        outcomes["stale-grad"] = (type(error).__name__, str(error), model.weight.grad is kept)
+
+    # A group other than the one the DDP model synchronises over.
+    try:
+        bg.accumulate(
+            DistributedDataParallel(model),
+            _square_loss,
+            two_rows(rank),
+            group=dist.new_group([0, 1]),
+        )
+        outcomes["other-group"] = ("no error", "")
+    except bg.BatchError as error:
+        outcomes["other-group"] = (type(error).__name__, str(error))
+
     from torch.distributed.fsdp import fully_shard
 
     sharded = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1))
@@ -265,6 +289,23 @@ def test_fsdp_is_refused_with_the_reason(bad_outcomes):
         assert re.search(r"0 is sharded with FSDP \(FSDPLinear\).*same number of micro", text)
 
 
+def test_stale_gradients_on_one_rank_are_refused_on_every_rank(bad_outcomes):
+    for outcomes in bad_outcomes:
+        kind, text, kept = outcomes["stale-grad"]
+        assert kind == "ExistingGradError"
+        assert re.search(
+            r"On rank 0: 1 parameter\(s\) already hold non-zero gradients \(weight\)", text
+        )
+        assert kept
+
+
+def test_a_group_other_than_the_ddp_models_is_refused(bad_outcomes):
+    for outcomes in bad_outcomes:
+        kind, text = outcomes["other-group"]
+        assert kind == "ConfigError"
+        assert "differs from the process group" in text
+
+
 def test_group_without_distributed_is_refused():
     with pytest.raises(bg.ConfigError, match="not initialised"):
         bg.accumulate(nn.Linear(1, 1), _square_loss, torch.ones(2, 1), group=object())
@@ -272,6 +313,17 @@ def test_group_without_distributed_is_refused():
 
 def _failing():
     raise ValueError("boom")
+
+
+def _sleep():
+    import time
+
+    time.sleep(120)
+
+
+def test_launch_stops_processes_that_outlive_the_timeout():
+    with pytest.raises(bg.DistributedError, match=r"2 of 2 processes did not finish within 5 s"):
+        launch(_sleep, 2, timeout=5)
 
 
 def test_launch_reports_a_failing_process():
