@@ -101,7 +101,8 @@ def load_factory(spec: str) -> Callable[[], Any]:
         sys.modules[path.stem] = module
         module_spec.loader.exec_module(module)
     else:
-        sys.path.insert(0, ".")  # like `python -m`: modules of the current folder
+        if "." not in sys.path:
+            sys.path.insert(0, ".")  # like `python -m`: modules of the current folder
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as error:

@@ -45,7 +45,7 @@ from batchgrad._models import mlp
 METHODS = ("sync every micro-batch", "no_sync loop", "batchgrad")
 
 
-def _worker(samples: int, micro_batch_counts: list[int], repeats: int) -> dict[str, Any]:
+def _worker(samples: int, counts: list[int], repeats: int) -> dict[str, Any]:
     torch.manual_seed(0)
     model = mlp((784, 256, 256, 10))
     ddp = DistributedDataParallel(model)
@@ -72,6 +72,21 @@ def _worker(samples: int, micro_batch_counts: list[int], repeats: int) -> dict[s
         return plain_all_reduce(tensor, *args, **kwargs)
 
     dist.all_reduce = counting_all_reduce  # type: ignore[assignment]
+    try:
+        return {"rows": _measure(ddp, model, grad_calls, control_calls, samples, counts, repeats)}
+    finally:
+        dist.all_reduce = plain_all_reduce  # type: ignore[assignment]
+
+
+def _measure(
+    ddp: DistributedDataParallel,
+    model: nn.Module,
+    grad_calls: list[int],
+    control_calls: list[int],
+    samples: int,
+    micro_batch_counts: list[int],
+    repeats: int,
+) -> list[dict[str, Any]]:
     generator = torch.Generator().manual_seed(dist.get_rank())
     x = torch.randn(samples, 784, generator=generator)
     y = torch.randint(0, 10, (samples,), generator=generator)
@@ -134,8 +149,7 @@ def _worker(samples: int, micro_batch_counts: list[int], repeats: int) -> dict[s
                     "median_ms": 1e3 * statistics.median(times[name]),
                 }
             )
-    dist.all_reduce = plain_all_reduce  # type: ignore[assignment]
-    return {"rows": rows}
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:

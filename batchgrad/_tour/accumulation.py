@@ -30,7 +30,8 @@ def lm_loss(model: nn.Module, batch: TokenBatch) -> Loss:
     return Loss.from_causal_lm(model(batch.input_ids), batch.labels)
 
 
-def _orderings() -> dict[str, TokenBatch]:
+def orderings() -> dict[str, TokenBatch]:
+    """The logical batch of 32 sequences, in random order and sorted by length."""
     shuffled = counting_sequences(LOGICAL_BATCH, min_len=2, max_len=48, seed=0)
     lengths = (shuffled.labels != -100).sum(dim=1)
     order = torch.argsort(lengths, stable=True)
@@ -43,12 +44,12 @@ def run(context: Context) -> Answer:
     model32 = TinyLM(vocab=32, d_model=64, heads=4, layers=2, max_len=48)
     model64 = TinyLM(vocab=32, d_model=64, heads=4, layers=2, max_len=48).double()
     model64.load_state_dict(model32.state_dict())
-    orderings = _orderings()
+    batches = orderings()
 
     rows: list[dict[str, Any]] = []
-    cases = [(name, k) for name in orderings for k in MICRO_BATCH_COUNTS]
+    cases = [(name, k) for name in batches for k in MICRO_BATCH_COUNTS]
     for name, k in context.track(cases, "checking splits"):
-        batch, size = orderings[name], LOGICAL_BATCH // k
+        batch, size = batches[name], LOGICAL_BATCH // k
         in32 = check(model32, lm_loss, batch, size, probe=False)
         in64 = check(model64, lm_loss, batch, size, probe=False)
         rows.append(
@@ -62,9 +63,9 @@ def run(context: Context) -> Answer:
                 "batchgrad_rel_err_float64": in64.max_rel_err,
             }
         )
-    findings = check(model32, lm_loss, orderings["random order"], 8).findings
+    findings = check(model32, lm_loss, batches["random order"], 8).findings
 
-    weights = _token_weights(orderings["sorted by length"], WEIGHTS_SPLIT)
+    weights = _token_weights(batches["sorted by length"], WEIGHTS_SPLIT)
     figures = [
         _error_figure(rows, context.out_dir / "accumulation_error.png"),
         _weights_figure(weights, context.out_dir / "accumulation_token_weights.png"),
@@ -109,7 +110,7 @@ the two recipes agree; that is the only case where the naive one is right.
                 if r["order"] == order
             ],
         )
-        for order in orderings
+        for order in batches
     ]
     return Answer(
         summary,

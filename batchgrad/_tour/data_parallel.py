@@ -22,7 +22,7 @@ from .._distributed import launch
 from .._models import TinyLM
 from .._report import Table, new_figure, save_figure, sci
 from . import Answer, Chapter, Context
-from .accumulation import _orderings, lm_loss
+from .accumulation import lm_loss, orderings
 
 RANKS = 2
 MICRO_BATCH_SIZES = (16, 8, 4, 2)  # per rank, of its 16 sequences
@@ -32,7 +32,7 @@ def make() -> tuple[nn.Module, Any, TokenBatch]:
     """The model, loss and logical batch every process builds (deterministically)."""
     torch.manual_seed(0)
     model = TinyLM(vocab=32, d_model=64, heads=4, layers=2, max_len=48).double()
-    return model, lm_loss, _orderings()["sorted by length"]
+    return model, lm_loss, orderings()["sorted by length"]
 
 
 def _measure(sizes: tuple[int, ...]) -> list[CheckReport | None]:
