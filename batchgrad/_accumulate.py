@@ -162,7 +162,7 @@ def accumulate(
             totals, counts, last = _forward_backward(module, loss_fn, parts)
             loss_sum, unit_counts = _check_losses(totals, counts)
             count = sum(unit_counts)
-            divisor = _divisor(count, reduction, len(unit_counts))
+            divisor = _divisor(count, reduction, f"its {len(unit_counts)} micro-batch(es)")
             _normalise(params, last, divisor)
             done = _Pass(unit_counts, loss_sum, count, divisor)
         else:
@@ -298,7 +298,7 @@ def _synchronised_pass(
     )
     if failed:
         peer.raise_failures(failure)
-    divisor = _divisor(global_count, reduction, len(unit_counts))
+    divisor = _divisor(global_count, reduction, f"all {peer.world_size} ranks")
     if ddp is not None:
         # DDP's all-reduce in this backward averages over the ranks: divide by
         # N(B) / world_size so that the average is the sum over ranks / N(B).
@@ -327,15 +327,15 @@ def _with_last(items: Iterable[T]) -> tuple[Iterator[tuple[T, bool]], bool]:
     return pairs(), True
 
 
-def _divisor(count: float, reduction: Reduction, micro_batches: int) -> float:
-    """``N(B)`` under ``"mean"``, 1 under ``"sum"``."""
+def _divisor(count: float, reduction: Reduction, where: str) -> float:
+    """``N(B)`` under ``"mean"``, 1 under ``"sum"``; ``where`` names the batch's parts."""
     if reduction == "sum":
         return 1.0
     if count == 0:
         raise ZeroCountError(
-            f"The logical batch has 0 units over its {micro_batches} micro-batch(es) "
-            f"(e.g. every token is padding or ignore_index), so its mean loss is "
-            f"undefined. Skip such batches, or use reduction='sum'."
+            f"The logical batch has 0 units over {where} (e.g. every token is padding "
+            f"or ignore_index), so its mean loss is undefined. Skip such batches, or use "
+            f"reduction='sum'."
         )
     return float(count)
 

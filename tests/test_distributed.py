@@ -261,7 +261,7 @@ BAD = [
     ("nan", ["NonFiniteError"] * 2, r"On rank 1: The loss of micro-batch 1 is nan"),
     ("mismatch", ["BatchShapeError"] * 2, r"On rank 0: Tensors in the batch disagree.*has 5"),
     ("user-error", ["DistributedError", "RuntimeError"], r"rank 1"),
-    ("zero-count", ["ZeroCountError"] * 2, r"0 units"),
+    ("zero-count", ["ZeroCountError"] * 2, r"0 units over all 2 ranks"),
     ("all-empty", ["EmptyBatchError"] * 2, r"Every one of the 2 ranks has an empty batch"),
     ("inf-grad", ["NonFiniteError"] * 2, r"On rank 1: The gradient of .* in micro-batch 1,"),
 ]
