@@ -362,8 +362,10 @@ def _total_norm(grads: list[Tensor]) -> float:
     device = grads[0].device
     if any(g.device != device for g in grads):
         return float(torch.nn.utils.get_total_norm(grads))
-    norms = torch._foreach_norm(grads)
-    return float(torch.linalg.vector_norm(torch.stack([n.float() for n in norms])))
+    norms = list(torch._foreach_norm(grads))
+    if any(n.dtype != norms[0].dtype for n in norms):
+        norms = [n.double() for n in norms]
+    return math.hypot(*torch.stack(norms).tolist())
 
 
 def _add_back(stash: GradStash) -> float:
@@ -408,7 +410,8 @@ def _unpack(loss: object, index: int) -> tuple[Tensor, int | float | Tensor]:
                 f"Loss.count of micro-batch {index} must be 0-d, got shape "
                 f"{tuple(count.shape)}; count the units with .sum()."
             )
-        count = count.detach()
+        if count.requires_grad:
+            count = count.detach()
     return total, count
 
 
@@ -416,7 +419,17 @@ def _check_losses(
     totals: list[Tensor], counts: list[int | float | Tensor]
 ) -> tuple[float, list[float]]:
     """The summed loss and the count of each micro-batch, all checked (one sync)."""
-    values = torch.stack(totals).tolist()  # Python floats hold any tensor float exactly
+    first = totals[0]
+    if all(
+        isinstance(c, Tensor) and (c.dtype, c.device) == (first.dtype, first.device) for c in counts
+    ):
+        # one transfer for both: totals and counts share a dtype when the count comes
+        # from the loss kernel (see `Loss.from_criterion`)
+        both = torch.stack(totals + counts).tolist()  # type: ignore[operator]
+        values, unit_counts = both[: len(totals)], both[len(totals) :]
+    else:
+        values = torch.stack(totals).tolist()  # Python floats hold any tensor float exactly
+        unit_counts = _as_floats(counts)
     bad = [i for i, value in enumerate(values) if not math.isfinite(value)]
     if bad:
         raise NonFiniteError(
@@ -424,10 +437,6 @@ def _check_losses(
             f"micro-batches {bad[:10]}). Look at that micro-batch's data, and at the "
             f"model's outputs for it (log of 0, division by 0, overflow in low precision)."
         )
-    if all(isinstance(c, Tensor) for c in counts):  # one transfer, not one per micro-batch
-        unit_counts = torch.stack(counts).double().tolist()  # type: ignore[arg-type]
-    else:
-        unit_counts = [float(c) for c in counts]
     for index, count in enumerate(unit_counts):
         if not math.isfinite(count) or count < 0:
             raise LossTypeError(
@@ -435,6 +444,12 @@ def _check_losses(
                 f"number of units >= 0."
             )
     return math.fsum(values), unit_counts
+
+
+def _as_floats(counts: list[int | float | Tensor]) -> list[float]:
+    if all(isinstance(c, Tensor) for c in counts):  # one transfer, not one per micro-batch
+        return torch.stack(counts).double().tolist()  # type: ignore[arg-type]
+    return [float(c) for c in counts]
 
 
 def _as_number(value: float) -> int | float:

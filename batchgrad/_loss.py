@@ -125,7 +125,7 @@ class Loss:
             )
         count: int | Tensor
         if isinstance(criterion, _CLASS_CRITERIA) and not inputs[1].is_floating_point():
-            return cls(_class_sum(criterion, *inputs), _weighted_target_count(criterion, inputs[1]))
+            return cls(*_class_sum_and_count(criterion, *inputs))
         elif isinstance(criterion, nn.CrossEntropyLoss):  # class probabilities
             logits = inputs[0]
             count = logits.numel() // logits.shape[1 if logits.ndim > 1 else 0]
@@ -155,30 +155,64 @@ class Loss:
             )
         predicted = logits[:, :-1].reshape(-1, logits.shape[-1])
         targets = labels[:, 1:].reshape(-1)
+        if _counts_exactly(predicted, targets):
+            return cls(*_nll_sum_and_count(predicted.log_softmax(1), targets, None, ignore_index))
         total = F.cross_entropy(predicted, targets, ignore_index=ignore_index, reduction="sum")
         return cls(total, (targets != ignore_index).sum())
 
 
-def _class_sum(
+def _class_sum_and_count(
     criterion: nn.CrossEntropyLoss | nn.NLLLoss, output: Tensor, target: Tensor
-) -> Tensor:
-    """The criterion's ``"sum"``, called functionally: no copy of the module per call."""
-    if isinstance(criterion, nn.CrossEntropyLoss):
-        return F.cross_entropy(
+) -> tuple[Tensor, Tensor]:
+    """The criterion's ``"sum"`` and the (weighted) count of its targets."""
+    smoothing = getattr(criterion, "label_smoothing", 0.0)
+    if smoothing == 0.0 and _counts_exactly(output, target):
+        log_probs = output.log_softmax(1) if isinstance(criterion, nn.CrossEntropyLoss) else output
+        return _nll_sum_and_count(log_probs, target, criterion.weight, criterion.ignore_index)
+    if isinstance(criterion, nn.CrossEntropyLoss):  # called functionally: no module copy
+        total = F.cross_entropy(
             output,
             target,
             weight=criterion.weight,
             ignore_index=criterion.ignore_index,
             reduction="sum",
-            label_smoothing=criterion.label_smoothing,
+            label_smoothing=smoothing,
         )
-    return F.nll_loss(
-        output,
-        target,
-        weight=criterion.weight,
-        ignore_index=criterion.ignore_index,
-        reduction="sum",
-    )
+    else:
+        total = F.nll_loss(
+            output,
+            target,
+            weight=criterion.weight,
+            ignore_index=criterion.ignore_index,
+            reduction="sum",
+        )
+    return total, _weighted_target_count(criterion, target)
+
+
+def _counts_exactly(output: Tensor, target: Tensor) -> bool:
+    """Whether `_nll_sum_and_count` applies: ``[N, C]`` scores whose dtype counts ``N``
+    targets exactly (every integer up to 2**24 in float32)."""
+    if output.ndim != 2 or target.ndim != 1:
+        return False
+    if output.dtype == torch.float64:
+        return True
+    return output.dtype == torch.float32 and target.numel() <= 2**24
+
+
+_SUM = 2  # at::Reduction::Sum
+
+
+def _nll_sum_and_count(
+    log_probs: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int
+) -> tuple[Tensor, Tensor]:
+    """``Σ -w[t]·log p[t]`` over the targets that are not ignored, and ``Σ w[t]``.
+
+    The kernel behind ``F.nll_loss`` computes the count (its "total weight") in the
+    same pass as the sum; taking it from there saves two operations per
+    micro-batch over counting the targets separately.
+    """
+    total, count = torch.ops.aten.nll_loss_forward(log_probs, target, weight, _SUM, ignore_index)
+    return total, count
 
 
 def _with_reduction(criterion: nn.Module, reduction: str) -> nn.Module:

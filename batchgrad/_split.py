@@ -92,6 +92,12 @@ def _split_rows(batch: Batch, size: int) -> Iterator[Batch]:
     if isinstance(batch, Tensor):
         yield from batch.split(size)
         return
+    if type(batch) in (tuple, list) and all(
+        isinstance(leaf, Tensor) and leaf.ndim > 0 for leaf in batch
+    ):  # the common (inputs, targets): no tree walk per micro-batch
+        for rows in zip(*(leaf.split(size) for leaf in batch), strict=True):
+            yield type(batch)(rows)
+        return
     pieces: dict[int, tuple[Tensor, ...]] = {}
 
     def split(leaf: Any) -> Any:
