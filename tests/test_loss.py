@@ -48,6 +48,23 @@ def test_weighted_count_is_the_sum_of_target_weights():
     assert float(loss.count) == 10.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_class_count_is_exact_in_every_dtype(dtype):
+    """The count is taken from the loss kernel only where its dtype holds it exactly."""
+    target = torch.arange(300) % 3
+    target[::7] = -100
+    logits = torch.randn(300, 3, dtype=dtype, requires_grad=True)
+    for criterion, scores in [
+        (nn.CrossEntropyLoss(), logits),
+        (nn.NLLLoss(), logits.log_softmax(1)),
+    ]:
+        loss = bg.Loss.from_criterion(criterion, scores, target)
+        assert float(loss.count) == int((target != -100).sum()) == 257
+        torch.testing.assert_close(loss.mean(), criterion(scores, target))
+    lm = bg.Loss.from_causal_lm(logits.view(3, 100, 3), target.view(3, 100))
+    assert float(lm.count) == int((target.view(3, 100)[:, 1:] != -100).sum())
+
+
 def test_cross_entropy_with_class_probabilities_and_spatial_dims():
     logits = torch.randn(3, 4, 5, dtype=torch.float64)
     probs = torch.softmax(torch.randn(3, 4, 5, dtype=torch.float64), dim=1)
