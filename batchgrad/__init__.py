@@ -6,6 +6,7 @@ The public surface; everything else is internal. See DESIGN.md for the contract.
 from importlib.metadata import PackageNotFoundError, version
 
 from ._accumulate import AccumulateReport, ExistingGrad, LossFn, accumulate
+from ._bptt import BPTTReport, StepFn, TimeContributions, bptt, tbptt, time_contributions
 from ._check import CheckReport, Finding, check
 from ._errors import (
     BatchError,
@@ -16,6 +17,7 @@ from ._errors import (
     ExistingGradError,
     LossTypeError,
     NonFiniteError,
+    StateError,
     ZeroCountError,
 )
 from ._loss import Loss
@@ -28,6 +30,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 __all__ = [
     "AccumulateReport",
+    "BPTTReport",
     "BatchError",
     "BatchShapeError",
     "CheckReport",
@@ -42,9 +45,15 @@ __all__ = [
     "LossTypeError",
     "NonFiniteError",
     "Reduction",
+    "StateError",
+    "StepFn",
+    "TimeContributions",
     "ZeroCountError",
     "__version__",
     "accumulate",
+    "bptt",
     "check",
     "detect_reduction",
+    "tbptt",
+    "time_contributions",
 ]

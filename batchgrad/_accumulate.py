@@ -163,14 +163,13 @@ def accumulate(
             loss_sum, unit_counts = _check_losses(totals, counts)
             count = sum(unit_counts)
             divisor = _divisor(count, reduction, f"its {len(unit_counts)} micro-batch(es)")
-            _normalise(params, last, divisor)
+            _normalise(_grads(params), last, divisor)
             done = _Pass(unit_counts, loss_sum, count, divisor)
         else:
             done = _data_parallel_pass(
                 peer, module, stash, loss_fn, batch, micro_batch_size, reduction, existing_grad
             )
-        grads = [p.grad for p in params if p.grad is not None]
-        grad_norm = _total_norm(grads)
+        grad_norm = _total_norm(_grads(params))
         if not math.isfinite(grad_norm):
             rng.put_back()
             raise _non_finite_grad_error(module, loss_fn, batch, micro_batch_size, peer)
@@ -302,9 +301,9 @@ def _synchronised_pass(
     if ddp is not None:
         # DDP's all-reduce in this backward averages over the ranks: divide by
         # N(B) / world_size so that the average is the sum over ranks / N(B).
-        _normalise(params, last, divisor / peer.world_size)
+        _normalise(_grads(params), last, divisor / peer.world_size)
     else:
-        _normalise(params, last, divisor)
+        _normalise(_grads(params), last, divisor)
         peer.sum_grads(params)
     return _Pass(unit_counts, global_loss_sum, global_count, divisor)
 
@@ -340,19 +339,22 @@ def _divisor(count: float, reduction: Reduction, where: str) -> float:
     return float(count)
 
 
-def _normalise(params: list[nn.Parameter], last: Tensor | None, divisor: float) -> None:
-    """The one place where the gradient is divided by ``N(B)``.
+def _normalise(grads: list[Tensor], last: Tensor | None, divisor: float) -> None:
+    """The one place where gradients are divided by ``N(B)``.
 
-    Called once ``N(B)`` is known: divides what the earlier micro-batches have
-    accumulated (nothing with one micro-batch), then backpropagates the last
-    micro-batch's ``total / N(B)``, which autograd adds in.
+    Called once ``N(B)`` is known: divides, in place, the gradient sums accumulated
+    so far (nothing with one micro-batch), then backpropagates the last
+    micro-batch's ``total / N(B)``, which autograd adds in. `batchgrad.bptt` and
+    its relatives divide their sums here too.
     """
-    if divisor != 1.0:
-        grads = [p.grad for p in params if p.grad is not None]
-        if grads:
-            torch._foreach_div_(grads, divisor)
+    if divisor != 1.0 and grads:
+        torch._foreach_div_(grads, divisor)
     if last is not None:
         (last / divisor).backward()
+
+
+def _grads(params: list[nn.Parameter]) -> list[Tensor]:
+    return [p.grad for p in params if p.grad is not None]
 
 
 def _total_norm(grads: list[Tensor]) -> float:
@@ -375,7 +377,7 @@ def _add_back(stash: GradStash) -> float:
             if p.grad is not None:
                 old.add_(p.grad)
             p.grad = old
-    return _total_norm([p.grad for p in stash.params if p.grad is not None])
+    return _total_norm(_grads(stash.params))
 
 
 def _unpack(loss: object, index: int) -> tuple[Tensor, int | float | Tensor]:

@@ -43,3 +43,7 @@ class ConfigError(BatchError, ValueError):
 
 class DistributedError(BatchError):
     """Another rank failed with an error of its own; this rank stops with it."""
+
+
+class StateError(BatchError):
+    """A recurrent state that batchgrad cannot carry between time chunks."""
