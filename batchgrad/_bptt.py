@@ -101,8 +101,8 @@ class TimeContributions:
             ``keep_grads``.
         step_norms: ``[T]``, the global L2 norm of each step's contribution.
         state_grad_norms: ``[T]``, the norm of the gradient of the loss with respect
-            to the state after step ``t`` (0 after the last step, which no loss
-            reads): the vanishing or exploding gradient, step by step.
+            to the state after step ``t`` (through the losses of step ``t`` and of
+            every later step): the vanishing or exploding gradient, step by step.
         loss: the loss of the whole sequence batch.
         count: ``N``, its units.
     """
@@ -259,7 +259,7 @@ def time_contributions(
     try:
         run = _ChunkedRun(model, step_fn, sequence, bounds, "")
         loss_sum, counts = run.forward(initial_state)
-        run.backward(params, keep)
+        run.backward(params, keep, state_grads=True)
         count = math.fsum(counts)
         divisor = _divisor(count, reduction, f"{steps} time step(s)")
     finally:
@@ -268,9 +268,7 @@ def time_contributions(
     grads: dict[str, Tensor] = {}
     if keep_grads:
         for position, (name, p) in enumerate(named):
-            grads[name] = torch.stack(
-                [_or_zeros(step[position], p) for step in per_step]
-            )
+            grads[name] = torch.stack([_or_zeros(step[position], p) for step in per_step])
     _normalise([*grads.values(), step_norms, state_norms], None, divisor)
     return TimeContributions(
         grads=grads,
@@ -295,13 +293,13 @@ def tbptt(
 ) -> BPTTReport:
     """Truncated BPTT (Williams and Peng): every ``k1`` steps, backpropagate ``k2`` back.
 
-    The sequence is cut into windows of ``k1`` steps. Window ``j`` ends at step
-    ``t_j``; its loss (the units of its own ``k1`` steps, each unit counted once
-    over the sequence) is backpropagated through the last ``k2`` steps, from
-    ``t_j - k2``, where the state is cut from the graph. ``k2=None`` means
+    The sequence is cut into windows of ``k1`` steps (the last may be shorter).
+    Window ``j``'s loss (the units of its own steps, each unit counted once over
+    the sequence) is backpropagated through its steps and the ``k2 - k1`` steps
+    before them, to the state there, cut from the graph. ``k2=None`` means
     ``k2 = k1``: the usual "detach the state every k1 steps" loop. With ``k2 > k1``
-    the steps before the window are recomputed from the state saved at
-    ``t_j - k2`` (with the random-number state replayed).
+    the steps before the window are recomputed from the state saved ``k2 - k1``
+    steps before it (with the random-number state replayed).
 
     Without ``optimizer`` the windows' gradients are summed into ``p.grad`` and
     divided once by ``N``, the units of the whole sequence batch, exactly as
@@ -333,7 +331,7 @@ def tbptt(
         )
     steps = time_length(sequence)
     windows = chunk_bounds(steps, k1)
-    starts = [max(0, stop - k2) for _, stop in windows]
+    starts = [max(0, first - (k2 - k1)) for first, _ in windows]
     cuts = sorted({0, steps, *(stop for _, stop in windows), *starts})
     params = [p for p in model.parameters() if p.requires_grad]
     buffers, rng = BufferSnapshot.take(model), RngSnapshot.take()
@@ -453,12 +451,14 @@ class _ChunkedRun:
         self,
         params: list[nn.Parameter],
         take: Callable[[int, list[Tensor | None], list[Tensor]], None],
+        *,
+        state_grads: bool = False,
     ) -> None:
         """Recompute the chunks last to first, each with its graph, and backpropagate.
 
         ``take(index, param_grads, state_grads)`` receives each chunk's gradient
-        with respect to the parameters (None where unused) and, for that chunk, the
-        gradient with respect to the state it returned (empty for the last chunk).
+        with respect to the parameters (None where unused) and, if ``state_grads``,
+        the gradient of the whole loss with respect to the state the chunk returned.
         Gradients are sums: nothing is divided here.
         """
         carried: list[Tensor | None] = []
@@ -486,12 +486,15 @@ class _ChunkedRun:
                     outputs.append(leaf)
                     grad_outputs.append(grad)
             in_leaves = [t for _, t in state_leaves(state_in)] if index > 0 else []
-            inputs = [*params, *in_leaves]
+            # the state returned: its gradient is the one carried in plus this chunk's own
+            returned = [t for t in out_leaves if t.requires_grad] if state_grads else []
+            inputs = [*params, *in_leaves, *returned]
             grads: list[Tensor | None] = [None] * len(inputs)
             if outputs:
                 grads = list(torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True))
-            take(index, grads[: len(params)], [g for g in carried if g is not None])
-            carried = grads[len(params) :]
+            own = grads[len(params) + len(in_leaves) :]
+            take(index, grads[: len(params)], [g for g in own if g is not None])
+            carried = grads[len(params) : len(params) + len(in_leaves)]
         if not attached:
             raise LossTypeError(
                 f"No chunk's Loss.total{self.where} depends on a parameter that requires "
