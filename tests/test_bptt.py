@@ -362,3 +362,178 @@ def test_tbptt_replays_dropout_when_recomputing():
         bg.tbptt(model, step_fn, sequence, k1=k1, k2=k1 + 8)
         assert rel_err(model, single_window) <= 1e-10
         model.zero_grad(set_to_none=True)
+
+
+# -- bad input: a clear BatchError, and the model as it was ---------------------------
+
+
+def _snapshot(model):
+    return {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _assert_untouched(model, before):
+    for name, p in model.named_parameters():
+        if before[name] is None:
+            assert p.grad is None, name
+        else:
+            assert torch.equal(p.grad, before[name]), name
+
+
+def _nan_step(model, chunk, state):
+    loss, state = step_fn(model, chunk, state)
+    if chunk["x"].shape[1] and chunk["x"][0, 0, 0] == 42.0:
+        return bg.Loss(loss.total * float("nan"), loss.count), state
+    return loss, state
+
+
+def _sqrt_step(model, chunk, state):
+    loss, state = step_fn(model, chunk, state)
+    return bg.Loss(loss.total + (model.head.bias * 0).sqrt().sum(), loss.count), state
+
+
+BAD_CALLS = {
+    "chunk 0": (dict(chunk=0), bg.ConfigError, r"chunk must be a positive int .*got 0"),
+    "chunk True": (dict(chunk=True), bg.ConfigError, r"chunk must be a positive int"),
+    "reduction": (dict(chunk=2, reduction="avg"), bg.ConfigError, r"reduction must be one of"),
+    "no time dimension": (
+        dict(chunk=2, sequence=torch.randn(3)),
+        bg.BatchShapeError,
+        r"no tensor shaped \[batch, time, \.\.\.\]",
+    ),
+    "times disagree": (
+        dict(chunk=2, sequence={"x": torch.randn(2, 5, 3), "y": torch.zeros(2, 4)}),
+        bg.BatchShapeError,
+        r"disagree on the time dimension.*sequence\['y'\] has 4",
+    ),
+    "not a pair": (
+        dict(chunk=2, step_fn=lambda m, c, s: step_fn(m, c, s)[0]),
+        bg.LossTypeError,
+        r"step_fn returned Loss for time chunk 0 \(steps 0-1\); it must return a pair",
+    ),
+    "not a Loss": (
+        dict(chunk=2, step_fn=lambda m, c, s: (1.0, None)),
+        bg.LossTypeError,
+        r"\(float, state\) for time chunk 0.*must be a bg.Loss",
+    ),
+    "state not detachable": (
+        dict(chunk=2, step_fn=lambda m, c, s: (step_fn(m, c, None)[0], object())),
+        bg.StateError,
+        r"state is a object, which batchgrad cannot cut from the autograd graph",
+    ),
+    "NaN loss": (
+        dict(chunk=2, step_fn=_nan_step, nan_at=4),
+        bg.NonFiniteError,
+        r"time chunk 2 \(steps 4-5\) is nan",
+    ),
+    "zero count": (
+        dict(
+            chunk=2,
+            step_fn=lambda m, c, s: (bg.Loss(step_fn(m, c, s)[0].total, 0), step_fn(m, c, s)[1]),
+        ),
+        bg.ZeroCountError,
+        r"0 units over 3 time chunk\(s\)",
+    ),
+    "NaN gradient": (
+        dict(chunk=2, step_fn=_sqrt_step),
+        bg.NonFiniteError,
+        r"gradient of head.bias is NaN",
+    ),
+    "nothing attached": (
+        dict(chunk=2, step_fn=lambda m, c, s: (bg.Loss(torch.zeros(()), 1), s)),
+        bg.LossTypeError,
+        r"No chunk's Loss.total depends on a parameter",
+    ),
+    "initial state not batch first": (
+        dict(chunk=2, micro_batch_size=1, initial_state=torch.zeros(4, 2)),
+        bg.BatchShapeError,
+        r"initial_state must be batch first",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CALLS))
+@pytest.mark.parametrize("had_grads", [False, True])
+def test_bad_input_raises_and_leaves_the_model_as_it_was(case, had_grads):
+    torch.manual_seed(0)
+    model = Net("rnn").double()
+    model.register_buffer("calls", torch.zeros(()))
+    if had_grads:
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)  # cleared, not None: accepted and kept
+    kwargs, error, message = BAD_CALLS[case]
+    kwargs = dict(kwargs)
+    sequence = kwargs.pop("sequence", make_sequence(2, 6, seed=11))
+    if "nan_at" in kwargs:
+        sequence["x"][0, kwargs.pop("nan_at"), 0] = 42.0
+    user_step = kwargs.pop("step_fn", step_fn)
+
+    def counting_step(model, chunk, state):
+        model.calls += 1
+        return user_step(model, chunk, state)
+
+    before, rng = _snapshot(model), torch.get_rng_state()
+
+    with pytest.raises(error, match=message):
+        bg.bptt(model, counting_step, sequence, **kwargs)
+
+    _assert_untouched(model, before)
+    assert model.calls.item() == 0
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_stale_gradients_are_refused():
+    model = Net("rnn").double()
+    model.head.bias.grad = torch.ones(3, dtype=torch.float64)
+    before = _snapshot(model)
+    sequence = make_sequence(2, 4, seed=12)
+
+    with pytest.raises(bg.ExistingGradError, match=r"head\.bias"):
+        bg.bptt(model, step_fn, sequence, chunk=2)
+    with pytest.raises(bg.ExistingGradError, match=r"head\.bias"):
+        bg.tbptt(model, step_fn, sequence, k1=2)
+
+    _assert_untouched(model, before)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(k1=0), r"k1 must be a positive int"),
+        (dict(k1=3, k2=2), r"k2=2 is smaller than k1=3"),
+        (dict(k1=2, k2=1.5), r"k2 must be a positive int"),
+        (
+            dict(k1=2, optimizer=True, existing_grad="add"),
+            r"'add' cannot be combined with an optimizer",
+        ),
+    ],
+)
+def test_tbptt_refuses_invalid_windows(kwargs, message):
+    model = Net("rnn").double()
+    with pytest.raises(bg.ConfigError, match=message):
+        bg.tbptt(model, step_fn, make_sequence(2, 4, seed=13), **kwargs)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_tbptt_names_the_window_of_a_nan_loss():
+    model = Net("rnn").double()
+    sequence = make_sequence(2, 6, seed=14)
+    sequence["x"][0, 4, 0] = 42.0
+    with pytest.raises(bg.NonFiniteError, match=r"window 2 \(steps 4-5\) is nan"):
+        bg.tbptt(model, _nan_step, sequence, k1=2)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_state_that_changes_structure_is_refused():
+    model = Net("rnn").double()
+    calls = []
+
+    def shifting_step(model, chunk, state):
+        loss, h = step_fn(model, chunk, None if state is None else state[0])
+        calls.append(1)
+        return loss, (h,) * (1 if len(calls) <= 3 else 2)  # pass 1 returns 1 tensor, then 2
+
+    with pytest.raises(
+        bg.StateError, match=r"state of 2 tensor\(s\) for time chunk 1 .* but 1 before"
+    ):
+        bg.bptt(model, shifting_step, make_sequence(2, 6, seed=15), chunk=2)
+    assert all(p.grad is None for p in model.parameters())
