@@ -21,6 +21,7 @@ from ._errors import (
     ZeroCountError,
 )
 from ._loss import Loss
+from ._per_sample import per_sample_grads, per_sample_norms
 from ._reduction import Reduction, detect_reduction
 
 try:
@@ -54,6 +55,8 @@ __all__ = [
     "bptt",
     "check",
     "detect_reduction",
+    "per_sample_grads",
+    "per_sample_norms",
     "tbptt",
     "time_contributions",
 ]

@@ -33,6 +33,7 @@ from ._errors import (
     ZeroCountError,
 )
 from ._loss import Loss
+from ._per_sample import check_clipping, clipped_sum
 from ._reduction import REDUCTIONS, Reduction
 from ._split import Batch, check_micro_batch_size, is_structured, micro_batches
 from ._state import BufferSnapshot, GradStash, RngSnapshot
@@ -68,6 +69,8 @@ class AccumulateReport:
         reduction: ``"mean"`` or ``"sum"``.
         micro_batch_counts: the units in each of this rank's micro-batches.
         world_size: the number of data-parallel ranks sharing the logical batch.
+        clipped: with ``clip_per_sample``, the fraction of samples whose gradient
+            was scaled down to the norm ``C``; else None.
     """
 
     loss: float
@@ -77,6 +80,7 @@ class AccumulateReport:
     reduction: Reduction
     micro_batch_counts: tuple[int | float, ...]
     world_size: int = 1
+    clipped: float | None = None
 
 
 def accumulate(
@@ -88,6 +92,9 @@ def accumulate(
     reduction: Reduction = "mean",
     existing_grad: ExistingGrad = "error",
     group: dist.ProcessGroup | None = None,
+    clip_per_sample: float | None = None,
+    noise_multiplier: float | None = None,
+    generator: torch.Generator | None = None,
 ) -> AccumulateReport:
     """Leave in every ``p.grad`` the gradient of the loss of the whole logical batch.
 
@@ -123,6 +130,16 @@ def accumulate(
             every rank ends with the same gradient, synchronised once (see
             `batchgrad._distributed`). Ranks may hold different numbers of
             micro-batches, or none.
+        clip_per_sample: ``C``: clip each sample's gradient (of its own ``total``) to
+            norm ``C`` before summing, as DP-SGD does; the sum is then normalised as
+            ``reduction`` says. Norms come from the ghost-norm identities where the
+            layer allows and the clipped sum is formed per layer, so memory does not
+            grow with samples × parameters (see `batchgrad.per_sample_grads`). Not
+            supported under `torch.distributed` yet.
+        noise_multiplier: ``σ``: with ``clip_per_sample``, add Gaussian noise of
+            standard deviation ``σ·C`` to the clipped sum, once per call. Privacy
+            accounting is not batchgrad's job: use Opacus' accountants for ε.
+        generator: the `torch.Generator` the noise is drawn from (seedable).
 
     Returns:
         An `AccumulateReport`.
@@ -155,7 +172,29 @@ def accumulate(
     rng = RngSnapshot.take()
     stash = GradStash.take(params)  # put back unchanged whatever fails below
     try:
-        if peer is None:
+        if clip_per_sample is not None:
+            check_clipping(clip_per_sample, noise_multiplier)
+            if peer is not None:
+                raise ConfigError(
+                    "clip_per_sample is not supported under torch.distributed yet; clip in "
+                    "one process, or use Opacus' DistributedDPOptimizer."
+                )
+            if existing_grad == "error":
+                _refuse_existing_grads(module, stash)
+            done = _clipped_pass(
+                module,
+                loss_fn,
+                batch,
+                micro_batch_size,
+                reduction,
+                params,
+                clip_per_sample,
+                noise_multiplier,
+                generator,
+            )
+        elif noise_multiplier is not None:
+            raise ConfigError("noise_multiplier needs clip_per_sample: the noise is σ·C.")
+        elif peer is None:
             if existing_grad == "error":
                 _refuse_existing_grads(module, stash)
             parts, _ = _with_last(micro_batches(batch, micro_batch_size))
@@ -188,6 +227,7 @@ def accumulate(
         reduction=reduction,
         micro_batch_counts=tuple(_as_number(c) for c in done.unit_counts),
         world_size=1 if peer is None else peer.world_size,
+        clipped=done.clipped,
     )
 
 
@@ -199,6 +239,42 @@ class _Pass:
     loss_sum: float  # Σ total over the whole logical batch (every rank)
     count: float  # N(B), over the whole logical batch (every rank)
     divisor: float  # N(B) under "mean", 1 under "sum"
+    clipped: float | None = None  # the fraction of samples clipped, with clip_per_sample
+
+
+def _clipped_pass(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Batch | Iterable[Batch],
+    micro_batch_size: int | None,
+    reduction: Reduction,
+    params: list[nn.Parameter],
+    max_norm: float,
+    noise_multiplier: float | None,
+    generator: torch.Generator | None,
+) -> _Pass:
+    """Sum each micro-batch's clipped per-sample gradients, add the noise, normalise."""
+    totals: list[Tensor] = []
+    counts: list[int | float | Tensor] = []
+    norms: list[Tensor] = []
+    for index, micro_batch in enumerate(micro_batches(batch, micro_batch_size)):
+        loss, sample_norms = clipped_sum(model, loss_fn, micro_batch, index, max_norm)
+        totals.append(loss.total)
+        counts.append(loss.count.detach() if isinstance(loss.count, Tensor) else loss.count)
+        norms.append(sample_norms)
+    loss_sum, unit_counts = _check_losses(totals, counts)
+    count = sum(unit_counts)
+    divisor = _divisor(count, reduction, f"its {len(unit_counts)} micro-batch(es)")
+    if noise_multiplier:
+        with torch.no_grad():
+            for p in params:
+                noise = torch.randn(
+                    p.shape, generator=generator, dtype=p.dtype, device=p.device
+                ) * (noise_multiplier * max_norm)
+                p.grad = noise if p.grad is None else p.grad.add_(noise)
+    _normalise(_grads(params), None, divisor)
+    clipped = float((torch.cat(norms) > max_norm).double().mean())
+    return _Pass(unit_counts, loss_sum, count, divisor, clipped)
 
 
 def _forward_backward(
