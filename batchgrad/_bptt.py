@@ -100,9 +100,10 @@ class TimeContributions:
             Summed over ``t`` it is the full BPTT gradient. Empty without
             ``keep_grads``.
         step_norms: ``[T]``, the global L2 norm of each step's contribution.
-        state_grad_norms: ``[T]``, the norm of the gradient of the loss with respect
-            to the state after step ``t`` (through the losses of step ``t`` and of
-            every later step): the vanishing or exploding gradient, step by step.
+        state_grad_norms: ``[T]``, the norm of the gradient of the losses of the
+            later steps with respect to the state after step ``t`` (0 after the last
+            step): how much the future depends on that state, the vanishing or
+            exploding gradient, step by step.
         loss: the loss of the whole sequence batch.
         count: ``N``, its units.
     """
@@ -230,9 +231,9 @@ def time_contributions(
     Runs `bptt` a step at a time (``step_fn`` is called on chunks of one step) and
     keeps what each step's backward adds: the gradient of the loss with respect to
     the weights *as used at step t*. These contributions sum to the full gradient.
-    Also records the norm of the gradient with respect to the state after each
-    step. The model, its gradients, buffers and the random state are left as they
-    were.
+    Also records the norm of the gradient that the later steps' losses send back
+    into the state after each step. The model, its gradients, buffers and the
+    random state are left as they were.
 
     Args:
         keep_grads: keep each step's contribution per parameter (``T`` copies of
@@ -259,7 +260,7 @@ def time_contributions(
     try:
         run = _ChunkedRun(model, step_fn, sequence, bounds, "")
         loss_sum, counts = run.forward(initial_state)
-        run.backward(params, keep, state_grads=True)
+        run.backward(params, keep)
         count = math.fsum(counts)
         divisor = _divisor(count, reduction, f"{steps} time step(s)")
     finally:
@@ -312,7 +313,8 @@ def tbptt(
 
     Args:
         k1: steps per window (the forward stride), ``>= 1``.
-        k2: steps to backpropagate through, ``>= k1`` (``None``: ``k1``).
+        k2: ``>= k1`` (``None``: ``k1``); each window backpropagates through its own
+            steps and the ``k2 - k1`` steps before them.
         optimizer: optional; see above.
         Others: as in `bptt`.
     """
@@ -451,15 +453,13 @@ class _ChunkedRun:
         self,
         params: list[nn.Parameter],
         take: Callable[[int, list[Tensor | None], list[Tensor]], None],
-        *,
-        state_grads: bool = False,
     ) -> None:
         """Recompute the chunks last to first, each with its graph, and backpropagate.
 
         ``take(index, param_grads, state_grads)`` receives each chunk's gradient
-        with respect to the parameters (None where unused) and, if ``state_grads``,
-        the gradient of the whole loss with respect to the state the chunk returned.
-        Gradients are sums: nothing is divided here.
+        with respect to the parameters (None where unused) and the gradient the
+        later chunks send back into the state this chunk returned (empty for the
+        last chunk). Gradients are sums: nothing is divided here.
         """
         carried: list[Tensor | None] = []
         attached = False
@@ -486,15 +486,12 @@ class _ChunkedRun:
                     outputs.append(leaf)
                     grad_outputs.append(grad)
             in_leaves = [t for _, t in state_leaves(state_in)] if index > 0 else []
-            # the state returned: its gradient is the one carried in plus this chunk's own
-            returned = [t for t in out_leaves if t.requires_grad] if state_grads else []
-            inputs = [*params, *in_leaves, *returned]
+            inputs = [*params, *in_leaves]
             grads: list[Tensor | None] = [None] * len(inputs)
             if outputs:
                 grads = list(torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True))
-            own = grads[len(params) + len(in_leaves) :]
-            take(index, grads[: len(params)], [g for g in own if g is not None])
-            carried = grads[len(params) : len(params) + len(in_leaves)]
+            take(index, grads[: len(params)], [g for g in carried if g is not None])
+            carried = grads[len(params) :]
         if not attached:
             raise LossTypeError(
                 f"No chunk's Loss.total{self.where} depends on a parameter that requires "

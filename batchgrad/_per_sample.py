@@ -420,12 +420,24 @@ def _layers(calls: list[_Call], batch: int) -> Iterator[_Layer]:
         if fast is not None:
             yield fast(call, batch, own)
             continue
-        for prefix, child in module.named_modules():
-            if child is not module and child not in called:
-                for n, p in child.named_parameters(recurse=False):
-                    if p.requires_grad:
-                        own[f"{prefix}.{n}"] = p
+        own.update(_uncalled(module, called))
         yield _Fallback(call, batch, own)
+
+
+def _uncalled(
+    module: nn.Module, called: set[nn.Module], prefix: str = ""
+) -> dict[str, nn.Parameter]:
+    """Trainable parameters of submodules not called as modules, down to called ones
+    (which own theirs)."""
+    found: dict[str, nn.Parameter] = {}
+    for name, child in module.named_children():
+        if child in called:
+            continue
+        for n, p in child.named_parameters(recurse=False):
+            if p.requires_grad:
+                found[f"{prefix}{name}.{n}"] = p
+        found.update(_uncalled(child, called, f"{prefix}{name}."))
+    return found
 
 
 def _fast_rule(call: _Call) -> type[_Layer] | None:
@@ -486,10 +498,11 @@ def per_sample_grads(
         size = batch_length(micro_batch, f"micro-batch {index}")
         calls, _ = _record(model, loss_fn, micro_batch, index)
         found: dict[nn.Parameter, Tensor] = {}
-        for layer in _layers(calls, size):
-            for name, grad in layer.grads().items():
-                p = layer.params[name]
-                found[p] = found[p] + grad if p in found else grad
+        with torch.no_grad():
+            for layer in _layers(calls, size):
+                for name, grad in layer.grads().items():
+                    p = layer.params[name]
+                    found[p] = found[p] + grad if p in found else grad
         for _, p in named:
             parts[p].append(found[p] if p in found else p.new_zeros(size, *p.shape))
     return {name: torch.cat(parts[p]) for name, p in named}
@@ -513,7 +526,8 @@ def per_sample_norms(
     for index, micro_batch in enumerate(micro_batches(batch, micro_batch_size)):
         size = batch_length(micro_batch, f"micro-batch {index}")
         calls, _ = _record(model, loss_fn, micro_batch, index)
-        norms.append(_sq_norms(calls, size, model).sqrt())
+        with torch.no_grad():
+            norms.append(_sq_norms(calls, size, model).sqrt())
     return torch.cat(norms)
 
 
@@ -556,7 +570,8 @@ def clipped_sum(
     """
     size = batch_length(micro_batch, f"micro-batch {index}")
     calls, loss = _record(model, loss_fn, micro_batch, index)
-    norms = _sq_norms(calls, size, model).sqrt()
+    with torch.no_grad():
+        norms = _sq_norms(calls, size, model).sqrt()
     if not bool(torch.isfinite(norms).all()):
         bad = int((~torch.isfinite(norms)).nonzero()[0])
         raise NonFiniteError(
@@ -564,13 +579,14 @@ def clipped_sum(
             f"cannot be clipped. Look at that sample's data and at the loss for it."
         )
     weights = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-    for layer in _layers(calls, size):
-        for name, grad in layer.weighted(weights).items():
-            p = layer.params[name]
-            if p.grad is None:
-                p.grad = grad.detach().clone() if grad.requires_grad else grad
-            else:
-                p.grad.add_(grad)
+    with torch.no_grad():
+        for layer in _layers(calls, size):
+            for name, grad in layer.weighted(weights).items():
+                p = layer.params[name]
+                if p.grad is None:
+                    p.grad = grad
+                else:
+                    p.grad.add_(grad)
     return Loss(loss.total.detach(), loss.count), norms
 
 

@@ -57,9 +57,9 @@ class Chapter:
 
 
 def _chapters() -> list[Chapter]:
-    from . import accumulation, data_parallel
+    from . import accumulation, bptt, data_parallel
 
-    return [accumulation.CHAPTER, data_parallel.CHAPTER]
+    return [accumulation.CHAPTER, data_parallel.CHAPTER, bptt.CHAPTER]
 
 
 def chapter_slugs() -> list[str]:

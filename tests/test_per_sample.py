@@ -1,0 +1,377 @@
+"""Per-sample gradients, norms and clipping against a loop over single samples."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import batchgrad as bg
+from batchgrad._models import TinyLM
+
+
+class Scale(nn.Module):
+    """A user-written layer with parameters of its own: the generic (torch.func) rule."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(features))
+        self.shift = nn.Parameter(torch.randn(features))
+
+    def forward(self, x):
+        return torch.tanh(x * self.weight + self.shift)
+
+
+def sample_loss(model, batch):
+    """A non-linear sum over each sample's outputs (any output shape)."""
+    x, target = batch
+    out = model(x)
+    values = (out * target).flatten(1).sum(1) + out.pow(2).flatten(1).sum(1)
+    return bg.Loss.from_values(values)
+
+
+class Attention(nn.Module):
+    """Self-attention on a batch-first input, whatever the layout of the module inside."""
+
+    def __init__(self, attention: nn.MultiheadAttention) -> None:
+        super().__init__()
+        self.attention = attention
+
+    def forward(self, x):
+        if not self.attention.batch_first:
+            x = x.transpose(0, 1)
+        out = self.attention(x, x, x, need_weights=False)[0]
+        return out if self.attention.batch_first else out.transpose(0, 1)
+
+
+def build(kind, draw_int, g):
+    """A one-layer model of the given kind, its input batch and a target of its shape."""
+    batch = draw_int(1, 5)
+    if kind == "linear":
+        fan_in, fan_out = draw_int(1, 4), draw_int(1, 4)
+        model = nn.Linear(fan_in, fan_out, bias=draw_int(0, 1) == 1)
+        x = torch.randn(batch, fan_in, generator=g)
+    elif kind == "linear-sequence":
+        fan_in, fan_out = draw_int(1, 4), draw_int(1, 4)
+        model = nn.Linear(fan_in, fan_out)
+        x = torch.randn(batch, draw_int(1, 3), draw_int(1, 3), fan_in, generator=g)
+    elif kind in ("conv1d", "conv2d"):
+        dims = 1 if kind == "conv1d" else 2
+        conv = nn.Conv1d if dims == 1 else nn.Conv2d
+        kernel, stride, padding, dilation = (
+            draw_int(1, 3),
+            draw_int(1, 2),
+            draw_int(0, 2),
+            draw_int(1, 2),
+        )
+        model = conv(
+            draw_int(1, 3),
+            draw_int(1, 3),
+            kernel,
+            stride,
+            padding,
+            dilation,
+            bias=draw_int(0, 1) == 1,
+        )
+        size = (kernel - 1) * dilation + 1 + draw_int(0, 3)
+        x = torch.randn(batch, model.in_channels, *([size] * dims), generator=g)
+    elif kind == "embedding":
+        vocab = draw_int(2, 6)
+        padding = draw_int(0, vocab - 1) if draw_int(0, 1) else None
+        model = nn.Embedding(vocab, draw_int(1, 4), padding_idx=padding)
+        x = torch.randint(0, vocab, (batch, draw_int(1, 6)), generator=g)
+    elif kind == "layernorm":
+        features = draw_int(2, 4)  # over one feature the output is 0: no gradient
+        model = nn.LayerNorm(features if draw_int(0, 1) else (draw_int(1, 3), features))
+        shape = (
+            (features,)
+            if isinstance(model.normalized_shape, tuple) and len(model.normalized_shape) == 1
+            else model.normalized_shape
+        )
+        x = torch.randn(batch, *([draw_int(1, 3)] if draw_int(0, 1) else []), *shape, generator=g)
+    elif kind == "groupnorm":
+        groups = draw_int(1, 3)
+        model = nn.GroupNorm(groups, groups * draw_int(1, 2))
+        x = torch.randn(batch, model.num_channels, draw_int(2, 4), generator=g)
+    elif kind == "fallback":
+        model = Scale(draw_int(1, 4))
+        x = torch.randn(batch, draw_int(1, 3), model.weight.shape[0], generator=g)
+    elif kind == "attention":  # the generic rule; without batch_first, batch in dim 1
+        heads = draw_int(1, 2)
+        model = Attention(nn.MultiheadAttention(2 * heads, heads, batch_first=draw_int(0, 1) == 1))
+        x = torch.randn(batch, draw_int(1, 4), 2 * heads, generator=g)
+    model = model.double()
+    x = x.double() if x.is_floating_point() else x
+    with torch.no_grad():
+        target = torch.randn_like(model(x))
+    return model, (x, target), sample_loss, batch
+
+
+KINDS = [
+    "linear",
+    "linear-sequence",
+    "conv1d",
+    "conv2d",
+    "embedding",
+    "layernorm",
+    "groupnorm",
+    "fallback",
+    "attention",
+]
+
+
+def single_sample_grads(model, loss_fn, batch, size):
+    """The reference: one backward per sample."""
+    rows = {name: [] for name, p in model.named_parameters() if p.requires_grad}
+    x, target = batch
+    for i in range(size):
+        model.zero_grad(set_to_none=True)
+        loss_fn(model, (x[i : i + 1], target[i : i + 1])).total.backward()
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                rows[name].append(torch.zeros_like(p) if p.grad is None else p.grad.clone())
+    model.zero_grad(set_to_none=True)
+    return {name: torch.stack(grads) for name, grads in rows.items()}
+
+
+def assert_close_rel(actual, expected, tol=1e-10):
+    """Relative error ≤ tol (and an absolute floor far below any real gradient)."""
+    assert float((actual - expected).norm()) <= tol * float(expected.norm()) + 1e-14, (
+        actual,
+        expected,
+    )
+
+
+@given(kind=st.sampled_from(KINDS), data=st.data(), seed=st.integers(0, 10_000))
+@settings(max_examples=120, deadline=None)
+def test_per_sample_grads_equal_a_loop_over_samples(kind, data, seed):
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    model, batch, loss_fn, size = build(kind, lambda a, b: data.draw(st.integers(a, b)), g)
+    reference = single_sample_grads(model, loss_fn, batch, size)
+    micro_batch_size = data.draw(st.sampled_from([None, 1, 2]))
+
+    grads = bg.per_sample_grads(model, loss_fn, batch, micro_batch_size=micro_batch_size)
+    norms = bg.per_sample_norms(model, loss_fn, batch, micro_batch_size=micro_batch_size)
+
+    assert grads.keys() == reference.keys()
+    for name in grads:
+        assert grads[name].shape == reference[name].shape
+        assert_close_rel(grads[name], reference[name])
+    materialised = torch.cat([r.flatten(1) for r in reference.values()], 1).norm(dim=1)
+    assert_close_rel(norms, materialised)
+    assert all(p.grad is None for p in model.parameters())  # p.grad is not touched
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_per_sample_grads_sum_to_the_batch_gradient(reduction):
+    """Summed (and for "mean" divided by N) they are the batch gradient, tokens and all."""
+    torch.manual_seed(0)
+    model = TinyLM(vocab=7, d_model=8, heads=2, layers=1, max_len=6).double()
+    ids = torch.randint(0, 7, (5, 6))
+    labels = ids.clone()
+    labels[1:, 4:] = -100  # padding: samples hold different numbers of tokens
+
+    def lm_loss(model, batch):
+        return bg.Loss.from_causal_lm(model(batch[0]), batch[1])
+
+    report = bg.accumulate(model, lm_loss, (ids, labels), reduction=reduction)
+    grads = bg.per_sample_grads(model, lm_loss, (ids, labels), micro_batch_size=2)
+
+    divisor = report.count if reduction == "mean" else 1
+    for name, p in model.named_parameters():
+        assert_close_rel(grads[name].sum(0) / divisor, p.grad)
+
+
+def test_dropout_gives_the_gradients_of_the_drawn_masks():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 2)).double()
+    x, y = torch.randn(6, 4).double(), torch.randint(0, 2, (6,))
+
+    def ce(model, batch):
+        return bg.Loss.from_criterion(nn.CrossEntropyLoss(), model(batch[0]), batch[1])
+
+    torch.manual_seed(1)
+    grads = bg.per_sample_grads(model, ce, (x, y))
+    torch.manual_seed(1)  # the same masks
+    bg.accumulate(model, ce, (x, y), reduction="sum")
+
+    for name, p in model.named_parameters():
+        assert_close_rel(grads[name].sum(0), p.grad)
+
+
+def test_shared_weights_add_up_and_frozen_parameters_are_left_out():
+    torch.manual_seed(0)
+    embed = nn.Embedding(5, 3)
+    head = nn.Linear(3, 5)
+    head.weight = embed.weight  # tied input and output embeddings
+    model = nn.ModuleDict({"embed": embed, "head": head, "unused": nn.Linear(2, 2)}).double()
+    model["head"].bias.requires_grad_(False)
+
+    def tied(model, batch):
+        ids = batch[0]
+        logits = model["head"](model["embed"](ids))
+        return bg.Loss.from_values(logits.logsumexp(-1) - logits[..., 0])
+
+    ids = torch.randint(0, 5, (4, 3))
+    reference = single_sample_grads(model, tied, (ids, torch.zeros(4)), 4)
+    grads = bg.per_sample_grads(model, tied, (ids, torch.zeros(4)))
+    norms = bg.per_sample_norms(model, tied, (ids, torch.zeros(4)))
+
+    assert "head.bias" not in grads
+    assert set(grads) == {"embed.weight", "unused.weight", "unused.bias"}
+    assert_close_rel(grads["embed.weight"], reference["embed.weight"])
+    assert not grads["unused.weight"].any()
+    assert_close_rel(norms, reference["embed.weight"].flatten(1).norm(dim=1))
+
+
+# -- clipping -----------------------------------------------------------------------
+
+
+def reference_clipped(model, loss_fn, batch, size, max_norm, reduction):
+    grads = single_sample_grads(model, loss_fn, batch, size)
+    norms = torch.cat([g.flatten(1) for g in grads.values()], 1).norm(dim=1)
+    factors = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    summed = {n: torch.einsum("b,b...->...", factors, g) for n, g in grads.items()}
+    divisor = size if reduction == "mean" else 1
+    return {n: g / divisor for n, g in summed.items()}, float((norms > max_norm).double().mean())
+
+
+@given(
+    data=st.data(),
+    reduction=st.sampled_from(["mean", "sum"]),
+    max_norm=st.sampled_from([0.01, 0.5, 3.0, 1e6]),
+    seed=st.integers(0, 10_000),
+)
+@settings(max_examples=40, deadline=None)
+def test_clipped_accumulate_equals_clip_then_sum(data, reduction, max_norm, seed):
+    kind = data.draw(
+        st.sampled_from(["linear-sequence", "conv2d", "embedding", "layernorm", "fallback"])
+    )
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    model, batch, loss_fn, size = build(kind, lambda a, b: data.draw(st.integers(a, b)), g)
+    expected, fraction = reference_clipped(model, loss_fn, batch, size, max_norm, reduction)
+
+    report = bg.accumulate(
+        model,
+        loss_fn,
+        batch,
+        micro_batch_size=data.draw(st.sampled_from([None, 1, 2])),
+        reduction=reduction,
+        clip_per_sample=max_norm,
+    )
+
+    for name, p in model.named_parameters():
+        assert_close_rel(p.grad, expected[name])
+    assert report.clipped == pytest.approx(fraction)
+
+
+def test_noise_is_seeded_and_of_standard_deviation_sigma_c():
+    torch.manual_seed(0)
+    model = nn.Linear(50, 40).double()
+    x = torch.randn(8, 50).double()
+
+    def loss_fn(model, batch):
+        return bg.Loss.from_values(model(batch).pow(2).sum(1))
+
+    def noisy(seed):
+        model.zero_grad(set_to_none=True)
+        bg.accumulate(
+            model,
+            loss_fn,
+            x,
+            reduction="sum",
+            clip_per_sample=0.1,
+            noise_multiplier=2.0,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        return model.weight.grad.clone()
+
+    bg.accumulate(model, loss_fn, x, reduction="sum", clip_per_sample=0.1, existing_grad="replace")
+    clean = model.weight.grad.clone()
+    first, again, other = noisy(1), noisy(1), noisy(2)
+
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+    assert (first - clean).std().item() == pytest.approx(0.2, rel=0.05)  # σ·C, 2000 draws
+
+
+# -- refused input ------------------------------------------------------------------
+
+
+def _ce(model, batch):
+    return bg.Loss.from_criterion(nn.CrossEntropyLoss(), model(batch[0]), batch[1])
+
+
+BATCH = (torch.randn(4, 3), torch.randint(0, 2, (4,)))
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        (
+            nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)),
+            r"Module '1' \(BatchNorm1d\) is in training mode.*eval mode.*GroupNorm",
+        ),
+        (
+            nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=True), nn.Linear(4, 2)),
+            r"output of module '0' \(Linear\) was modified in place",
+        ),
+        (
+            nn.Sequential(nn.Flatten(0), nn.Unflatten(0, (2, 6)), nn.Linear(6, 2)),
+            r"module '2' has shape \(2, 6\), but dimension 0 must be the batch of 4",
+        ),
+    ],
+)
+def test_models_without_per_sample_gradients_are_refused(model, message):
+    def squares(model, x):
+        return bg.Loss.from_values(model(x).reshape(len(x), -1).pow(2).sum(1))
+
+    with pytest.raises(bg.BatchError, match=message):
+        bg.per_sample_grads(model, squares, BATCH[0])
+    with pytest.raises(bg.BatchError, match=message):
+        bg.accumulate(model, squares, BATCH[0], clip_per_sample=1.0)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_scale_grad_by_freq_is_refused():
+    model = nn.Sequential(
+        nn.Embedding(5, 2, scale_grad_by_freq=True), nn.Flatten(), nn.Linear(6, 2)
+    )
+    with pytest.raises(bg.ConfigError, match=r"scale_grad_by_freq=True.*couples the samples"):
+        bg.per_sample_norms(
+            model, _ce, (torch.randint(0, 5, (4, 3)), torch.zeros(4, dtype=torch.long))
+        )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(clip_per_sample=0.0), r"clip_per_sample must be a positive finite number"),
+        (dict(clip_per_sample=float("inf")), r"clip_per_sample must be a positive finite number"),
+        (
+            dict(clip_per_sample=1.0, noise_multiplier=-1.0),
+            r"noise_multiplier must be a number >= 0",
+        ),
+        (dict(noise_multiplier=1.0), r"noise_multiplier needs clip_per_sample"),
+    ],
+)
+def test_invalid_clipping_options(kwargs, message):
+    model = nn.Linear(3, 2)
+    model.weight.grad = torch.zeros(2, 3)
+    with pytest.raises(bg.ConfigError, match=message):
+        bg.accumulate(model, _ce, BATCH, **kwargs)
+    assert not model.weight.grad.any()
+    assert model.bias.grad is None
+
+
+def test_a_nan_sample_gradient_is_named():
+    model = nn.Linear(3, 2)
+    x = BATCH[0].clone()
+    x[2, 0] = float("nan")
+    with pytest.raises(
+        bg.NonFiniteError, match=r"(sample 2 in micro-batch 0|micro-batch 0 is nan)"
+    ):
+        bg.accumulate(model, _ce, (x, BATCH[1]), clip_per_sample=1.0)
+    assert model.weight.grad is None
