@@ -505,7 +505,7 @@ def per_sample_grads(
                     found[p] = found[p] + grad if p in found else grad
         for _, p in named:
             parts[p].append(found[p] if p in found else p.new_zeros(size, *p.shape))
-    return {name: torch.cat(parts[p]) for name, p in named}
+    return {name: parts[p][0] if len(parts[p]) == 1 else torch.cat(parts[p]) for name, p in named}
 
 
 def per_sample_norms(
@@ -528,7 +528,7 @@ def per_sample_norms(
         calls, _ = _record(model, loss_fn, micro_batch, index)
         with torch.no_grad():
             norms.append(_sq_norms(calls, size, model).sqrt())
-    return torch.cat(norms)
+    return norms[0] if len(norms) == 1 else torch.cat(norms)
 
 
 def _sq_norms(calls: list[_Call], size: int, model: nn.Module) -> Tensor:
