@@ -256,12 +256,12 @@ def _clipped_pass(
     """Sum each micro-batch's clipped per-sample gradients, add the noise, normalise."""
     totals: list[Tensor] = []
     counts: list[int | float | Tensor] = []
-    norms: list[Tensor] = []
+    factors: list[Tensor] = []
     for index, micro_batch in enumerate(micro_batches(batch, micro_batch_size)):
-        loss, sample_norms = clipped_sum(model, loss_fn, micro_batch, index, max_norm)
+        loss, sample_factors = clipped_sum(model, loss_fn, micro_batch, index, max_norm)
         totals.append(loss.total)
         counts.append(loss.count.detach() if isinstance(loss.count, Tensor) else loss.count)
-        norms.append(sample_norms)
+        factors.append(sample_factors)
     loss_sum, unit_counts = _check_losses(totals, counts)
     count = sum(unit_counts)
     divisor = _divisor(count, reduction, f"its {len(unit_counts)} micro-batch(es)")
@@ -273,7 +273,7 @@ def _clipped_pass(
                 ) * (noise_multiplier * max_norm)
                 p.grad = noise if p.grad is None else p.grad.add_(noise)
     _normalise(_grads(params), None, divisor)
-    clipped = float((torch.cat(norms) > max_norm).double().mean())
+    clipped = float((torch.cat(factors) < 1).double().mean())
     return _Pass(unit_counts, loss_sum, count, divisor, clipped)
 
 

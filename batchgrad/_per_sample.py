@@ -564,8 +564,9 @@ def clipped_sum(
 ) -> tuple[Loss, Tensor]:
     """Add ``Σ_i min(1, C/‖g_i‖) g_i`` of one micro-batch into ``p.grad``.
 
-    Returns the micro-batch's `Loss` (detached) and its per-sample norms before
-    clipping. The weighted sum is formed per layer from the recorded activations
+    Returns the micro-batch's `Loss` (detached) and each sample's clipping factor
+    ``min(1, C / (‖g_i‖ + 1e-6))`` (the small constant, as Opacus uses, keeps a zero
+    gradient from dividing by 0). The weighted sum is formed per layer from the recorded activations
     and output gradients, so no per-sample gradient is kept.
     """
     size = batch_length(micro_batch, f"micro-batch {index}")
@@ -587,7 +588,7 @@ def clipped_sum(
                     p.grad = grad
                 else:
                     p.grad.add_(grad)
-    return Loss(loss.total.detach(), loss.count), norms
+    return Loss(loss.total.detach(), loss.count), weights
 
 
 def _trainable(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

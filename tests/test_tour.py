@@ -81,3 +81,83 @@ def test_bptt_chapter_measures_the_sum_over_time(tmp_path):
     assert runs["SGD, sum, same lr"]["param_rel_diff"][0] > count / 2  # N times the step
     assert runs["Adam, sum, same lr"]["param_rel_diff"][-1] <= 0.1  # invariant up to eps
     assert runs["Adam, sum, same lr, eps × N"]["param_rel_diff"][-1] <= 1e-10
+
+
+def test_summed_or_averaged_chapter_measures_per_sample_gradients(tmp_path):
+    answers = run_tour(tmp_path, only=["summed-or-averaged"])
+    report = (tmp_path / "report.md").read_text()
+    assert "## 1. Per-sample gradients: summed, then maybe averaged" in report
+    for name in ("per_sample_sum.png", "per_sample_batch_size.png", "per_sample_norms.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"({name})" in report
+
+    data = answers["summed-or-averaged"].data
+    results = json.loads((tmp_path / "results.json").read_text())["chapters"]
+    assert results["summed-or-averaged"]["one_batch"] == data["one_batch"]
+
+    # The batch gradient is the sum of the per-sample gradients; "mean" divides it by B.
+    one = data["one_batch"]
+    batch = one["batch"]
+    for key in (
+        "per_sample_vs_loop",
+        "accumulate_sum_vs_sum",
+        "accumulate_mean_vs_mean",
+        "autograd_sum_loss_vs_sum",
+        "autograd_mean_loss_vs_mean",
+        "projections_sum_vs_norm",
+    ):
+        assert one[key] <= 1e-10, key
+    assert abs(one["sum_over_mean_norm"] - batch) <= 1e-10 * batch
+    assert 0 < one["against_batch_gradient"] < batch
+    assert one["sum_norm"] < one["sum_of_per_sample_norms"]
+
+    # "sum" grows with B, "mean" does not (and tends to |E g|), as mu and Sigma predict.
+    states = data["batch_size"]["states"]
+    assert set(states) == {"init", "trained"}
+    for state in states.values():
+        rows = state["rows"]
+        sizes = [r["batch"] for r in rows]
+        assert sizes[0] == 1
+        assert sizes[-1] >= 256
+        assert all(r["batches"] >= 32 for r in rows)
+        for r in rows:
+            assert r["accumulate_rel_err"] <= 1e-10
+            assert abs(r["sum_vs_predicted"]) <= 0.1
+        sums = [r["sum_norm"] for r in rows]
+        means = [r["mean_norm"] for r in rows]
+        assert sums == sorted(sums)
+        assert sums[-1] / sums[0] > 30  # at least like sqrt(1024), more once B >> B_noise
+        assert max(means) / min(means) < 20
+        assert means[-1] == min(means)
+        # Above the noise scale the mean barely moves and is close to |mu|.
+        above = [
+            m for r, m in zip(rows, means, strict=True) if r["batch"] >= 4 * state["noise_scale"]
+        ]
+        assert above
+        assert max(above) / min(above) < 1.5
+        assert abs(means[-1] / state["mean_grad_norm"] - 1) < 0.1
+        assert state["norms_vs_materialised"] <= 1e-10
+    init = states["init"]
+    assert init["rows"][-1]["sum_norm"] / init["rows"][0]["sum_norm"] > 100
+    assert init["rows"][0]["mean_norm"] / init["rows"][-1]["mean_norm"] < 10
+    assert states["trained"]["noise_scale"] > init["noise_scale"]
+    assert states["trained"]["accuracy"] > init["accuracy"] + 0.3
+
+    # lr_sum = lr_mean / B gives the same SGD step; Adam differs only through eps.
+    step = data["one_step"]
+    runs = {r["run"]: r for r in step["runs"]}
+    assert runs["SGD, sum, lr / B"]["vs_mean_rel_diff"] <= 1e-10
+    assert abs(runs["SGD, sum, same lr"]["vs_mean_rel_diff"] - (step["batch"] - 1)) <= 1e-6
+    assert runs["Adam, sum, same lr"]["vs_mean_rel_diff"] <= 0.1
+    assert runs["Adam, sum, same lr, ε × B"]["vs_mean_rel_diff"] <= 1e-10
+
+    # Per-sample norms and clipping.
+    clipping = data["clipping"]
+    assert clipping["norms_vs_materialised"] <= 1e-10
+    assert clipping["vs_reference"] <= 1e-10
+    assert clipping["vs_exact_min"] <= 1e-5  # the 1e-6 in min(1, C / (|g_i| + 1e-6))
+    assert clipping["clipped"] == clipping["clipped_reference"] == 0.5
+    middle = sorted(clipping["norms"])[batch // 2 - 1 : batch // 2 + 1]
+    assert abs(clipping["clip"] - sum(middle) / 2) <= 1e-12 * clipping["clip"]
+    assert clipping["norm_ratio"] < 1
+    assert max(clipping["norms"]) / min(clipping["norms"]) > 100

@@ -57,9 +57,9 @@ class Chapter:
 
 
 def _chapters() -> list[Chapter]:
-    from . import accumulation, bptt, data_parallel
+    from . import accumulation, bptt, data_parallel, per_sample
 
-    return [accumulation.CHAPTER, data_parallel.CHAPTER, bptt.CHAPTER]
+    return [per_sample.CHAPTER, accumulation.CHAPTER, data_parallel.CHAPTER, bptt.CHAPTER]
 
 
 def chapter_slugs() -> list[str]:
