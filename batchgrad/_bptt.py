@@ -348,6 +348,9 @@ def tbptt(
         for index, ((first, stop), start) in enumerate(zip(windows, starts, strict=True)):
             where = f"window {index} (steps {first}-{stop - 1})"
             state = saved[start] if start == 0 else detach_state(saved[start])
+            for kept in (saved, replay):  # later windows start here or later
+                for point in [point for point in kept if point < start]:
+                    del kept[point]
             totals: list[Tensor] = []
             counts: list[int | float | Tensor] = []
             for a, b in _segments(cuts, start, stop):
