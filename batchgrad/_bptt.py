@@ -443,7 +443,10 @@ class _ChunkedRun:
         with torch.no_grad():
             for index in range(len(self.bounds)):
                 self.states.append(state)
-                self.rngs.append(RngSnapshot.take())
+                rng = RngSnapshot.take()
+                if self.rngs and rng.same_as(self.rngs[-1]):  # nothing random ran: share
+                    rng = self.rngs[-1]
+                self.rngs.append(rng)
                 loss, state = self._chunk(index, state)
                 state = detach_state(state)
                 totals.append(loss.total)

@@ -69,6 +69,11 @@ class RngSnapshot:
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
         return cls(torch.get_rng_state(), cuda)
 
+    def same_as(self, other: RngSnapshot) -> bool:
+        return torch.equal(self.cpu, other.cpu) and all(
+            torch.equal(a, b) for a, b in zip(self.cuda, other.cuda, strict=True)
+        )
+
     def put_back(self) -> None:
         torch.set_rng_state(self.cpu)
         if self.cuda:
