@@ -21,6 +21,7 @@ from ._errors import (
     ZeroCountError,
 )
 from ._loss import Loss
+from ._noise import NoiseEstimate, NoiseScale
 from ._per_sample import per_sample_grads, per_sample_norms
 from ._reduction import Reduction, detect_reduction
 
@@ -44,6 +45,8 @@ __all__ = [
     "Loss",
     "LossFn",
     "LossTypeError",
+    "NoiseEstimate",
+    "NoiseScale",
     "NonFiniteError",
     "Reduction",
     "StateError",

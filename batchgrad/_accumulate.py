@@ -33,9 +33,11 @@ from ._errors import (
     ZeroCountError,
 )
 from ._loss import Loss
+from ._noise import NoiseEstimate, NoiseScale
+from ._noise import estimate as noise_estimate
 from ._per_sample import check_clipping, clipped_sum
 from ._reduction import REDUCTIONS, Reduction
-from ._split import Batch, check_micro_batch_size, is_structured, micro_batches
+from ._split import Batch, batch_length, check_micro_batch_size, is_structured, micro_batches
 from ._state import BufferSnapshot, GradStash, RngSnapshot
 
 LossFn = Callable[[nn.Module, Any], Loss]
@@ -71,6 +73,9 @@ class AccumulateReport:
         world_size: the number of data-parallel ranks sharing the logical batch.
         clipped: with ``clip_per_sample``, the fraction of samples whose gradient
             was scaled down to the norm ``C``; else None.
+        noise: with ``noise``, the gradient noise scale (`batchgrad.NoiseEstimate`):
+            this step's estimates, or a `NoiseScale`'s averages; None with a single
+            micro-batch (two batch sizes are needed).
     """
 
     loss: float
@@ -81,6 +86,7 @@ class AccumulateReport:
     micro_batch_counts: tuple[int | float, ...]
     world_size: int = 1
     clipped: float | None = None
+    noise: NoiseEstimate | None = None
 
 
 def accumulate(
@@ -95,6 +101,7 @@ def accumulate(
     clip_per_sample: float | None = None,
     noise_multiplier: float | None = None,
     generator: torch.Generator | None = None,
+    noise: bool | NoiseScale = False,
 ) -> AccumulateReport:
     """Leave in every ``p.grad`` the gradient of the loss of the whole logical batch.
 
@@ -140,6 +147,10 @@ def accumulate(
             standard deviation ``σ·C`` to the clipped sum, once per call. Privacy
             accounting is not batchgrad's job: use Opacus' accountants for ε.
         generator: the `torch.Generator` the noise is drawn from (seedable).
+        noise: ``True`` or a `NoiseScale`: estimate the gradient noise scale from the
+            micro-batches' gradients and the logical batch's (see
+            `batchgrad._noise`); it costs one norm per micro-batch. A `NoiseScale` is
+            updated and keeps averages across steps. Single process only, for now.
 
     Returns:
         An `AccumulateReport`.
@@ -165,11 +176,19 @@ def accumulate(
     if existing_grad not in _EXISTING_GRAD:
         raise ConfigError(f"existing_grad must be one of {_EXISTING_GRAD}, got {existing_grad!r}.")
     check_micro_batch_size(micro_batch_size)
+    if noise is not False and not (noise is True or isinstance(noise, NoiseScale)):
+        raise ConfigError(f"noise must be True, False or a bg.NoiseScale, got {noise!r}.")
     peer = replica(model, group)
+    if noise is not False and (peer is not None or clip_per_sample is not None):
+        raise ConfigError(
+            "noise= is not supported together with torch.distributed or clip_per_sample "
+            "yet: measure the noise scale in one process, without clipping."
+        )
     module = peer.module if peer is not None and peer.module is not None else model
     params = [p for p in module.parameters() if p.requires_grad]
     buffers = BufferSnapshot.take(module)
     rng = RngSnapshot.take()
+    own: _MicroBatchGrads | None = None
     stash = GradStash.take(params)  # put back unchanged whatever fails below
     try:
         if clip_per_sample is not None:
@@ -198,11 +217,13 @@ def accumulate(
             if existing_grad == "error":
                 _refuse_existing_grads(module, stash)
             parts, _ = _with_last(micro_batches(batch, micro_batch_size))
-            totals, counts, last = _forward_backward(module, loss_fn, parts)
+            if noise is not False:
+                own = _MicroBatchGrads(params)
+            totals, counts, last = _forward_backward(module, loss_fn, parts, micro=own)
             loss_sum, unit_counts = _check_losses(totals, counts)
             count = sum(unit_counts)
             divisor = _divisor(count, reduction, f"its {len(unit_counts)} micro-batch(es)")
-            _normalise(_grads(params), last, divisor)
+            _normalise(_grads(params), last, divisor, own)
             done = _Pass(unit_counts, loss_sum, count, divisor)
         else:
             done = _data_parallel_pass(
@@ -217,6 +238,13 @@ def accumulate(
         buffers.put_back()
         raise
 
+    estimate = None
+    if own is not None and len(own.sizes) > 1:
+        big_sq = (grad_norm * done.divisor / sum(own.sizes)) ** 2
+        estimate = own.estimate(big_sq)
+        if isinstance(noise, NoiseScale):
+            noise.update(estimate)
+            estimate = noise.estimate()
     if existing_grad == "add":
         grad_norm = _add_back(stash)
     return AccumulateReport(
@@ -228,6 +256,7 @@ def accumulate(
         micro_batch_counts=tuple(_as_number(c) for c in done.unit_counts),
         world_size=1 if peer is None else peer.world_size,
         clipped=done.clipped,
+        noise=estimate,
     )
 
 
@@ -282,6 +311,7 @@ def _forward_backward(
     loss_fn: LossFn,
     parts: Iterable[tuple[Batch, bool]],
     quiet: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+    micro: _MicroBatchGrads | None = None,
 ) -> tuple[list[Tensor], list[int | float | Tensor], Tensor | None]:
     """Forward each micro-batch and backpropagate its ``total``, except the last's.
 
@@ -293,13 +323,18 @@ def _forward_backward(
     counts: list[int | float | Tensor] = []
     last_total: Tensor | None = None
     for index, (micro_batch, last) in enumerate(parts):
+        if micro is not None:
+            micro.sizes.append(batch_length(micro_batch, f"micro-batch {index}"))
         if last:
             total, count = _unpack(loss_fn(model, micro_batch), index)
             last_total = total
         else:
             with quiet():
                 total, count = _unpack(loss_fn(model, micro_batch), index)
-                total.backward()
+                if micro is not None:
+                    micro.backward(total)
+                else:
+                    total.backward()
         totals.append(total.detach())
         counts.append(count)
     return totals, counts, last_total
@@ -415,7 +450,12 @@ def _divisor(count: float, reduction: Reduction, where: str) -> float:
     return float(count)
 
 
-def _normalise(grads: list[Tensor], last: Tensor | None, divisor: float) -> None:
+def _normalise(
+    grads: list[Tensor],
+    last: Tensor | None,
+    divisor: float,
+    micro: _MicroBatchGrads | None = None,
+) -> None:
     """The one place where gradients are divided by ``N(B)``.
 
     Called once ``N(B)`` is known: divides, in place, the gradient sums accumulated
@@ -426,7 +466,45 @@ def _normalise(grads: list[Tensor], last: Tensor | None, divisor: float) -> None
     if divisor != 1.0 and grads:
         torch._foreach_div_(grads, divisor)
     if last is not None:
-        (last / divisor).backward()
+        if micro is not None:
+            micro.backward(last / divisor, scale=divisor)
+        else:
+            (last / divisor).backward()
+
+
+class _MicroBatchGrads:
+    """Each micro-batch's own gradient norm, for the noise scale.
+
+    Its backward runs on cleared ``p.grad``, its norm is taken, and the sum of the
+    earlier micro-batches is added back in (autograd would have added them anyway).
+    """
+
+    def __init__(self, params: list[nn.Parameter]) -> None:
+        self.params = params
+        self.sizes: list[int] = []  # samples per micro-batch
+        self.sq_norms: list[float] = []  # ‖Σ_{i∈k} g_i‖² per micro-batch
+
+    def backward(self, total: Tensor, scale: float = 1.0) -> None:
+        earlier = [p.grad for p in self.params]
+        for p in self.params:
+            p.grad = None
+        total.backward()
+        self.sq_norms.append((_total_norm(_grads(self.params)) * scale) ** 2)
+        mine, theirs = [], []
+        for p, grad in zip(self.params, earlier, strict=True):
+            if grad is None:
+                continue
+            if p.grad is None:
+                p.grad = grad
+            else:
+                mine.append(p.grad)
+                theirs.append(grad)
+        if mine:
+            torch._foreach_add_(mine, theirs)
+
+    def estimate(self, big_sq_norm: float) -> NoiseEstimate:
+        means = [sq / n**2 for sq, n in zip(self.sq_norms, self.sizes, strict=True)]
+        return noise_estimate(means, self.sizes, big_sq_norm)
 
 
 def _grads(params: list[nn.Parameter]) -> list[Tensor]:

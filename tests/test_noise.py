@@ -1,0 +1,115 @@
+"""The noise-scale estimator against the truth computed from every per-sample gradient."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import batchgrad as bg
+
+
+def regression(samples=512, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(samples, 6, generator=g, dtype=torch.float64)
+    y = x @ torch.randn(6, 1, generator=g, dtype=torch.float64) + 2.0
+    y = y + 0.5 * torch.randn(samples, 1, generator=g, dtype=torch.float64)
+    return x, y
+
+
+def mse(model, batch):
+    x, y = batch
+    return bg.Loss.from_values((model(x) - y).pow(2).sum(1))
+
+
+def truth(model, x, y):
+    """‖G‖² and tr Σ over the whole data set, from every per-sample gradient."""
+    grads = bg.per_sample_grads(model, mse, (x, y))
+    flat = torch.cat([g.flatten(1) for g in grads.values()], 1)
+    mean = flat.mean(0)
+    return float(mean.pow(2).sum()), float((flat - mean).pow(2).sum(1).mean())
+
+
+@pytest.mark.parametrize("micro_batch_size", [8, 13])  # even and uneven splits
+def test_estimates_are_unbiased_and_the_moving_average_finds_b_simple(micro_batch_size):
+    torch.manual_seed(0)
+    model = nn.Linear(6, 1).double()
+    x, y = regression()
+    grad_sq, trace_cov = truth(model, x, y)
+    scale = bg.NoiseScale(beta=0.99)
+    draws = torch.Generator().manual_seed(1)
+    estimates = []
+    for _ in range(600):
+        rows = torch.randint(0, len(x), (64,), generator=draws)  # independent samples
+        model.zero_grad(set_to_none=True)
+        report = bg.accumulate(
+            model, mse, (x[rows], y[rows]), micro_batch_size=micro_batch_size, noise=scale
+        )
+        estimates.append(scale.last)
+        assert report.noise is not None
+    mean_grad_sq = sum(e.grad_sq for e in estimates) / len(estimates)
+    mean_trace_cov = sum(e.trace_cov for e in estimates) / len(estimates)
+
+    assert mean_grad_sq == pytest.approx(grad_sq, rel=0.05)
+    assert mean_trace_cov == pytest.approx(trace_cov, rel=0.05)
+    assert scale.b_simple == pytest.approx(trace_cov / grad_sq, rel=0.15)
+    assert estimates[0].big_batch == 64
+    assert 0 < scale.b_simple_std < scale.b_simple
+
+
+def test_one_step_estimate_from_known_gradients():
+    """The formulas: two micro-batch means and the batch mean of fixed vectors."""
+    estimate = bg._noise.estimate([5.0, 3.0], [2, 2], 2.5)
+    # E‖ĝ_b‖² = G² + T/2 = 4, E‖ĝ_B‖² = G² + T/4 = 2.5  ->  T = 6, G² = 1
+    assert estimate.trace_cov == pytest.approx(6.0)
+    assert estimate.grad_sq == pytest.approx(1.0)
+    assert estimate.b_simple == pytest.approx(6.0)
+    assert (estimate.small_batch, estimate.big_batch) == (2, 4)
+
+
+def test_noise_leaves_the_gradient_unchanged():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 1)).double()
+    x, y = regression(40)
+    bg.accumulate(model, mse, (x, y), micro_batch_size=7)
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+
+    report = bg.accumulate(model, mse, (x, y), micro_batch_size=7, noise=True)
+
+    for p, g in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-14)
+    assert report.noise.small_batch == pytest.approx(6 / (5 / 7 + 1 / 5))
+    assert math.isfinite(report.noise.trace_cov)
+
+
+def test_one_micro_batch_gives_no_estimate_and_the_scale_keeps_its_state():
+    model = nn.Linear(6, 1).double()
+    x, y = regression(16)
+    scale = bg.NoiseScale()
+    report = bg.accumulate(model, mse, (x, y), noise=scale)
+    assert report.noise is None
+    assert scale.steps == 0
+    restored = bg.NoiseScale()
+    bg.accumulate(model, mse, (x, y), micro_batch_size=4, noise=scale, existing_grad="replace")
+    restored.load_state_dict(scale.state_dict())
+    assert restored.b_simple == scale.b_simple
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(noise="yes"), r"noise must be True, False or a bg.NoiseScale"),
+        (dict(noise=True, clip_per_sample=1.0), r"noise= is not supported together with"),
+    ],
+)
+def test_invalid_noise_options(kwargs, message):
+    model = nn.Linear(6, 1).double()
+    with pytest.raises(bg.ConfigError, match=message):
+        bg.accumulate(model, mse, regression(8), micro_batch_size=4, **kwargs)
+    assert model.weight.grad is None
+
+
+def test_invalid_beta():
+    with pytest.raises(bg.ConfigError, match=r"beta must be a number in \[0, 1\)"):
+        bg.NoiseScale(beta=1.0)
