@@ -1,4 +1,7 @@
-"""Embedded datasets, generated in code: nothing is downloaded."""
+"""Embedded datasets: shipped with an installed package or generated in code.
+
+Nothing is downloaded.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +11,31 @@ import torch
 from torch import Tensor
 
 IGNORE_INDEX = -100
+
+
+class Split(NamedTuple):
+    """A classification data set split into a training and a held-out part."""
+
+    train: tuple[Tensor, Tensor]
+    test: tuple[Tensor, Tensor]
+
+
+def digits(test_fraction: float = 0.2, seed: int = 0) -> Split:
+    """scikit-learn's handwritten digits (1797 images of 8×8 pixels, 10 classes).
+
+    Real data that scikit-learn ships inside its wheel, so it loads offline.
+    Inputs are ``[n, 64]`` float32 in ``[0, 1]``, labels ``[n]`` int64; the split is
+    a fixed random permutation.
+    """
+    from sklearn.datasets import load_digits  # imported here: it takes a second
+
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(data.target, dtype=torch.int64)
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    test = int(round(len(y) * test_fraction))
+    held, kept = order[:test], order[test:]
+    return Split((x[kept], y[kept]), (x[held], y[held]))
 
 
 class TokenBatch(NamedTuple):
