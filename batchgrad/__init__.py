@@ -5,7 +5,7 @@ The public surface; everything else is internal. See DESIGN.md for the contract.
 
 from importlib.metadata import PackageNotFoundError, version
 
-from ._accumulate import AccumulateReport, ExistingGrad, LossFn, accumulate
+from ._accumulate import AccumulateReport, ExistingGrad, accumulate
 from ._bptt import BPTTReport, StepFn, TimeContributions, bptt, tbptt, time_contributions
 from ._check import CheckReport, Finding, check
 from ._errors import (
@@ -20,7 +20,7 @@ from ._errors import (
     StateError,
     ZeroCountError,
 )
-from ._loss import Loss
+from ._loss import Loss, LossFn
 from ._noise import NoiseEstimate, NoiseScale
 from ._per_sample import per_sample_grads, per_sample_norms
 from ._reduction import Reduction, detect_reduction

@@ -32,16 +32,13 @@ from ._errors import (
     NonFiniteError,
     ZeroCountError,
 )
-from ._loss import Loss
+from ._loss import Loss, LossFn
 from ._noise import NoiseEstimate, NoiseScale
 from ._noise import estimate as noise_estimate
 from ._per_sample import check_clipping, clipped_sum
 from ._reduction import REDUCTIONS, Reduction
 from ._split import Batch, batch_length, check_micro_batch_size, is_structured, micro_batches
 from ._state import BufferSnapshot, GradStash, RngSnapshot
-
-LossFn = Callable[[nn.Module, Any], Loss]
-"""``loss_fn(model, micro_batch) -> bg.Loss``."""
 
 T = TypeVar("T")
 

@@ -25,9 +25,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ._accumulate import LossFn, _unpack, accumulate
+from ._accumulate import _unpack, accumulate
 from ._distributed import launch
 from ._errors import ConfigError, DistributedError
+from ._loss import LossFn
 from ._reduction import REDUCTIONS, Reduction
 from ._split import Batch, batch_length, batched_leaves, is_structured, micro_batches, slice_batch
 from ._state import ModelSnapshot

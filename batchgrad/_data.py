@@ -33,7 +33,7 @@ def digits(test_fraction: float = 0.2, seed: int = 0) -> Split:
     x = torch.tensor(data.data, dtype=torch.float32) / 16.0
     y = torch.tensor(data.target, dtype=torch.int64)
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    test = int(round(len(y) * test_fraction))
+    test = round(len(y) * test_fraction)
     held, kept = order[:test], order[test:]
     return Split((x[kept], y[kept]), (x[held], y[held]))
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -159,6 +161,10 @@ class Loss:
             return cls(*_nll_sum_and_count(predicted.log_softmax(1), targets, None, ignore_index))
         total = F.cross_entropy(predicted, targets, ignore_index=ignore_index, reduction="sum")
         return cls(total, (targets != ignore_index).sum())
+
+
+LossFn = Callable[[nn.Module, Any], Loss]
+"""``loss_fn(model, micro_batch) -> bg.Loss``."""
 
 
 def _class_sum_and_count(

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -39,10 +39,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ._errors import BatchShapeError, ConfigError, LossTypeError, NonFiniteError
-from ._loss import Loss
+from ._loss import Loss, LossFn
 from ._split import Batch, batch_length, check_micro_batch_size, micro_batches
-
-LossFn = Callable[[nn.Module, Any], Loss]
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _FAST = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.GroupNorm)
