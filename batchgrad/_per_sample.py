@@ -37,6 +37,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.nn.grad import conv2d_weight
 
 from ._errors import BatchShapeError, ConfigError, LossTypeError, NonFiniteError
 from ._loss import Loss, LossFn
@@ -179,19 +180,27 @@ class _Layer:
 
     def __init__(self, call: _Call, batch: int, params: dict[str, nn.Parameter]) -> None:
         self.call, self.batch, self.params = call, batch, params
+        self._per_sample: dict[str, Tensor] | None = None
 
     def grads(self) -> dict[str, Tensor]:
         raise NotImplementedError
 
+    def per_sample(self) -> dict[str, Tensor]:
+        """`grads`, formed once (norms and clipping may both need them)."""
+        if self._per_sample is None:
+            self._per_sample = self.grads()
+        return self._per_sample
+
     def sq_norms(self) -> Tensor:
         """``[B]``: the squared norm of each sample's gradient over this module's params."""
-        squares = [g.flatten(1).pow(2).sum(1) for g in self.grads().values()]
+        squares = [g.flatten(1).pow(2).sum(1) for g in self.per_sample().values()]
         return torch.stack(squares).sum(0)
 
     def weighted(self, weights: Tensor) -> dict[str, Tensor]:
         """``Σ_i weights[i] · g_i`` per parameter."""
         return {
-            n: torch.einsum("b,b...->...", weights.to(g.dtype), g) for n, g in self.grads().items()
+            n: torch.einsum("b,b...->...", weights.to(g.dtype), g)
+            for n, g in self.per_sample().items()
         }
 
 
@@ -242,40 +251,47 @@ class _Linear(_Layer):
 
 
 class _Conv(_Layer):
-    def _patches(self) -> tuple[Tensor, Tensor]:
-        """Unfolded input ``[B, C·k, L]`` and output gradient ``[B, out, L]``."""
+    def _geometry(self) -> tuple[Tensor, Tensor, dict[str, tuple[int, ...]]]:
+        """Input and output gradient as a 2-D convolution's (height 1 for Conv1d)."""
         module = self.call.module
         assert isinstance(module, nn.Conv1d | nn.Conv2d)
         x, grad = self.call.args[0], self.call.grads[0]
         assert grad is not None
         padding = cast(tuple[int, ...], module.padding)  # not a string: see `_fast_rule`
         kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
-        if isinstance(module, nn.Conv1d):  # as a 2-D convolution of height 1
+        if isinstance(module, nn.Conv1d):
             x, grad = x.unsqueeze(2), grad.unsqueeze(2)
             kernel, padding = (1, kernel[0]), (0, padding[0])
             stride, dilation = (1, stride[0]), (1, dilation[0])
-        patches = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
-        return patches, grad.flatten(2)
+        shape = {"kernel_size": kernel, "padding": padding, "stride": stride, "dilation": dilation}
+        return x, grad, shape
 
     def grads(self) -> dict[str, Tensor]:
-        patches, g = self._patches()
+        x, grad, shape = self._geometry()
+        g = grad.flatten(2)
         out: dict[str, Tensor] = {}
         if "weight" in self.params:
-            shape = self.params["weight"].shape
-            out["weight"] = torch.bmm(g, patches.transpose(1, 2)).view(self.batch, *shape)
+            patches = F.unfold(x, **shape)  # [B, C·k, L]
+            weight_shape = self.params["weight"].shape
+            out["weight"] = torch.bmm(g, patches.transpose(1, 2)).view(self.batch, *weight_shape)
         if "bias" in self.params:
             out["bias"] = g.sum(2)
         return out
 
     def weighted(self, weights: Tensor) -> dict[str, Tensor]:
-        patches, g = self._patches()
-        g = g * weights.to(g.dtype)[:, None, None]
+        """The weight gradient kernel of a plain backward, on weighted output gradients."""
+        x, grad, shape = self._geometry()
+        grad = grad * weights.to(grad.dtype).view(-1, 1, 1, 1)
         out: dict[str, Tensor] = {}
         if "weight" in self.params:
-            flat = torch.einsum("bol,bkl->ok", g, patches)
-            out["weight"] = flat.view(self.params["weight"].shape)
+            weight = self.params["weight"]
+            size = (*weight.shape[:2], *shape["kernel_size"])
+            flat = conv2d_weight(
+                x, size, grad, shape["stride"], shape["padding"], shape["dilation"]
+            )
+            out["weight"] = flat.view(weight.shape)
         if "bias" in self.params:
-            out["bias"] = g.sum((0, 2))
+            out["bias"] = grad.sum((0, 2, 3))
         return out
 
 
@@ -318,19 +334,14 @@ class _Norm(_Layer):
         module = self.call.module
         x, grad = self.call.args[0], self.call.grads[0]
         assert grad is not None
-        with torch.no_grad():
+        with torch.no_grad():  # x̂: the normalisation without its affine part
             if isinstance(module, nn.LayerNorm):
-                dims = tuple(range(x.ndim - len(module.normalized_shape), x.ndim))
-                mean = x.mean(dims, keepdim=True)
-                var = x.var(dims, unbiased=False, keepdim=True)
-                normalised = (x - mean) / torch.sqrt(var + module.eps)
-                reduce = tuple(range(1, x.ndim - len(module.normalized_shape)))
+                shape = module.normalized_shape
+                normalised = F.layer_norm(x, shape, None, None, module.eps)
+                reduce = tuple(range(1, x.ndim - len(shape)))
             else:
                 assert isinstance(module, nn.GroupNorm)
-                groups = x.reshape(x.shape[0], module.num_groups, -1)
-                mean = groups.mean(2, keepdim=True)
-                var = groups.var(2, unbiased=False, keepdim=True)
-                normalised = ((groups - mean) / torch.sqrt(var + module.eps)).view_as(x)
+                normalised = F.group_norm(x, module.num_groups, None, None, module.eps)
                 reduce = tuple(range(2, x.ndim))
         if x.shape[0] != self.batch:
             _as_rows(x, self.batch, self.call.name, "input")
@@ -525,13 +536,12 @@ def per_sample_norms(
         size = batch_length(micro_batch, f"micro-batch {index}")
         calls, _ = _record(model, loss_fn, micro_batch, index)
         with torch.no_grad():
-            norms.append(_sq_norms(calls, size, model).sqrt())
+            norms.append(_sq_norms(list(_layers(calls, size)), size).sqrt())
     return norms[0] if len(norms) == 1 else torch.cat(norms)
 
 
-def _sq_norms(calls: list[_Call], size: int, model: nn.Module) -> Tensor:
+def _sq_norms(layers: list[_Layer], size: int) -> Tensor:
     """Per-sample squared norms; a parameter used by several calls is formed whole."""
-    layers = list(_layers(calls, size))
     uses: dict[nn.Parameter, int] = {}
     for layer in layers:
         for p in layer.params.values():
@@ -541,7 +551,7 @@ def _sq_norms(calls: list[_Call], size: int, model: nn.Module) -> Tensor:
     summed: dict[nn.Parameter, Tensor] = {}
     for layer in layers:
         if any(p in shared for p in layer.params.values()):
-            for name, grad in layer.grads().items():
+            for name, grad in layer.per_sample().items():
                 p = layer.params[name]
                 summed[p] = summed[p] + grad if p in summed else grad
             continue
@@ -564,13 +574,15 @@ def clipped_sum(
 
     Returns the micro-batch's `Loss` (detached) and each sample's clipping factor
     ``min(1, C / (‖g_i‖ + 1e-6))`` (the small constant, as Opacus uses, keeps a zero
-    gradient from dividing by 0). The weighted sum is formed per layer from the recorded activations
-    and output gradients, so no per-sample gradient is kept.
+    gradient from dividing by 0). The weighted sum is formed per layer from the
+    recorded activations and output gradients, so no per-sample gradient is kept
+    (but for layers whose norms needed them: the generic rule, the norms).
     """
     size = batch_length(micro_batch, f"micro-batch {index}")
     calls, loss = _record(model, loss_fn, micro_batch, index)
+    layers = list(_layers(calls, size))
     with torch.no_grad():
-        norms = _sq_norms(calls, size, model).sqrt()
+        norms = _sq_norms(layers, size).sqrt()
     if not bool(torch.isfinite(norms).all()):
         bad = int((~torch.isfinite(norms)).nonzero()[0])
         raise NonFiniteError(
@@ -579,7 +591,7 @@ def clipped_sum(
         )
     weights = (max_norm / (norms + 1e-6)).clamp(max=1.0)
     with torch.no_grad():
-        for layer in _layers(calls, size):
+        for layer in layers:
             for name, grad in layer.weighted(weights).items():
                 p = layer.params[name]
                 if p.grad is None:

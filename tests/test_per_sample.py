@@ -246,7 +246,17 @@ def reference_clipped(model, loss_fn, batch, size, max_norm, reduction):
 @settings(max_examples=40, deadline=None)
 def test_clipped_accumulate_equals_clip_then_sum(data, reduction, max_norm, seed):
     kind = data.draw(
-        st.sampled_from(["linear-sequence", "conv2d", "embedding", "layernorm", "fallback"])
+        st.sampled_from(
+            [
+                "linear-sequence",
+                "conv1d",
+                "conv2d",
+                "embedding",
+                "layernorm",
+                "groupnorm",
+                "fallback",
+            ]
+        )
     )
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)

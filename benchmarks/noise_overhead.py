@@ -1,0 +1,182 @@
+"""What measuring the gradient noise scale costs on top of `bg.accumulate`.
+
+Run from the repository root::
+
+    python benchmarks/noise_overhead.py
+
+Each workload runs one logical batch in micro-batches two ways on the same model
+and data, timed in interleaved rounds: ``bg.accumulate(...)`` and
+``bg.accumulate(..., noise=scale)`` with a `bg.NoiseScale` updated every step. The
+extra work is one gradient norm per micro-batch and putting the earlier
+micro-batches' sum aside and back (see `batchgrad._noise`). The result is the
+ratio of the medians, noise / plain accumulate (target: at most 1.10). Before
+timing, both must leave the same gradients.
+
+- ``mlp``: the MLP 784-256-256-10, 256 random samples in 4 micro-batches of 64;
+- ``tiny_lm``: `TinyLM` (2 layers, d_model 64) on 256 counting sequences of at most
+  64 tokens in 4 micro-batches of 64.
+
+``--quick`` runs tiny sizes in seconds (a smoke test, not a measurement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import RESULTS, environment, interleaved, load_average, max_rel_err, write_results
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+import batchgrad as bg
+from batchgrad._data import IGNORE_INDEX, counting_sequences
+from batchgrad._models import TinyLM, mlp
+
+TARGET_RATIO = 1.10
+GRAD_TOLERANCE = 1e-5
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    model: nn.Module
+    loss_fn: bg.LossFn
+    batch: Any
+    micro_batch_size: int
+
+
+_CROSS_ENTROPY = nn.CrossEntropyLoss()
+
+
+def classifier_loss(model: nn.Module, batch: Any) -> bg.Loss:
+    x, y = batch
+    return bg.Loss.from_criterion(_CROSS_ENTROPY, model(x), y)
+
+
+def lm_loss(model: nn.Module, batch: Any) -> bg.Loss:
+    return bg.Loss.from_causal_lm(model(batch.input_ids), batch.labels, IGNORE_INDEX)
+
+
+def workloads(quick: bool) -> list[Workload]:
+    torch.manual_seed(0)
+    n, micro = (16, 4) if quick else (256, 64)
+    widths = (32, 16, 4) if quick else (784, 256, 256, 10)
+    lm = TinyLM(vocab=16, d_model=16, heads=2, layers=1, max_len=16) if quick else TinyLM()
+    return [
+        Workload(
+            "mlp",
+            mlp(widths),
+            classifier_loss,
+            (torch.randn(n, widths[0]), torch.randint(0, widths[-1], (n,))),
+            micro,
+        ),
+        Workload(
+            "tiny_lm",
+            lm,
+            lm_loss,
+            counting_sequences(n, vocab=16 if quick else 32, max_len=16 if quick else 64),
+            micro,
+        ),
+    ]
+
+
+def measure(workload: Workload, rounds: int) -> dict[str, Any]:
+    model, scale = workload.model, bg.NoiseScale()
+
+    def plain() -> bg.AccumulateReport:
+        model.zero_grad(set_to_none=True)
+        return bg.accumulate(
+            model, workload.loss_fn, workload.batch, micro_batch_size=workload.micro_batch_size
+        )
+
+    def with_noise() -> bg.AccumulateReport:
+        model.zero_grad(set_to_none=True)
+        return bg.accumulate(
+            model,
+            workload.loss_fn,
+            workload.batch,
+            micro_batch_size=workload.micro_batch_size,
+            noise=scale,
+        )
+
+    plain()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    report = with_noise()
+    actual = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    error = max_rel_err(actual, expected)
+    if not error <= GRAD_TOLERANCE:
+        raise RuntimeError(f"{workload.name}: noise= changed the gradient (rel err {error:.3g})")
+    base, noisy = interleaved([plain, with_noise], rounds)
+    paired = [b / a for a, b in zip(base.seconds, noisy.seconds, strict=True)]
+    return {
+        "model": workload.name,
+        "micro_batches": report.micro_batches,
+        "micro_batch_size": workload.micro_batch_size,
+        "max_grad_rel_err": error,
+        "ratio": statistics.median(noisy.seconds) / statistics.median(base.seconds),
+        "ratio_paired_median": statistics.median(paired),
+        "b_simple": scale.b_simple,
+        "accumulate": base.summary(),
+        "accumulate_noise": noisy.summary(),
+    }
+
+
+def table(rows: list[dict[str, Any]]) -> Table:
+    result = Table(title=f"bg.accumulate(noise=...) / bg.accumulate (target ≤ {TARGET_RATIO})")
+    for header in ("model", "micro-batches", "accumulate ms", "+ noise ms", "ratio", "paired"):
+        result.add_column(header, justify="left" if header == "model" else "right")
+    for row in rows:
+        style = "green" if row["ratio"] <= TARGET_RATIO else "bold red"
+        result.add_row(
+            row["model"],
+            f"{row['micro_batches']} × {row['micro_batch_size']}",
+            f"{row['accumulate']['median_ms']:.2f}",
+            f"{row['accumulate_noise']['median_ms']:.2f}",
+            f"[{style}]{row['ratio']:.3f}[/{style}]",
+            f"{row['ratio_paired_median']:.3f}",
+        )
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 200)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--out", type=Path, default=RESULTS / "noise_overhead.json")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
+    args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    rounds = args.rounds or (3 if args.quick else 200)
+    console = Console()
+    env = environment()
+    console.print(f"batchgrad {env['batchgrad']} ({env['batchgrad_source']}), torch {env['torch']}")
+    started = time.perf_counter()
+    rows = [measure(workload, rounds) for workload in workloads(args.quick)]
+    elapsed = time.perf_counter() - started
+    console.print(table(rows))
+    worst = max(row["ratio"] for row in rows)
+    console.print(f"worst ratio {worst:.3f} (target ≤ {TARGET_RATIO}); measured in {elapsed:.0f} s")
+    write_results(
+        args.out,
+        {
+            "benchmark": "noise_overhead",
+            "environment": env,
+            "settings": {"quick": args.quick, "rounds": rounds, "target_ratio": TARGET_RATIO},
+            "elapsed_s": elapsed,
+            "load_average_after": load_average(),
+            "rows": rows,
+        },
+    )
+    console.print(f"results: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
