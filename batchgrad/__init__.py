@@ -20,6 +20,7 @@ from ._errors import (
     StateError,
     ZeroCountError,
 )
+from ._fit import EvalRecord, History, StepRecord, fit
 from ._loss import Loss, LossFn
 from ._noise import NoiseEstimate, NoiseScale
 from ._per_sample import per_sample_grads, per_sample_norms
@@ -39,9 +40,11 @@ __all__ = [
     "ConfigError",
     "DistributedError",
     "EmptyBatchError",
+    "EvalRecord",
     "ExistingGrad",
     "ExistingGradError",
     "Finding",
+    "History",
     "Loss",
     "LossFn",
     "LossTypeError",
@@ -51,6 +54,7 @@ __all__ = [
     "Reduction",
     "StateError",
     "StepFn",
+    "StepRecord",
     "TimeContributions",
     "ZeroCountError",
     "__version__",
@@ -58,6 +62,7 @@ __all__ = [
     "bptt",
     "check",
     "detect_reduction",
+    "fit",
     "per_sample_grads",
     "per_sample_norms",
     "tbptt",
