@@ -36,19 +36,28 @@ test, not a measurement).
 from __future__ import annotations
 
 import argparse
-import gc
-import json
-import os
-import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from common import (
+    RESULTS,
+    GradientMismatchError,
+    Samples,
+    add_run_options,
+    causal_lm_loss,
+    classifier_loss,
+    describe,
+    environment,
+    gradients,
+    interleaved,
+    load_average,
+    max_rel_err,
+    write_results,
+)
 from rich.console import Console
 from rich.table import Table
 from torch import Tensor, nn
@@ -57,11 +66,6 @@ from torch.nn import functional as F
 import batchgrad as bg
 from batchgrad._data import IGNORE_INDEX, TokenBatch, counting_sequences
 from batchgrad._models import TinyLM, mlp
-
-try:
-    import resource
-except ImportError:  # Windows has no resource module
-    resource = None  # type: ignore[assignment]
 
 TARGET_RATIO = 1.05
 """batchgrad may cost at most 5% more than the hand-written loop."""
@@ -72,7 +76,7 @@ GRAD_TOLERANCE = 1e-5
 MIN_PAIRS, MAX_PAIRS = 10, 5000
 """Bounds on the timed pairs of one configuration when timing to a budget."""
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "accumulate_overhead.json"
+DEFAULT_OUT = RESULTS / "accumulate_overhead.json"
 
 ClassifierBatch = tuple[Tensor, Tensor]
 PlainStep = Callable[[nn.Module, Any, int], None]
@@ -125,18 +129,7 @@ class Workload:
     plain_step: PlainStep
 
 
-# -- the batchgrad side: the loss functions a user writes ------------------------------
-
-_CROSS_ENTROPY = nn.CrossEntropyLoss()
-
-
-def classifier_loss(model: nn.Module, batch: ClassifierBatch) -> bg.Loss:
-    inputs, labels = batch
-    return bg.Loss.from_criterion(_CROSS_ENTROPY, model(inputs), labels)
-
-
-def causal_lm_loss(model: nn.Module, batch: TokenBatch) -> bg.Loss:
-    return bg.Loss.from_causal_lm(model(batch.input_ids), batch.labels, IGNORE_INDEX)
+# -- the batchgrad side: the loss functions a user writes (common.py) ------------------
 
 
 def batchgrad_step(workload: Workload, micro_batch_size: int) -> None:
@@ -198,38 +191,12 @@ def build_workloads(sizes: Sizes, seed: int) -> list[Workload]:
 # -- checking and timing ---------------------------------------------------------------
 
 
-class GradientMismatchError(RuntimeError):
-    """The two loops disagree: the timings would compare different computations."""
-
-
-def _grads(model: nn.Module) -> dict[str, Tensor]:
-    return {
-        name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None
-    }
-
-
-def max_rel_err(actual: dict[str, Tensor], expected: dict[str, Tensor]) -> float:
-    """The worst relative error ``‖a - e‖ / ‖e‖`` over the parameters."""
-    if actual.keys() != expected.keys():
-        raise GradientMismatchError(
-            f"The loops give gradients to different parameters: "
-            f"{sorted(actual.keys() ^ expected.keys())}."
-        )
-    worst = 0.0
-    for name, value in expected.items():
-        reference = value.double()
-        error = float((actual[name].double() - reference).norm())
-        scale = float(reference.norm())
-        worst = max(worst, error / scale if scale > 0 else error)
-    return worst
-
-
 def verify(workload: Workload, micro_batch_size: int) -> float:
     """Run both loops once; they must leave the same gradients."""
     workload.plain_step(workload.model, workload.batch, micro_batch_size)
-    expected = _grads(workload.model)
+    expected = gradients(workload.model)
     batchgrad_step(workload, micro_batch_size)
-    error = max_rel_err(_grads(workload.model), expected)
+    error = max_rel_err(gradients(workload.model), expected)
     if not error <= GRAD_TOLERANCE:
         raise GradientMismatchError(
             f"{workload.name} with micro-batches of {micro_batch_size}: batchgrad and the "
@@ -237,46 +204,6 @@ def verify(workload: Workload, micro_batch_size: int) -> float:
             f"{GRAD_TOLERANCE:g}); the timings would compare different computations."
         )
     return error
-
-
-def _minor_page_faults() -> int:
-    """Minor page faults so far: memory the allocator took back from, or gave to, the OS."""
-    if resource is None:  # not on this platform
-        return 0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
-@dataclass
-class Samples:
-    """The timings of one side, in the order taken, with the page faults of each call."""
-
-    seconds: list[float] = field(default_factory=list)
-    page_faults: list[int] = field(default_factory=list)
-
-    def take(self, step: Callable[[], None]) -> None:
-        faults = _minor_page_faults()
-        start = time.perf_counter()
-        step()
-        self.seconds.append(time.perf_counter() - start)
-        self.page_faults.append(_minor_page_faults() - faults)
-
-    def summary(self) -> dict[str, Any]:
-        ms = sorted(1e3 * s for s in self.seconds)
-        quartiles = statistics.quantiles(ms, n=4) if len(ms) > 1 else [ms[0]] * 3
-        return {
-            "n": len(ms),
-            "median_ms": statistics.median(ms),
-            "min_ms": ms[0],
-            "max_ms": ms[-1],
-            "mean_ms": statistics.fmean(ms),
-            "stdev_ms": statistics.stdev(ms) if len(ms) > 1 else 0.0,
-            "q1_ms": quartiles[0],
-            "q3_ms": quartiles[2],
-            # A side that page-faults much more than the other is paying for the
-            # allocator's reaction to the interleaving as much as for its own work.
-            "median_page_faults": statistics.median(self.page_faults),
-            "times_ms": [round(1e3 * s, 4) for s in self.seconds],
-        }
 
 
 def plain_step_with_norm(workload: Workload, micro_batch_size: int) -> None:
@@ -304,24 +231,14 @@ def time_pairs(
     def batchgrad() -> None:
         batchgrad_step(workload, micro_batch_size)
 
-    def more(index: int, elapsed: float) -> bool:
-        if repeats is not None:
-            return index < repeats
-        return index < MIN_PAIRS or (elapsed < budget and index < MAX_PAIRS)
-
-    plain, with_norm, ours = Samples(), Samples(), Samples()
-    sides = [(plain, plain_step), (with_norm, plain_norm), (ours, batchgrad)]
-    gc.collect()
-    gc.disable()  # as timeit does: a collection lands on one side only
-    start = time.perf_counter()
-    try:
-        index = 0
-        while more(index, time.perf_counter() - start):
-            for samples, step in sides[index % 3 :] + sides[: index % 3]:
-                samples.take(step)
-            index += 1
-    finally:
-        gc.enable()
+    plain, with_norm, ours = interleaved(
+        [plain_step, plain_norm, batchgrad],
+        repeats,
+        warmup=0,
+        budget=budget,
+        min_rounds=MIN_PAIRS,
+        max_rounds=MAX_PAIRS,
+    )
     return plain, with_norm, ours
 
 
@@ -337,7 +254,7 @@ def measure(
     """Check, warm up and time one configuration; one row of the results."""
     micro_batch_size = logical_batch // micro_batches
     grad_error = verify(workload, micro_batch_size)
-    time_pairs(workload, micro_batch_size, repeats=warmup)
+    time_pairs(workload, micro_batch_size, repeats=warmup)  # timed as below, then dropped
     plain_samples, norm_samples, batchgrad_samples = time_pairs(
         workload, micro_batch_size, repeats=repeats, budget=budget
     )
@@ -361,48 +278,6 @@ def measure(
 
 
 # -- reporting -------------------------------------------------------------------------
-
-
-def environment() -> dict[str, Any]:
-    return {
-        "torch": torch.__version__,
-        "batchgrad": bg.__version__,
-        "batchgrad_source": _source_version(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch_interop_threads": torch.get_num_interop_threads(),
-        "load_average": _load_average(),
-    }
-
-
-def _source_version() -> str | None:
-    """The commit of the batchgrad being measured, ``+dirty`` if batchgrad/ has edits."""
-    root = Path(bg.__file__).resolve().parent.parent
-
-    def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(
-                ["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=True
-            )
-        except (OSError, subprocess.SubprocessError):  # no git, or not a checkout
-            return None
-        return done.stdout.strip()
-
-    commit = git("rev-parse", "--short", "HEAD")
-    if commit is None:
-        return None
-    return commit + ("+dirty" if git("status", "--porcelain", "--", "batchgrad") else "")
-
-
-def _load_average() -> list[float] | None:
-    """Other work on the machine adds noise to every timing: record how much there was."""
-    try:
-        return [round(load, 2) for load in os.getloadavg()]
-    except (AttributeError, OSError):  # not available on this platform
-        return None
 
 
 def _micro_batches(count: int) -> str:
@@ -450,16 +325,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="seconds of timing per configuration when --repeats is not given (default: 20)",
     )
     parser.add_argument("--warmup", type=int, default=3, help="untimed pairs first (default: 3)")
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="torch.manual_seed (default: 0)")
-    parser.add_argument(
-        "--out", type=Path, default=DEFAULT_OUT, help=f"JSON results (default: {DEFAULT_OUT})"
-    )
-    parser.add_argument(
-        "--quick", action="store_true", help="tiny sizes and 2 repeats: a smoke test in seconds"
-    )
+    add_run_options(parser, DEFAULT_OUT, "tiny sizes and 2 repeats: a smoke test in seconds")
     args = parser.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
         parser.error("--repeats must be at least 1")
@@ -478,9 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     env = environment()
     console.print(
-        f"batchgrad {env['batchgrad']} ({env['batchgrad_source']}), torch {env['torch']}, "
-        f"{env['torch_threads']} thread(s), {env['platform']}, "
-        f"load average {env['load_average']}",
+        describe(env),
         f"logical batch {sizes.logical_batch}, "
         + (f"{repeats} timed pairs" if repeats else f"~{args.budget:g} s of timing")
         + " per configuration",
@@ -543,12 +407,11 @@ def main(argv: list[str] | None = None) -> int:
             "target_ratio": TARGET_RATIO,
         },
         "elapsed_s": elapsed,
-        "load_average_after": _load_average(),
+        "load_average_after": load_average(),
         "within_target": within,
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.out, results)
     console.print(f"results: {args.out}")
     return 0
 

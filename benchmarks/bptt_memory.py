@@ -47,30 +47,31 @@ Options: ``--steps``, ``--hidden``, ``--batch``, ``--features``, ``--chunks 20,1
 from __future__ import annotations
 
 import argparse
-import gc
-import json
-import os
-import platform
 import statistics
-import subprocess
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+from common import (
+    RESULTS,
+    GradientMismatchError,
+    add_run_options,
+    describe,
+    environment,
+    gradients,
+    interleaved,
+    load_average,
+    max_rel_err,
+    write_results,
+)
 from rich.console import Console
 from rich.table import Table
 from torch import Tensor, nn
 
 import batchgrad as bg
-
-try:
-    import resource
-except ImportError:  # Windows has no resource module
-    resource = None  # type: ignore[assignment]
 
 TARGET_DIVISOR = 20
 """The targets are for chunks of T / 20 steps."""
@@ -85,7 +86,7 @@ GRAD_TOLERANCE = 1e-4
 """Largest relative gradient error (per parameter, float32) against full BPTT."""
 
 FULL_BPTT = "full BPTT"
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "bptt_memory.json"
+DEFAULT_OUT = RESULTS / "bptt_memory.json"
 
 Sequence = tuple[Tensor, Tensor]
 State = tuple[Tensor, Tensor] | None
@@ -237,32 +238,6 @@ def boundary_bytes(model: nn.Module, sequence: Sequence, chunk: int) -> int:
 # -- checking and timing ----------------------------------------------------------------
 
 
-class GradientMismatchError(RuntimeError):
-    """bg.bptt and full BPTT disagree: the comparison would be of different things."""
-
-
-def _grads(model: nn.Module) -> dict[str, Tensor]:
-    return {
-        name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None
-    }
-
-
-def max_rel_err(actual: dict[str, Tensor], expected: dict[str, Tensor]) -> float:
-    """The worst relative error ``‖a - e‖ / ‖e‖`` over the parameters."""
-    if actual.keys() != expected.keys():
-        raise GradientMismatchError(
-            f"The methods give gradients to different parameters: "
-            f"{sorted(actual.keys() ^ expected.keys())}."
-        )
-    worst = 0.0
-    for name, value in expected.items():
-        reference = value.double()
-        error = float((actual[name].double() - reference).norm())
-        scale = float(reference.norm())
-        worst = max(worst, error / scale if scale > 0 else error)
-    return worst
-
-
 def check(
     model: nn.Module, sequence: Sequence, todo: list[Method], steps: int
 ) -> list[dict[str, Any]]:
@@ -275,7 +250,7 @@ def check(
             method.run()
         if saved.live:
             raise RuntimeError(f"{method.name}: {saved.live} saved bytes were never freed.")
-        grads = _grads(model)
+        grads = gradients(model)
         expected = expected or grads
         error = max_rel_err(grads, expected)
         chunk = method.chunk or steps
@@ -303,96 +278,7 @@ def check(
     return rows
 
 
-def _minor_page_faults() -> int:
-    """Minor page faults so far: memory the allocator took from, or gave back to, the OS."""
-    if resource is None:  # not on this platform
-        return 0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
-@dataclass
-class Samples:
-    """The timings of one method, in the order taken, with the page faults of each run."""
-
-    seconds: list[float] = field(default_factory=list)
-    page_faults: list[int] = field(default_factory=list)
-
-    def take(self, run: Callable[[], None]) -> None:
-        faults = _minor_page_faults()
-        start = time.perf_counter()
-        run()
-        self.seconds.append(time.perf_counter() - start)
-        self.page_faults.append(_minor_page_faults() - faults)
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "n": len(self.seconds),
-            "median_s": statistics.median(self.seconds),
-            "min_s": min(self.seconds),
-            "max_s": max(self.seconds),
-            "median_page_faults": statistics.median(self.page_faults),
-            "times_s": [round(s, 4) for s in self.seconds],
-        }
-
-
-def time_rounds(todo: list[Method], rounds: int) -> list[Samples]:
-    """Time ``rounds`` rounds of every method, the order rotating from round to round."""
-    samples = [Samples() for _ in todo]
-    sides = list(zip(samples, todo, strict=True))
-    gc.collect()
-    gc.disable()  # as timeit does: a collection lands on one method only
-    try:
-        for index in range(rounds):
-            shift = index % len(sides)
-            for side, method in sides[shift:] + sides[:shift]:
-                side.take(method.run)
-    finally:
-        gc.enable()
-    return samples
-
-
 # -- reporting --------------------------------------------------------------------------
-
-
-def environment() -> dict[str, Any]:
-    return {
-        "torch": torch.__version__,
-        "batchgrad": bg.__version__,
-        "batchgrad_source": _source_version(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "mkldnn": torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled,
-        "load_average": _load_average(),
-    }
-
-
-def _source_version() -> str | None:
-    """The commit of the batchgrad being measured, ``+dirty`` if batchgrad/ has edits."""
-    root = Path(bg.__file__).resolve().parent.parent
-
-    def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(
-                ["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=True
-            )
-        except (OSError, subprocess.SubprocessError):  # no git, or not a checkout
-            return None
-        return done.stdout.strip()
-
-    commit = git("rev-parse", "--short", "HEAD")
-    if commit is None:
-        return None
-    return commit + ("+dirty" if git("status", "--porcelain", "--", "batchgrad") else "")
-
-
-def _load_average() -> list[float] | None:
-    try:
-        return [round(load, 2) for load in os.getloadavg()]
-    except (AttributeError, OSError):  # not available on this platform
-        return None
 
 
 def _mb(nbytes: int) -> str:
@@ -453,16 +339,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--repeats", type=int, help=f"timed rounds (default: {FULL.repeats})")
     parser.add_argument("--warmup", type=int, help=f"untimed rounds first (default: {FULL.warmup})")
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="torch.manual_seed (default: 0)")
-    parser.add_argument(
-        "--out", type=Path, default=DEFAULT_OUT, help=f"JSON results (default: {DEFAULT_OUT})"
-    )
-    parser.add_argument(
-        "--quick", action="store_true", help="tiny sizes and 2 rounds: a smoke test in seconds"
-    )
+    add_run_options(parser, DEFAULT_OUT, "tiny sizes and 2 rounds: a smoke test in seconds")
     args = parser.parse_args(argv)
     for name in ("steps", "hidden", "batch", "features", "repeats", "threads"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -484,11 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     target_chunk = max(1, sizes.steps // TARGET_DIVISOR)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    env = environment()
+    env = environment(mkldnn=torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
     console.print(
-        f"batchgrad {env['batchgrad']} ({env['batchgrad_source']}), torch {env['torch']}, "
-        f"{env['torch_threads']} thread(s), {env['platform']}, "
-        f"load average {env['load_average']}",
+        describe(env),
         f"LSTM {sizes.features}-{sizes.hidden}, T = {sizes.steps} steps, batch {sizes.batch}; "
         f"bg.bptt chunks {', '.join(map(str, chunks))}; {sizes.repeats} timed rounds",
         sep="\n",
@@ -508,10 +383,11 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"[bold red]ABORTED:[/bold red] {error}")
         return 1
     console.print(f"  timing: {sizes.warmup} warm-up + {sizes.repeats} rounds ...")
-    time_rounds(todo, sizes.warmup)
-    timed = time_rounds(todo, sizes.repeats)
+    runs = [method.run for method in todo]
+    interleaved(runs, sizes.warmup, warmup=0)  # warm-up rounds, timed as below and dropped
+    timed = interleaved(runs, sizes.repeats, warmup=0)
     for row, samples in zip(rows, timed, strict=True):
-        row["time"] = samples.summary()
+        row["time"] = samples.summary("s")
         row["time_ratio"] = row["time"]["median_s"] / rows[0]["time"]["median_s"]
         row["time_ratio_min"] = row["time"]["min_s"] / rows[0]["time"]["min_s"]
         paired = zip(samples.seconds, timed[0].seconds, strict=True)
@@ -550,12 +426,11 @@ def main(argv: list[str] | None = None) -> int:
             "target_time_ratio": TARGET_TIME_RATIO,
         },
         "elapsed_s": elapsed,
-        "load_average_after": _load_average(),
+        "load_average_after": load_average(),
         "within_targets": within,
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.out, results)
     console.print(f"results: {args.out}")
     return 0
 

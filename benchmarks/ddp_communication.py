@@ -20,8 +20,6 @@ Prints a table (ratios to the no_sync loop) and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import sys
 import time
@@ -31,6 +29,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from common import RESULTS, environment, write_results
 from rich.console import Console
 from rich.table import Table
 from torch import nn
@@ -156,9 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--quick", action="store_true", help="a few seconds, for smoke tests")
-    parser.add_argument(
-        "--out", type=Path, default=Path("benchmarks/results/ddp_communication.json")
-    )
+    parser.add_argument("--out", type=Path, default=RESULTS / "ddp_communication.json")
     args = parser.parse_args(argv)
     samples, counts, repeats = (64, [4, 16], args.repeats)
     if args.quick:
@@ -204,24 +201,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['time_ratio_vs_no_sync_loop']:.3f}",
         )
     Console(width=120).print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {
-                "benchmark": "ddp_communication",
-                "environment": {
-                    "torch": torch.__version__,
-                    "python": platform.python_version(),
-                    "platform": platform.platform(),
-                    "processes": 2,
-                    "backend": "gloo",
-                },
-                "settings": {"samples_per_rank": samples, "repeats": repeats},
-                "rows": rows,
-            },
-            indent=2,
-        )
-        + "\n"
+    write_results(
+        args.out,
+        {
+            "benchmark": "ddp_communication",
+            "environment": environment(processes=2, backend="gloo"),
+            "settings": {"samples_per_rank": samples, "repeats": repeats},
+            "rows": rows,
+        },
     )
     print(f"JSON written to {args.out}", file=sys.stderr)
     return 0

@@ -29,13 +29,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import RESULTS, environment, interleaved, load_average, max_rel_err, write_results
+from common import (
+    RESULTS,
+    causal_lm_loss,
+    classifier_loss,
+    environment,
+    gradients,
+    interleaved,
+    load_average,
+    max_rel_err,
+    write_results,
+)
 from rich.console import Console
 from rich.table import Table
 from torch import nn
 
 import batchgrad as bg
-from batchgrad._data import IGNORE_INDEX, counting_sequences
+from batchgrad._data import counting_sequences
 from batchgrad._models import TinyLM, mlp
 
 TARGET_RATIO = 1.10
@@ -49,18 +59,6 @@ class Workload:
     loss_fn: bg.LossFn
     batch: Any
     micro_batch_size: int
-
-
-_CROSS_ENTROPY = nn.CrossEntropyLoss()
-
-
-def classifier_loss(model: nn.Module, batch: Any) -> bg.Loss:
-    x, y = batch
-    return bg.Loss.from_criterion(_CROSS_ENTROPY, model(x), y)
-
-
-def lm_loss(model: nn.Module, batch: Any) -> bg.Loss:
-    return bg.Loss.from_causal_lm(model(batch.input_ids), batch.labels, IGNORE_INDEX)
 
 
 def workloads(quick: bool) -> list[Workload]:
@@ -79,7 +77,7 @@ def workloads(quick: bool) -> list[Workload]:
         Workload(
             "tiny_lm",
             lm,
-            lm_loss,
+            causal_lm_loss,
             counting_sequences(n, vocab=16 if quick else 32, max_len=16 if quick else 64),
             micro,
         ),
@@ -106,10 +104,9 @@ def measure(workload: Workload, rounds: int) -> dict[str, Any]:
         )
 
     plain()
-    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    expected = gradients(model)
     report = with_noise()
-    actual = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    error = max_rel_err(actual, expected)
+    error = max_rel_err(gradients(model), expected)
     if not error <= GRAD_TOLERANCE:
         raise RuntimeError(f"{workload.name}: noise= changed the gradient (rel err {error:.3g})")
     base, noisy = interleaved([plain, with_noise], rounds)

@@ -85,19 +85,24 @@ import argparse
 import copy
 import gc
 import importlib.metadata
-import json
-import os
-import platform
 import statistics
-import subprocess
 import time
 import warnings
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+from common import (
+    RESULTS,
+    Samples,
+    add_run_options,
+    classifier_loss,
+    describe,
+    environment,
+    interleaved,
+    load_average,
+    write_results,
+)
 from rich.console import Console
 from rich.table import Table
 from torch import Tensor, nn
@@ -129,7 +134,7 @@ CLIPPED_TARGET_MODELS = ("mlp", "transformer")
 MIN_ROUNDS, MAX_ROUNDS = 5, 2000
 """Bounds on the timed rounds of one model and task when timing to a budget."""
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "per_sample.json"
+DEFAULT_OUT = RESULTS / "per_sample.json"
 
 Batch = tuple[Tensor, Tensor]
 
@@ -292,6 +297,14 @@ def _p_grads(model: nn.Module) -> Grads:
     return {name: p.grad for name, p in _trainable(model) if p.grad is not None}
 
 
+def _clipped_sum(model: nn.Module, grads: Grads) -> Grads:
+    """``p.grad = Σ_i min(1, C/‖g_i‖) g_i`` from the per-sample gradients ``grads``."""
+    weights = _clip_weights(_norms_of(grads))
+    for name, p in _trainable(model):
+        p.grad = torch.einsum("b,b...->...", weights, grads[name])
+    return _p_grads(model)
+
+
 class Method:
     """One way of doing the tasks, on its own copy of the model."""
 
@@ -393,10 +406,7 @@ class TorchFunc(Method):
 
     def clipped(self, batch: Batch) -> Grads:
         grads = self.grads(batch)
-        weights = _clip_weights(_norms_of(grads))
-        for name, p in _trainable(self.model):
-            p.grad = torch.einsum("b,b...->...", weights, grads[name])
-        return _p_grads(self.model)
+        return _clipped_sum(self.model, grads)
 
 
 def opacus_missing() -> str | None:
@@ -440,10 +450,7 @@ class Opacus(Method):
 
     def clipped(self, batch: Batch) -> Grads:
         grads = self._backward(batch)
-        weights = _clip_weights(_norms_of(grads))
-        for name, p in _trainable(self.model):
-            p.grad = torch.einsum("b,b...->...", weights, grads[name])
-        return _p_grads(self.model)
+        return _clipped_sum(self.model, grads)
 
 
 class OpacusGhost(Method):
@@ -483,14 +490,6 @@ class OpacusGhost(Method):
         finally:
             self.module.enable_hooks()
         return _p_grads(self.model)
-
-
-_CROSS_ENTROPY = nn.CrossEntropyLoss()
-
-
-def classifier_loss(model: nn.Module, batch: Batch) -> bg.Loss:
-    inputs, labels = batch
-    return bg.Loss.from_criterion(_CROSS_ENTROPY, model(inputs), labels)
 
 
 class Batchgrad(Method):
@@ -577,33 +576,6 @@ def verify(workload: Workload, task: str, methods: dict[str, Method]) -> dict[st
 # -- timing ---------------------------------------------------------------------------
 
 
-@dataclass
-class Samples:
-    """The timings of one method, in the order taken."""
-
-    seconds: list[float] = field(default_factory=list)
-
-    def take(self, step: Callable[[], object]) -> None:
-        start = time.perf_counter()
-        step()
-        self.seconds.append(time.perf_counter() - start)
-
-    def summary(self) -> dict[str, Any]:
-        ms = sorted(1e3 * s for s in self.seconds)
-        quartiles = statistics.quantiles(ms, n=4) if len(ms) > 1 else [ms[0]] * 3
-        return {
-            "n": len(ms),
-            "median_ms": statistics.median(ms),
-            "min_ms": ms[0],
-            "max_ms": ms[-1],
-            "mean_ms": statistics.fmean(ms),
-            "stdev_ms": statistics.stdev(ms) if len(ms) > 1 else 0.0,
-            "q1_ms": quartiles[0],
-            "q3_ms": quartiles[2],
-            "times_ms": [round(1e3 * s, 4) for s in self.seconds],
-        }
-
-
 def time_rounds(
     workload: Workload,
     task: str,
@@ -617,30 +589,11 @@ def time_rounds(
     ``repeats`` rounds, or with ``repeats=None`` as many as fit in ``budget`` seconds
     (at least `MIN_ROUNDS`, at most `MAX_ROUNDS`).
     """
-
-    def more(index: int, elapsed: float) -> bool:
-        if repeats is not None:
-            return index < repeats
-        return index < MIN_ROUNDS or (elapsed < budget and index < MAX_ROUNDS)
-
-    samples = {name: Samples() for name in methods}
-    steps = [
-        (samples[name], lambda method=method: method.run(task, workload.batch))
-        for name, method in methods.items()
-    ]
-    gc.collect()
-    gc.disable()  # as timeit does: a collection lands on one method only
-    start = time.perf_counter()
-    try:
-        index = 0
-        while more(index, time.perf_counter() - start):
-            shift = index % len(steps)
-            for timings, step in steps[shift:] + steps[:shift]:
-                timings.take(step)
-            index += 1
-    finally:
-        gc.enable()
-    return samples
+    steps = [lambda method=method: method.run(task, workload.batch) for method in methods.values()]
+    samples = interleaved(
+        steps, repeats, warmup=0, budget=budget, min_rounds=MIN_ROUNDS, max_rounds=MAX_ROUNDS
+    )
+    return dict(zip(methods, samples, strict=True))
 
 
 def measure(
@@ -654,7 +607,7 @@ def measure(
 ) -> list[dict[str, Any]]:
     """Check, warm up and time one model and task: one row per method."""
     errors = verify(workload, task, methods)
-    time_rounds(workload, task, methods, repeats=warmup)
+    time_rounds(workload, task, methods, repeats=warmup)  # timed as below, then dropped
     samples = time_rounds(workload, task, methods, repeats=repeats, budget=budget)
     plain = samples["plain"]
     plain_summary = plain.summary()
@@ -687,49 +640,6 @@ def skipped_rows(workload: Workload, task: str, names: tuple[str, ...], note: st
 
 
 # -- reporting ------------------------------------------------------------------------
-
-
-def environment() -> dict[str, Any]:
-    return {
-        "torch": torch.__version__,
-        "batchgrad": bg.__version__,
-        "batchgrad_source": _source_version(),
-        "opacus": _opacus_version(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch_interop_threads": torch.get_num_interop_threads(),
-        "load_average": _load_average(),
-    }
-
-
-def _source_version() -> str | None:
-    """The commit of the batchgrad being measured, ``+dirty`` if batchgrad/ has edits."""
-    root = Path(bg.__file__).resolve().parent.parent
-
-    def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(
-                ["git", *args], cwd=root, capture_output=True, text=True, timeout=10, check=True
-            )
-        except (OSError, subprocess.SubprocessError):  # no git, or not a checkout
-            return None
-        return done.stdout.strip()
-
-    commit = git("rev-parse", "--short", "HEAD")
-    if commit is None:
-        return None
-    return commit + ("+dirty" if git("status", "--porcelain", "--", "batchgrad") else "")
-
-
-def _load_average() -> list[float] | None:
-    """Other work on the machine adds noise to every timing: record how much there was."""
-    try:
-        return [round(load, 2) for load in os.getloadavg()]
-    except (AttributeError, OSError):  # not available on this platform
-        return None
 
 
 def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -840,17 +750,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="seconds of timing per model and task when --repeats is not given (default: 8)",
     )
     parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default: 3)")
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="torch.manual_seed (default: 0)")
     parser.add_argument("--no-opacus", action="store_true", help="leave Opacus out")
-    parser.add_argument(
-        "--out", type=Path, default=DEFAULT_OUT, help=f"JSON results (default: {DEFAULT_OUT})"
-    )
-    parser.add_argument(
-        "--quick", action="store_true", help="tiny sizes and 2 rounds: a smoke test in seconds"
-    )
+    add_run_options(parser, DEFAULT_OUT, "tiny sizes and 2 rounds: a smoke test in seconds")
     args = parser.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
         parser.error("--repeats must be at least 1")
@@ -871,11 +772,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     opacus_note = "left out (--no-opacus)" if args.no_opacus else opacus_missing()
     names = tuple(m for m in METHODS if opacus_note is None or m not in OPACUS_METHODS)
-    env = environment()
+    env = environment(opacus=_opacus_version())
     console.print(
-        f"batchgrad {env['batchgrad']} ({env['batchgrad_source']}), torch {env['torch']}, "
-        f"opacus {env['opacus']}, {env['torch_threads']} thread(s), {env['platform']}, "
-        f"load average {env['load_average']}",
+        describe(env, f"opacus {env['opacus']}"),
         f"batch {sizes.batch}, "
         + (f"{repeats} timed rounds" if repeats else f"~{args.budget:g} s of timing")
         + " per model and task",
@@ -927,7 +826,7 @@ def main(argv: list[str] | None = None) -> int:
     console.print(
         f"clipped step: C = {CLIP:g}, reduction='sum'; opacus = GradSampleModule (hooks), "
         f"opacus ghost = GradSampleModuleFastGradientClipping (ghost clipping); measured in "
-        f"{elapsed:.0f} s, load average after {_load_average()}"
+        f"{elapsed:.0f} s, load average after {load_average()}"
     )
     if args.quick:
         console.print("(--quick: a smoke test; its sizes are too small to judge speed)")
@@ -951,12 +850,11 @@ def main(argv: list[str] | None = None) -> int:
             "clipped_target": CLIPPED_TARGET,
         },
         "elapsed_s": elapsed,
-        "load_average_after": _load_average(),
+        "load_average_after": load_average(),
         "targets": found,
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_results(args.out, results)
     console.print(f"results: {args.out}")
     return 0
 
