@@ -220,7 +220,7 @@ def accumulate(
             loss_sum, unit_counts = _check_losses(totals, counts)
             count = sum(unit_counts)
             divisor = _divisor(count, reduction, f"its {len(unit_counts)} micro-batch(es)")
-            _normalise(_grads(params), last, divisor, own)
+            _normalise(_grads(params), last, divisor)
             done = _Pass(unit_counts, loss_sum, count, divisor)
         else:
             done = _data_parallel_pass(
@@ -447,12 +447,7 @@ def _divisor(count: float, reduction: Reduction, where: str) -> float:
     return float(count)
 
 
-def _normalise(
-    grads: list[Tensor],
-    last: Tensor | None,
-    divisor: float,
-    micro: _MicroBatchGrads | None = None,
-) -> None:
+def _normalise(grads: list[Tensor], last: Tensor | None, divisor: float) -> None:
     """The one place where gradients are divided by ``N(B)``.
 
     Called once ``N(B)`` is known: divides, in place, the gradient sums accumulated
@@ -463,30 +458,29 @@ def _normalise(
     if divisor != 1.0 and grads:
         torch._foreach_div_(grads, divisor)
     if last is not None:
-        if micro is not None:
-            micro.backward(last / divisor, scale=divisor)
-        else:
-            (last / divisor).backward()
+        (last / divisor).backward()
 
 
 class _MicroBatchGrads:
     """Each micro-batch's own gradient norm, for the noise scale.
 
-    Its backward runs on cleared ``p.grad``, its norm is taken, and the sum of the
-    earlier micro-batches is added back in (autograd would have added them anyway).
+    Every micro-batch but the last runs its backward on cleared ``p.grad``; its norm
+    is taken and the sum of the earlier ones added back in (the addition autograd
+    would have made). The last micro-batch is left alone: the estimator needs the
+    small batches and the whole one, which the final gradient gives.
     """
 
     def __init__(self, params: list[nn.Parameter]) -> None:
         self.params = params
-        self.sizes: list[int] = []  # samples per micro-batch
-        self.sq_norms: list[float] = []  # ‖Σ_{i∈k} g_i‖² per micro-batch
+        self.sizes: list[int] = []  # samples per micro-batch, all of them
+        self.sq_norms: list[float] = []  # ‖Σ_{i∈k} g_i‖² of each but the last
 
-    def backward(self, total: Tensor, scale: float = 1.0) -> None:
+    def backward(self, total: Tensor) -> None:
         earlier = [p.grad for p in self.params]
         for p in self.params:
             p.grad = None
         total.backward()
-        self.sq_norms.append((_total_norm(_grads(self.params)) * scale) ** 2)
+        self.sq_norms.append(_total_norm(_grads(self.params)) ** 2)
         mine, theirs = [], []
         for p, grad in zip(self.params, earlier, strict=True):
             if grad is None:
@@ -500,8 +494,9 @@ class _MicroBatchGrads:
             torch._foreach_add_(mine, theirs)
 
     def estimate(self, big_sq_norm: float) -> NoiseEstimate:
-        means = [sq / n**2 for sq, n in zip(self.sq_norms, self.sizes, strict=True)]
-        return noise_estimate(means, self.sizes, big_sq_norm)
+        small = self.sizes[: len(self.sq_norms)]
+        means = [sq / n**2 for sq, n in zip(self.sq_norms, small, strict=True)]
+        return noise_estimate(means, small, big_sq_norm, sum(self.sizes))
 
 
 def _grads(params: list[nn.Parameter]) -> list[Tensor]:

@@ -8,9 +8,10 @@ batch sizes give unbiased estimates of both terms:
     ‖G‖² ≈ (B ‖ĝ_B‖² − b ‖ĝ_b‖²) / (B − b)
     tr Σ ≈ (‖ĝ_b‖² − ‖ĝ_B‖²) / (1/b − 1/B)
 
-`accumulate(..., noise=...)` takes ``ĝ_b`` from its micro-batches and ``ĝ_B`` from the
-logical batch. ``B_simple = tr Σ / ‖G‖²`` counts samples: around it, doubling the
-batch stops halving the number of steps to a given loss. The ratio of two noisy
+`accumulate(..., noise=...)` takes ``ĝ_b`` from its micro-batches (all but the
+last, whose norm would cost a pass more) and ``ĝ_B`` from the logical batch.
+``B_simple = tr Σ / ‖G‖²`` counts samples: around it, doubling the batch stops
+halving the number of steps to a given loss. The ratio of two noisy
 estimates is biased, so `NoiseScale` averages numerator and denominator separately
 (debiased exponential moving averages) before dividing.
 
@@ -57,35 +58,39 @@ def _ratio(trace_cov: float, grad_sq: float) -> float:
 
 
 def estimate(
-    small_sq_norms: Sequence[float], small_sizes: Sequence[int], big_sq_norm: float
+    small_sq_norms: Sequence[float],
+    small_sizes: Sequence[int],
+    big_sq_norm: float,
+    big_size: int,
 ) -> NoiseEstimate:
-    """Unbiased estimates from ``‖ĝ_k‖²`` of each micro-batch and ``‖ĝ_B‖²``.
+    """Unbiased estimates from small batches' ``‖ĝ_k‖²`` and the big batch's ``‖ĝ_B‖²``.
 
     Args:
-        small_sq_norms: the squared norm of each micro-batch's *mean* per-sample
-            gradient (``‖Σ_{i∈k} g_i / n_k‖²``).
-        small_sizes: the samples ``n_k`` of each micro-batch (at least 2 micro-batches).
-        big_sq_norm: the squared norm of the logical batch's mean per-sample gradient.
+        small_sq_norms: the squared norm of each small batch's *mean* per-sample
+            gradient (``‖Σ_{i∈k} g_i / n_k‖²``); the micro-batches, or some of them.
+        small_sizes: the samples ``n_k`` of each small batch.
+        big_sq_norm: the squared norm of the big (logical) batch's mean gradient.
+        big_size: the samples of the big batch (more than the small ones).
     """
     count = len(small_sizes)
-    if count < 2 or len(small_sq_norms) != count:
-        raise ConfigError("The noise scale needs at least 2 micro-batches (two batch sizes).")
-    big = float(sum(small_sizes))
+    if count < 1 or len(small_sq_norms) != count:
+        raise ConfigError("The noise scale needs a small batch and a big one.")
+    big = float(big_size)
     small = count / sum(1.0 / n for n in small_sizes)  # E mean‖ĝ_k‖² = ‖G‖² + trΣ/small
+    if not small < big:
+        raise ConfigError(f"The big batch ({big_size}) must hold more samples than {small}.")
     mean_small = math.fsum(small_sq_norms) / count
     trace_cov = (mean_small - big_sq_norm) / (1.0 / small - 1.0 / big)
     grad_sq = (big * big_sq_norm - small * mean_small) / (big - small)
-    spread = math.sqrt(math.fsum((x - mean_small) ** 2 for x in small_sq_norms) / (count - 1))
-    std_mean = spread / math.sqrt(count)
-    # b_simple moves with mean_small through both estimates (in opposite directions)
     b_simple = _ratio(trace_cov, grad_sq)
-    if grad_sq > 0:
+    b_std = math.inf
+    if count > 1 and grad_sq > 0:
+        spread = math.sqrt(math.fsum((x - mean_small) ** 2 for x in small_sq_norms) / (count - 1))
+        # b_simple moves with mean_small through both estimates (in opposite directions)
         slope = (1.0 / (1.0 / small - 1.0 / big)) / grad_sq + trace_cov * small / (
             (big - small) * grad_sq**2
         )
-        b_std = abs(slope) * std_mean
-    else:
-        b_std = math.inf
+        b_std = abs(slope) * spread / math.sqrt(count)
     return NoiseEstimate(grad_sq, trace_cov, b_simple, b_std, small, big)
 
 

@@ -312,7 +312,10 @@ def test_noise_scale_is_recorded_with_two_or_more_micro_batches():
     )
     assert scale.steps == 6
     assert all(r.b_simple is not None and math.isfinite(r.b_simple) for r in history.steps)
-    assert all(r.grad_sq > 0 and r.trace_cov > 0 for r in history.steps)
+    # single-step estimates are unbiased but noisy (one may be negative); the average
+    assert all(math.isfinite(r.grad_sq) and math.isfinite(r.trace_cov) for r in history.steps)
+    assert history.steps[-1].grad_sq > 0
+    assert history.steps[-1].trace_cov > 0
     assert history.steps[-1].b_simple == pytest.approx(scale.b_simple)
     assert history.noise_state == scale.state_dict()
 

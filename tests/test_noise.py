@@ -59,7 +59,7 @@ def test_estimates_are_unbiased_and_the_moving_average_finds_b_simple(micro_batc
 
 def test_one_step_estimate_from_known_gradients():
     """The formulas: two micro-batch means and the batch mean of fixed vectors."""
-    estimate = bg._noise.estimate([5.0, 3.0], [2, 2], 2.5)
+    estimate = bg._noise.estimate([5.0, 3.0], [2, 2], 2.5, 4)
     # E‖ĝ_b‖² = G² + T/2 = 4, E‖ĝ_B‖² = G² + T/4 = 2.5  ->  T = 6, G² = 1
     assert estimate.trace_cov == pytest.approx(6.0)
     assert estimate.grad_sq == pytest.approx(1.0)
@@ -79,7 +79,7 @@ def test_noise_leaves_the_gradient_unchanged():
 
     for p, g in zip(model.parameters(), expected, strict=True):
         torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-14)
-    assert report.noise.small_batch == pytest.approx(6 / (5 / 7 + 1 / 5))
+    assert report.noise.small_batch == pytest.approx(7)  # every micro-batch but the last
     assert math.isfinite(report.noise.trace_cov)
 
 
