@@ -1,24 +1,36 @@
-"""The ``batchgrad`` command line: ``batchgrad tour``, ``batchgrad check MODULE:FACTORY``."""
+"""The ``batchgrad`` command line: ``tour``, ``check``, ``compare`` and ``advise``."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markdown import Markdown
 from rich.table import Table
+from torch import nn
 
 from . import __version__
 from ._check import CheckReport, check, check_data_parallel
 from ._errors import BatchError, ConfigError
-from ._report import sci
+from ._fit import BatchSize
+from ._regimes import (
+    DEFAULT_LR_GRID,
+    OnProgress,
+    Problem,
+    advise,
+    compare,
+    digits_problem,
+)
+from ._report import sci, write_json
 from ._split import batch_length
 
 
@@ -70,7 +82,59 @@ def _parser() -> argparse.ArgumentParser:
         "compare with one process on the whole batch",
     )
     chk.set_defaults(command=_check)
+
+    lrs = ",".join(f"{lr:g}" for lr in DEFAULT_LR_GRID)
+    cmp = verbs.add_parser(
+        "compare",
+        help="train with full-batch, stochastic and mini-batch SGD side by side",
+        description="Train the same initial model with plain SGD at each batch size, each at "
+        "the learning rate that does best in a short sweep, and plot the training loss "
+        f"against epochs, steps, samples seen and wall time. {_FACTORY_HELP}",
+    )
+    cmp.add_argument("factory", metavar="MODULE:FACTORY", nargs="?", help=_FACTORY_DEFAULT)
+    cmp.add_argument(
+        "--batch-sizes",
+        default="1,16,128,full",
+        help="comma-separated batch sizes, 'full' for full-batch (default: %(default)s)",
+    )
+    cmp.add_argument("--epochs", type=int, default=10, help="per regime (default: %(default)s)")
+    cmp.add_argument("--lrs", default=lrs, help="the learning rates swept (default: %(default)s)")
+    cmp.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (default: 0)")
+    cmp.add_argument(
+        "--out",
+        type=Path,
+        default=Path("batchgrad-compare"),
+        help="folder for compare.json, compare.png and compare.md (default: %(default)s)",
+    )
+    cmp.set_defaults(command=_compare)
+
+    adv = verbs.add_parser(
+        "advise",
+        help="measure the gradient noise scale and recommend a batch size",
+        description="Run SGD briefly, measure the gradient noise scale B_simple from the "
+        "micro-batch and batch gradients of each step (McCandlish et al. 2018), and "
+        f"recommend a batch size and learning rate with the reasons. {_FACTORY_HELP}",
+    )
+    adv.add_argument("factory", metavar="MODULE:FACTORY", nargs="?", help=_FACTORY_DEFAULT)
+    adv.add_argument("--batch-size", type=int, default=64, help="measure at (default: 64)")
+    adv.add_argument(
+        "--micro-batches", type=int, default=4, help="per batch, at least 2 (default: 4)"
+    )
+    adv.add_argument("--steps", type=int, default=200, help="SGD steps (default: %(default)s)")
+    adv.add_argument("--lr", type=float, help="SGD's lr (default: the best of --lrs)")
+    adv.add_argument("--lrs", default=lrs, help="the learning rates swept (default: %(default)s)")
+    adv.add_argument("--out", type=Path, help="write advise.json into this folder")
+    adv.set_defaults(command=_advise)
     return parser
+
+
+_FACTORY_HELP = (
+    "FACTORY is a function with no arguments returning (model, loss_fn, data) or (model, "
+    "loss_fn, data, eval_data): loss_fn(model, batch) -> bg.Loss (a mean over samples), data "
+    "and eval_data tensors or tuples/dicts of tensors holding the whole training and held-out "
+    "sets; MODULE is an importable module or a .py file."
+)
+_FACTORY_DEFAULT = "default: scikit-learn's digits with an MLP 64-64-10 (embedded)"
 
 
 def _tour(args: argparse.Namespace, console: Console) -> int:
@@ -121,6 +185,134 @@ class FactoryRef:
 
     def __call__(self) -> Any:
         return load_factory(self.spec)()
+
+
+def _problem(spec: str | None) -> Problem:
+    """The embedded digits problem, or the one ``MODULE:FACTORY`` builds."""
+    if spec is None:
+        return digits_problem()
+    made = load_factory(spec)()
+    if not isinstance(made, tuple) or len(made) not in (3, 4):
+        length = f" of length {len(made)}" if isinstance(made, tuple) else ""
+        raise ConfigError(
+            f"{spec} must return (model, loss_fn, data) or (model, loss_fn, data, eval_data), "
+            f"got {type(made).__name__}{length}."
+        )
+    model, loss_fn, data = made[:3]
+    eval_data = made[3] if len(made) == 4 else None
+    if isinstance(eval_data, int):
+        raise ConfigError(
+            f"{spec} returned an int as its 4th item: `check` takes a micro-batch size there, "
+            f"compare and advise take the held-out data (or nothing)."
+        )
+    if not isinstance(model, nn.Module) or not callable(loss_fn):
+        raise ConfigError(
+            f"{spec} must return a torch.nn.Module and a loss_fn(model, batch) -> bg.Loss "
+            f"first, got {type(model).__name__} and {type(loss_fn).__name__}."
+        )
+    return Problem(model, loss_fn, data, eval_data, name=spec)
+
+
+def _batch_sizes(text: str) -> list[BatchSize]:
+    sizes: list[BatchSize] = []
+    for item in text.split(","):
+        item = item.strip()
+        if item == "full":
+            sizes.append("full")
+        elif item.isdigit() and int(item) > 0:
+            sizes.append(int(item))
+        else:
+            raise ConfigError(
+                f"--batch-sizes takes positive ints and 'full', comma-separated (e.g. "
+                f"1,16,128,full), got {item!r} in {text!r}."
+            )
+    return sizes
+
+
+def _lrs(text: str) -> list[float]:
+    try:
+        return [float(item) for item in text.split(",")]
+    except ValueError:
+        raise ConfigError(
+            f"--lrs takes comma-separated numbers (e.g. 0.01,0.1,1), got {text!r}."
+        ) from None
+
+
+@contextlib.contextmanager
+def _progress(console: Console) -> Iterator[OnProgress]:
+    """``on_progress`` drawing a rich progress bar over the training runs."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("starting", total=None)
+
+        def update(what: str, done: int, total: int) -> None:
+            bar.update(task, description=what, completed=done, total=total)
+
+        yield update
+
+
+def _compare(args: argparse.Namespace, console: Console) -> int:
+    problem = _problem(args.factory)
+    with _progress(console) as on_progress:
+        comparison = compare(
+            problem,
+            _batch_sizes(args.batch_sizes),
+            epochs=args.epochs,
+            lr_grid=_lrs(args.lrs),
+            momentum=args.momentum,
+            on_progress=on_progress,
+        )
+    console.print(comparison.table().to_rich())
+    console.print(comparison.reach_table().to_rich())
+    console.print(Markdown(comparison.findings()))
+    args.out.mkdir(parents=True, exist_ok=True)
+    written = [
+        write_json(comparison.to_dict(), args.out / "compare.json"),
+        comparison.figure(args.out / "compare.png"),
+        args.out / "compare.md",
+    ]
+    written[2].write_text(comparison.markdown())
+    console.print(f"Written: {', '.join(str(path) for path in written)}")
+    return 0
+
+
+def _advise(args: argparse.Namespace, console: Console) -> int:
+    problem = _problem(args.factory)
+    with _progress(console) as on_progress:
+        advice = advise(
+            problem,
+            args.batch_size,
+            args.micro_batches,
+            steps=args.steps,
+            lr=args.lr,
+            lr_grid=_lrs(args.lrs),
+            on_progress=on_progress,
+        )
+    lo, hi = advice.b_range
+    console.print(
+        f"Gradient noise scale at batch size {advice.measured_batch_size}: "
+        f"[bold]B_simple = {advice.b_simple:.1f} ± {advice.b_simple_std:.1f}[/bold] "
+        f"(B from {lo:.0f} to {hi:.0f})"
+    )
+    if advice.batch_size is not None:
+        console.print(
+            f"Recommended batch size: [bold]{advice.batch_size}[/bold] "
+            f"(SGD lr {advice.recommended_lr:.3g})"
+        )
+        console.print(advice.table().to_rich())
+    console.print(Markdown(advice.text))
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        path = write_json(advice.to_dict(), args.out / "advise.json")
+        console.print(f"Written: {path}")
+    return 0
 
 
 def _check(args: argparse.Namespace, console: Console) -> int:

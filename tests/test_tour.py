@@ -1,4 +1,6 @@
+import itertools
 import json
+import math
 
 from batchgrad._tour import run_tour
 
@@ -161,3 +163,52 @@ def test_summed_or_averaged_chapter_measures_per_sample_gradients(tmp_path):
     assert abs(clipping["clip"] - sum(middle) / 2) <= 1e-12 * clipping["clip"]
     assert clipping["norm_ratio"] < 1
     assert max(clipping["norms"]) / min(clipping["norms"]) > 100
+
+
+def test_batch_size_chapter_compares_regimes_and_measures_the_noise_scale(tmp_path):
+    answers = run_tour(tmp_path, only=["batch-size"])
+    report = (tmp_path / "report.md").read_text()
+    assert "## 1. The batch in training: regimes and the critical batch size" in report
+    for name in ("batch_size_regimes.png", "batch_size_critical.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"({name})" in report
+
+    data = answers["batch-size"].data
+    results = json.loads((tmp_path / "results.json").read_text())["chapters"]["batch-size"]
+    assert results["critical"] == data["critical"]
+
+    # The three regimes, the same number of epochs, from the same initial weights.
+    runs = {r["regime"]: r for r in data["regimes"]["runs"]}
+    assert set(runs) == {"stochastic", "mini-batch", "full-batch"}
+    epochs = data["regimes"]["epochs"]
+    assert runs["full-batch"]["steps"] == epochs
+    assert runs["stochastic"]["steps"] == epochs * data["regimes"]["dataset_size"]
+    assert len({r["curve"][0]["train_loss"] for r in runs.values()}) == 1
+    for run in runs.values():
+        assert run["samples_seen"] == runs["full-batch"]["samples_seen"]
+        assert run["lr"] in [p["lr"] for p in run["sweep"] if not p["diverged"]]
+        assert run["train_loss"] < run["curve"][0]["train_loss"]
+        assert run["metrics"]["accuracy"] > 0.5
+
+    # Steps to the target fall with the batch size, and level off.
+    critical = data["critical"]
+    sizes = [r["batch_size"] for r in critical["runs"]]
+    steps = [r["steps"] for r in critical["runs"]]
+    assert sizes[0] <= 4
+    assert sizes[-1] >= 1024
+    assert all(s is not None for s in steps)
+    assert all(later <= 1.1 * earlier for earlier, later in itertools.pairwise(steps))
+    assert steps[0] > 3 * steps[-1]
+    assert steps[-1] / steps[-2] > 0.8  # the floor S_min
+    samples = [r["samples"] for r in critical["runs"]]
+    assert samples[-1] > 10 * samples[0]
+    assert 0 < critical["s_min"] <= min(steps)
+    assert sizes[0] < critical["b_noise"] < sizes[-1]
+
+    # B_simple, measured on one run, lands near the B_noise fitted from all of them.
+    advice = data["advice"]
+    assert math.isfinite(advice["b_simple"])
+    assert advice["b_simple"] > 0
+    assert 0 < advice["b_simple_std"] < advice["b_simple"]
+    assert critical["b_noise"] / 4 < advice["b_simple"] < 4 * critical["b_noise"]
+    assert advice["batch_size"] == 2 ** round(math.log2(advice["b_simple"]))

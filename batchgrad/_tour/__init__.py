@@ -57,9 +57,15 @@ class Chapter:
 
 
 def _chapters() -> list[Chapter]:
-    from . import accumulation, bptt, data_parallel, per_sample
+    from . import accumulation, batch_size, bptt, data_parallel, per_sample
 
-    return [per_sample.CHAPTER, accumulation.CHAPTER, data_parallel.CHAPTER, bptt.CHAPTER]
+    return [
+        per_sample.CHAPTER,
+        accumulation.CHAPTER,
+        data_parallel.CHAPTER,
+        bptt.CHAPTER,
+        batch_size.CHAPTER,
+    ]
 
 
 def chapter_slugs() -> list[str]:
