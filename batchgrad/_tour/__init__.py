@@ -9,6 +9,7 @@ and PNG figures). A new capability adds a chapter module and a line to `CHAPTERS
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -54,6 +55,20 @@ class Chapter:
     title: str
     question: str
     run: Callable[[Context], Answer]
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch on one thread: the tour's models are too small to share, and extra
+    threads only add synchronisation (or stall on a busy machine)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _chapters() -> list[Chapter]:

@@ -21,8 +21,6 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import torch
-
 from .._fit import BatchSize
 from .._regimes import (
     Advice,
@@ -35,7 +33,7 @@ from .._regimes import (
     steps_to_target,
 )
 from .._report import Table
-from . import Answer, Chapter, Context
+from . import Answer, Chapter, Context, one_thread
 
 REGIMES: tuple[BatchSize, ...] = (1, 32, "full")
 EPOCHS = 5
@@ -45,17 +43,6 @@ CRITICAL_SIZES = tuple(2**k for k in range(2, 11))  # 4 ... 1024
 TARGET = 0.1
 MEASURED_AT = 64  # the batch size B_simple is measured at
 MICRO_BATCHES = 4
-
-
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """Steps of a 64-64-10 MLP are too small to share: threads only add synchronisation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @contextmanager
@@ -73,7 +60,7 @@ def _progress(context: Context, description: str) -> Iterator[OnProgress]:
 
 
 def run(context: Context) -> Answer:
-    with _one_thread():
+    with one_thread():
         problem = digits_problem()
         with _progress(context, "regimes") as on_progress:
             comparison = compare(

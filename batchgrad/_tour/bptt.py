@@ -19,8 +19,7 @@ LSTM whose forget gate starts open (bias 3). The chapter measures
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -33,7 +32,7 @@ from .._errors import NonFiniteError
 from .._loss import Loss
 from .._reduction import Reduction
 from .._report import Table, new_figure, save_figure, sci
-from . import Answer, Chapter, Context
+from . import Answer, Chapter, Context, one_thread
 
 BATCH, STEPS, HIDDEN = 32, 100, 32
 FORGET_BIAS = 3.0
@@ -104,17 +103,6 @@ def make_model(key: str) -> nn.Module:
     _, cell, forget_bias = CELLS[key]
     torch.manual_seed(0)
     return Recurrent(cell, forget_bias).double()
-
-
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """Steps of 32 × 32 are too small to share: threads only add synchronisation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _flat(model: nn.Module) -> Tensor:
@@ -292,7 +280,7 @@ def _mean_vs_sum(context: Context) -> dict[str, Any]:
 
 
 def run(context: Context) -> Answer:
-    with _one_thread():
+    with one_thread():
         sequence = adding_problem(BATCH, STEPS, every_step=False, seed=0)
         cells = {key: _cell_study(key, sequence) for key in context.track(list(CELLS), "cells")}
         rescaling = _mean_vs_sum(context)

@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from .._models import mlp
 from .._per_sample import per_sample_grads, per_sample_norms
 from .._reduction import Reduction
 from .._report import Table, new_figure, save_figure, sci
-from . import Answer, Chapter, Context
+from . import Answer, Chapter, Context, one_thread
 
 SAMPLES, DIM, CLASSES, CLUSTERS = 8192, 10, 4, 3
 WIDTHS = (DIM, 32, 32, CLASSES)
@@ -298,19 +297,8 @@ def _clipping(model: nn.Module, batch: Batch) -> dict[str, Any]:
 
 
 def run(context: Context) -> Answer:
-    with _one_thread():
+    with one_thread():
         return _run(context)
-
-
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """A 10-32-32-4 MLP is too small to share: threads only add synchronisation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(context: Context) -> Answer:
