@@ -169,7 +169,8 @@ def test_steps_to_target_falls_with_the_batch():
     for run in result.runs:
         assert run.lr in (0.01, 0.03, 0.1, 0.3)
         assert run.lr in [lr for lr, _ in run.tried]
-        assert run.seconds > 0
+        wall = run.seconds  # recorded for the report; its value is never judged
+        assert wall > 0
     assert result.s_min > 0
     assert result.b_noise > 0
     with pytest.raises(bg.ConfigError, match=r"already at most the target"):
