@@ -24,9 +24,10 @@ keeps what each step adds. `tbptt` is truncated BPTT (Williams and Peng): every
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -180,7 +181,7 @@ def bptt(
     params = [p for p in model.parameters() if p.requires_grad]
     buffers, rng = BufferSnapshot.take(model), RngSnapshot.take()
     stash = GradStash.take(params)
-    try:
+    with _put_back_on_error(stash, buffers, rng):
         if existing_grad == "error":
             _refuse_existing_grads(model, stash)
         loss_sum, chunk_counts, runs = 0.0, [0.0] * len(bounds), 0
@@ -198,11 +199,6 @@ def bptt(
         divisor = _divisor(count, reduction, f"{len(bounds)} time chunk(s)")
         _normalise(_grads(params), None, divisor)
         grad_norm = _finite_norm(model, params)
-    except BaseException:
-        stash.put_back()
-        buffers.put_back()
-        rng.put_back()
-        raise
     if existing_grad == "add":
         grad_norm = _add_back(stash)
     return BPTTReport(
@@ -338,7 +334,7 @@ def tbptt(
     params = [p for p in model.parameters() if p.requires_grad]
     buffers, rng = BufferSnapshot.take(model), RngSnapshot.take()
     stash = GradStash.take(params)
-    try:
+    with _put_back_on_error(stash, buffers, rng):
         if existing_grad == "error":
             _refuse_existing_grads(model, stash)
         saved: dict[int, State] = {0: initial_state}  # the state at each window's start
@@ -387,11 +383,6 @@ def tbptt(
         if optimizer is None:
             _normalise(_grads(params), None, divisor)
             grad_norm = _finite_norm(model, params)
-    except BaseException:
-        stash.put_back()
-        buffers.put_back()
-        rng.put_back()
-        raise
     if existing_grad == "add" and optimizer is None:
         grad_norm = _add_back(stash)
     return BPTTReport(
@@ -507,6 +498,17 @@ class _ChunkedRun:
         rng, buffers = self.after
         rng.put_back()
         buffers.put_back()
+
+
+@contextlib.contextmanager
+def _put_back_on_error(*snapshots: GradStash | BufferSnapshot | RngSnapshot) -> Iterator[None]:
+    """Gradients, buffers and the random state as before the call if it raises."""
+    try:
+        yield
+    except BaseException:
+        for snapshot in snapshots:
+            snapshot.put_back()
+        raise
 
 
 def _accumulate_into(
