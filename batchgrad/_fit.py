@@ -724,6 +724,31 @@ def _take(data: Batch, order: Tensor | None, start: int, stop: int, step: int) -
     )
 
 
+def evaluation_sums(
+    model: nn.Module,
+    fns: list[Callable[[nn.Module, Any], Loss]],
+    data: Batch,
+    batch_size: int | None,
+) -> list[tuple[float, float]]:
+    """``(Σ total, Σ count)`` of each ``fn(model, batch)`` over ``data`` in batches,
+    in evaluation mode and without gradients (each submodule's mode restored)."""
+    totals: list[list[float]] = [[] for _ in fns]
+    counts: list[list[float]] = [[] for _ in fns]
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            for part in micro_batches(data, batch_size, allow_empty=True):
+                for fn, total, count in zip(fns, totals, counts, strict=True):
+                    value = fn(model, part)
+                    total.append(float(value.total))
+                    count.append(float(value.count))
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    return [(math.fsum(t), math.fsum(c)) for t, c in zip(totals, counts, strict=True)]
+
+
 def _evaluate(
     model: nn.Module, loss_fn: LossFn, data: Batch, plan: _Plan, peer: Replica | None
 ) -> tuple[float, dict[str, float]]:
@@ -735,27 +760,16 @@ def _evaluate(
     module = model.module if isinstance(model, DistributedDataParallel) else model
     rank, world = (0, 1) if peer is None else (peer.rank, peer.world_size)
     fns: list[Callable[[nn.Module, Any], Loss]] = [loss_fn, *plan.metrics.values()]
-    totals: list[list[float]] = [[] for _ in fns]
-    counts: list[list[float]] = [[] for _ in fns]
-    modes = [(m, m.training) for m in module.modules()]
+    sums = [0.0] * (2 * len(fns))
     failure: BaseException | None = None
     try:
-        module.eval()
-        with torch.no_grad():
-            share = _take(data, None, rank, batch_length(data), world)
-            for part in micro_batches(share, plan.eval_batch_size, allow_empty=True):
-                for fn, total, count in zip(fns, totals, counts, strict=True):
-                    value = fn(module, part)
-                    total.append(float(value.total))
-                    count.append(float(value.count))
+        share = _take(data, None, rank, batch_length(data), world)
+        pairs = evaluation_sums(module, fns, share, plan.eval_batch_size)
+        sums = [value for pair in pairs for value in pair]
     except Exception as error:
         if peer is None:
             raise
         failure = error  # reported to every rank below, so none waits
-    finally:
-        for m, mode in modes:
-            m.training = mode
-    sums = [math.fsum(values) for pair in zip(totals, counts, strict=True) for values in pair]
     if peer is not None:
         failed, *sums = peer.agree([float(failure is not None), *sums])
         if failed:

@@ -38,12 +38,20 @@ from torch import nn
 
 from ._data import digits
 from ._errors import ConfigError, NonFiniteError
-from ._fit import BatchSize, History, MetricFn, _dataset_size, _metric_fns, fit
+from ._fit import (
+    BatchSize,
+    History,
+    MetricFn,
+    _dataset_size,
+    _metric_fns,
+    evaluation_sums,
+    fit,
+)
 from ._loss import Loss, LossFn
 from ._models import mlp
 from ._noise import NoiseScale
 from ._report import Table, new_figure, save_figure
-from ._split import Batch, micro_batches
+from ._split import Batch
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -221,21 +229,12 @@ def _evaluate(
     model: nn.Module, problem: Problem, history: History | None, held_out: bool
 ) -> CurvePoint:
     """Loss over the whole training set (and held-out loss and metrics): Σ total / Σ count."""
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        with torch.no_grad():
-            train_loss = _mean(model, [problem.loss_fn], problem.data)[0]
-            eval_loss, metrics = None, {}
-            if held_out and problem.eval_data is not None:
-                chosen = _metric_fns(problem.metrics)
-                eval_loss, *values = _mean(
-                    model, [problem.loss_fn, *chosen.values()], problem.eval_data
-                )
-                metrics = dict(zip(chosen, values, strict=True))
-    finally:
-        for m, mode in modes:
-            m.training = mode
+    train_loss = _mean(model, [problem.loss_fn], problem.data)[0]
+    eval_loss, metrics = None, {}
+    if held_out and problem.eval_data is not None:
+        chosen = _metric_fns(problem.metrics)
+        eval_loss, *values = _mean(model, [problem.loss_fn, *chosen.values()], problem.eval_data)
+        metrics = dict(zip(chosen, values, strict=True))
     if history is None:
         return CurvePoint(0, 0.0, 0, 0.0, train_loss, eval_loss, metrics)
     return CurvePoint(
@@ -252,14 +251,8 @@ def _evaluate(
 def _mean(
     model: nn.Module, fns: Sequence[Callable[[nn.Module, Any], Loss]], data: Batch
 ) -> list[float]:
-    totals = [0.0] * len(fns)
-    counts = [0.0] * len(fns)
-    for part in micro_batches(data, EVAL_BATCH):
-        for i, fn in enumerate(fns):
-            value = fn(model, part)
-            totals[i] += float(value.total)
-            counts[i] += float(value.count)
-    return [t / c if c else math.nan for t, c in zip(totals, counts, strict=True)]
+    sums = evaluation_sums(model, list(fns), data, EVAL_BATCH)
+    return [total / count if count else math.nan for total, count in sums]
 
 
 def _curve_stops(total: int, points: int = CURVE_POINTS) -> list[int]:
