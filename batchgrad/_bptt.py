@@ -178,12 +178,8 @@ def bptt(
     check_micro_batch_size(micro_batch_size)
     steps = time_length(sequence)
     bounds = chunk_bounds(steps, chunk)
-    params = [p for p in model.parameters() if p.requires_grad]
-    buffers, rng = BufferSnapshot.take(model), RngSnapshot.take()
-    stash = GradStash.take(params)
-    with _put_back_on_error(stash, buffers, rng):
-        if existing_grad == "error":
-            _refuse_existing_grads(model, stash)
+    with _guarded(model, existing_grad) as stash:
+        params = stash.params
         loss_sum, chunk_counts, runs = 0.0, [0.0] * len(bounds), 0
         for index, (part, state) in enumerate(
             _with_states(sequence, initial_state, micro_batch_size)
@@ -331,12 +327,8 @@ def tbptt(
     windows = chunk_bounds(steps, k1)
     starts = [max(0, first - (k2 - k1)) for first, _ in windows]
     cuts = sorted({0, steps, *(stop for _, stop in windows), *starts})
-    params = [p for p in model.parameters() if p.requires_grad]
-    buffers, rng = BufferSnapshot.take(model), RngSnapshot.take()
-    stash = GradStash.take(params)
-    with _put_back_on_error(stash, buffers, rng):
-        if existing_grad == "error":
-            _refuse_existing_grads(model, stash)
+    with _guarded(model, existing_grad) as stash:
+        params = stash.params
         saved: dict[int, State] = {0: initial_state}  # the state at each window's start
         replay: dict[int, RngSnapshot] = {}  # the random state entering each segment
         frontier: RngSnapshot | None = None  # the random state after the newest step
@@ -501,13 +493,21 @@ class _ChunkedRun:
 
 
 @contextlib.contextmanager
-def _put_back_on_error(*snapshots: GradStash | BufferSnapshot | RngSnapshot) -> Iterator[None]:
-    """Gradients, buffers and the random state as before the call if it raises."""
+def _guarded(model: nn.Module, existing_grad: ExistingGrad) -> Iterator[GradStash]:
+    """Move the trainable parameters' gradients aside (refusing stale ones unless
+    ``existing_grad`` says otherwise); if the body raises, put gradients, buffers and
+    the random state back as they were."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    buffers, rng = BufferSnapshot.take(model), RngSnapshot.take()
+    stash = GradStash.take(params)
     try:
-        yield
+        if existing_grad == "error":
+            _refuse_existing_grads(model, stash)
+        yield stash
     except BaseException:
-        for snapshot in snapshots:
-            snapshot.put_back()
+        stash.put_back()
+        buffers.put_back()
+        rng.put_back()
         raise
 
 
