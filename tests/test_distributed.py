@@ -245,6 +245,14 @@ def _bad_inputs():
     except bg.BatchError as error:
         outcomes["other-group"] = (type(error).__name__, str(error))
 
+    # Per-sample clipping and the noise scale are single-process features, for now.
+    for option, value in [("clip_per_sample", 1.0), ("noise", True)]:
+        try:
+            bg.accumulate(model, _square_loss, two_rows(rank), **{option: value})
+            outcomes[option] = ("no error", "")
+        except bg.BatchError as error:
+            outcomes[option] = (type(error).__name__, str(error))
+
     from torch.distributed.fsdp import fully_shard
 
     sharded = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1))
@@ -297,6 +305,20 @@ def test_stale_gradients_on_one_rank_are_refused_on_every_rank(bad_outcomes):
             r"On rank 0: 1 parameter\(s\) already hold non-zero gradients \(weight\)", text
         )
         assert kept
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ("clip_per_sample", r"clip_per_sample is not supported under torch.distributed yet"),
+        ("noise", r"noise= is not supported together with torch.distributed"),
+    ],
+)
+def test_single_process_options_are_refused_under_distributed(bad_outcomes, option, message):
+    for outcomes in bad_outcomes:
+        kind, text = outcomes[option]
+        assert kind == "ConfigError"
+        assert re.search(message, text)
 
 
 def test_a_group_other_than_the_ddp_models_is_refused(bad_outcomes):

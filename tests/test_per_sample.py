@@ -5,6 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.nn import functional as F
 
 import batchgrad as bg
 from batchgrad._models import TinyLM
@@ -385,3 +386,22 @@ def test_a_nan_sample_gradient_is_named():
     ):
         bg.accumulate(model, _ce, (x, BATCH[1]), clip_per_sample=1.0)
     assert model.weight.grad is None
+
+
+class NoisyScale(Scale):
+    """Random numbers inside a module with parameters of its own: not per-sample-able
+    by the generic rule (torch.func would draw them anew)."""
+
+    def forward(self, x):
+        return F.dropout(super().forward(x), 0.5, training=True)
+
+
+def test_the_generic_rule_names_the_module_it_cannot_handle():
+    model = nn.Sequential(NoisyScale(3))
+
+    def loss_fn(model, x):
+        return bg.Loss.from_values(model(x).pow(2).sum(1))
+
+    with pytest.raises(bg.ConfigError, match=r"module '0' \(NoisyScale\) go through torch.func"):
+        bg.per_sample_grads(model, loss_fn, torch.randn(4, 3))
+    assert all(p.grad is None for p in model.parameters())
