@@ -32,7 +32,7 @@ from ._errors import (
     NonFiniteError,
     ZeroCountError,
 )
-from ._loss import Loss, LossFn
+from ._loss import LossFn, unpack_loss
 from ._noise import NoiseEstimate, NoiseScale
 from ._noise import estimate as noise_estimate
 from ._per_sample import check_clipping, clipped_sum
@@ -323,11 +323,11 @@ def _forward_backward(
         if micro is not None:
             micro.sizes.append(batch_length(micro_batch, f"micro-batch {index}"))
         if last:
-            total, count = _unpack(loss_fn(model, micro_batch), index)
+            total, count = unpack_loss(loss_fn(model, micro_batch), index)
             last_total = total
         else:
             with quiet():
-                total, count = _unpack(loss_fn(model, micro_batch), index)
+                total, count = unpack_loss(loss_fn(model, micro_batch), index)
                 if micro is not None:
                     micro.backward(total)
                 else:
@@ -524,43 +524,6 @@ def _add_back(stash: GradStash) -> float:
                 old.add_(p.grad)
             p.grad = old
     return _total_norm(_grads(stash.params))
-
-
-def _unpack(loss: object, index: int) -> tuple[Tensor, int | float | Tensor]:
-    """Check what ``loss_fn`` returned for micro-batch ``index``."""
-    if not isinstance(loss, Loss):
-        raise LossTypeError(
-            f"loss_fn returned {type(loss).__name__} for micro-batch {index}; it must "
-            f"return bg.Loss(total, count), e.g. bg.Loss.from_criterion(criterion, output, "
-            f"target) or bg.Loss.from_values(values, mask)."
-        )
-    total, count = loss.total, loss.count
-    if not isinstance(total, Tensor) or total.ndim != 0:
-        shape = tuple(total.shape) if isinstance(total, Tensor) else type(total).__name__
-        raise LossTypeError(
-            f"Loss.total of micro-batch {index} must be a 0-d tensor (the sum of the unit "
-            f"losses), got {shape}. Reduce it with .sum(), or use bg.Loss.from_values."
-        )
-    if not total.requires_grad:
-        raise LossTypeError(
-            f"Loss.total of micro-batch {index} does not depend on any parameter that "
-            f"requires grad, so there is nothing to backpropagate. Compute it from the "
-            f"model's output, outside torch.no_grad()."
-        )
-    if isinstance(count, bool) or not isinstance(count, int | float | Tensor):
-        raise LossTypeError(
-            f"Loss.count of micro-batch {index} must be an int, float or 0-d tensor, "
-            f"got {type(count).__name__}."
-        )
-    if isinstance(count, Tensor):
-        if count.ndim != 0:
-            raise LossTypeError(
-                f"Loss.count of micro-batch {index} must be 0-d, got shape "
-                f"{tuple(count.shape)}; count the units with .sum()."
-            )
-        if count.requires_grad:
-            count = count.detach()
-    return total, count
 
 
 def _check_losses(

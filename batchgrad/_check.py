@@ -25,10 +25,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ._accumulate import _unpack, accumulate
+from ._accumulate import accumulate
 from ._distributed import launch
 from ._errors import ConfigError, DistributedError
-from ._loss import LossFn
+from ._loss import LossFn, unpack_loss
 from ._reduction import REDUCTIONS, Reduction
 from ._split import Batch, batch_length, batched_leaves, is_structured, micro_batches, slice_batch
 from ._state import ModelSnapshot
@@ -205,7 +205,7 @@ def _grads(params: list[nn.Parameter]) -> list[Tensor]:
 def _whole_batch_grads(
     model: nn.Module, loss_fn: LossFn, batch: Batch, reduction: Reduction, params: list[Any]
 ) -> list[Tensor]:
-    total, count = _unpack(loss_fn(model, batch), 0)
+    total, count = unpack_loss(loss_fn(model, batch), 0)
     loss = total / count if reduction == "mean" else total
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
@@ -227,7 +227,7 @@ def _naive_grads(
     """
     splits = list(micro_batches(batch, micro_batch_size, allow_empty=world_size > 1))
     for micro_batch in splits:
-        total, count = _unpack(loss_fn(model, micro_batch), 0)
+        total, count = unpack_loss(loss_fn(model, micro_batch), 0)
         reduced = total / count if reduction == "mean" else total
         (reduced / len(splits) / world_size).backward()
     return _grads(params)

@@ -43,7 +43,7 @@ class Loss:
     Attributes:
         total: 0-d tensor, the sum of the unit losses ``Σ_u ℓ_u``; it carries the
             autograd graph.
-        count: the number of units ``N`` (an int or a 0-d tensor, may be 0). With
+        count: the number of units ``N`` (an int, float or 0-d tensor, may be 0). With
             weighted units it is the sum of the weights, exactly the denominator
             PyTorch's weighted ``"mean"`` uses.
 
@@ -57,7 +57,7 @@ class Loss:
     """
 
     total: Tensor
-    count: int | Tensor
+    count: int | float | Tensor
 
     def mean(self) -> Tensor:
         """``total / count``: the loss of this (micro-)batch on its own."""
@@ -234,3 +234,40 @@ def _weighted_target_count(criterion: nn.CrossEntropyLoss | nn.NLLLoss, target: 
     if weight is None:
         return valid.sum()
     return torch.where(valid, weight[torch.where(valid, target, 0)], 0).sum()
+
+
+def unpack_loss(loss: object, index: int) -> tuple[Tensor, int | float | Tensor]:
+    """Check what ``loss_fn`` returned for micro-batch ``index``."""
+    if not isinstance(loss, Loss):
+        raise LossTypeError(
+            f"loss_fn returned {type(loss).__name__} for micro-batch {index}; it must "
+            f"return bg.Loss(total, count), e.g. bg.Loss.from_criterion(criterion, output, "
+            f"target) or bg.Loss.from_values(values, mask)."
+        )
+    total, count = loss.total, loss.count
+    if not isinstance(total, Tensor) or total.ndim != 0:
+        shape = tuple(total.shape) if isinstance(total, Tensor) else type(total).__name__
+        raise LossTypeError(
+            f"Loss.total of micro-batch {index} must be a 0-d tensor (the sum of the unit "
+            f"losses), got {shape}. Reduce it with .sum(), or use bg.Loss.from_values."
+        )
+    if not total.requires_grad:
+        raise LossTypeError(
+            f"Loss.total of micro-batch {index} does not depend on any parameter that "
+            f"requires grad, so there is nothing to backpropagate. Compute it from the "
+            f"model's output, outside torch.no_grad()."
+        )
+    if isinstance(count, bool) or not isinstance(count, int | float | Tensor):
+        raise LossTypeError(
+            f"Loss.count of micro-batch {index} must be an int, float or 0-d tensor, "
+            f"got {type(count).__name__}."
+        )
+    if isinstance(count, Tensor):
+        if count.ndim != 0:
+            raise LossTypeError(
+                f"Loss.count of micro-batch {index} must be 0-d, got shape "
+                f"{tuple(count.shape)}; count the units with .sum()."
+            )
+        if count.requires_grad:
+            count = count.detach()
+    return total, count

@@ -39,8 +39,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.grad import conv2d_weight
 
-from ._errors import BatchShapeError, ConfigError, LossTypeError, NonFiniteError
-from ._loss import Loss, LossFn
+from ._errors import BatchShapeError, ConfigError, NonFiniteError
+from ._loss import Loss, LossFn, unpack_loss
 from ._split import Batch, batch_length, check_micro_batch_size, micro_batches
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -132,16 +132,7 @@ def _record(
         loss = loss_fn(model, micro_batch)
     finally:
         recorder.remove()
-    if not isinstance(loss, Loss) or not isinstance(loss.total, Tensor) or loss.total.ndim != 0:
-        raise LossTypeError(
-            f"loss_fn returned {type(loss).__name__} for micro-batch {index}; it must return "
-            f"bg.Loss(total, count) with a 0-d total."
-        )
-    if not loss.total.requires_grad:
-        raise LossTypeError(
-            f"Loss.total of micro-batch {index} does not depend on any parameter that "
-            f"requires grad; compute it from the model's output, outside torch.no_grad()."
-        )
+    total, count = unpack_loss(loss, index)
     calls = [call for call in recorder.calls if call.outputs]
     for call in calls:
         if [t._version for t in call.outputs] != call.versions:
@@ -153,12 +144,12 @@ def _record(
             )
     outputs = [t for call in calls for t in call.outputs]
     retain = any(not isinstance(call.module, _FAST) for call in calls)
-    grads = torch.autograd.grad(loss.total, outputs, allow_unused=True, retain_graph=retain)
+    grads = torch.autograd.grad(total, outputs, allow_unused=True, retain_graph=retain)
     position = 0
     for call in calls:
         call.grads = list(grads[position : position + len(call.outputs)])
         position += len(call.outputs)
-    return calls, loss
+    return calls, Loss(total, count)
 
 
 # -- per layer: per-sample gradients, their squared norms, and weighted sums ----------
