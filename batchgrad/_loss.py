@@ -114,6 +114,8 @@ class Loss:
             >>> int(loss.count), torch.allclose(loss.mean(), criterion(logits, target))
             (3, True)
         """
+        if isinstance(criterion, _CLASS_CRITERIA) and not inputs[1].is_floating_point():
+            return cls(*_class_sum_and_count(criterion, *inputs))  # first: the common case
         if not isinstance(criterion, nn.Module) or not hasattr(criterion, "reduction"):
             raise LossTypeError(
                 f"Loss.from_criterion needs a torch.nn loss module with a `reduction` "
@@ -126,9 +128,7 @@ class Loss:
                 "which is no sum over units; use reduction='none' and bg.Loss.from_values."
             )
         count: int | Tensor
-        if isinstance(criterion, _CLASS_CRITERIA) and not inputs[1].is_floating_point():
-            return cls(*_class_sum_and_count(criterion, *inputs))
-        elif isinstance(criterion, nn.CrossEntropyLoss):  # class probabilities
+        if isinstance(criterion, nn.CrossEntropyLoss):  # class probabilities
             logits = inputs[0]
             count = logits.numel() // logits.shape[1 if logits.ndim > 1 else 0]
         elif isinstance(criterion, nn.KLDivLoss) and criterion.reduction == "batchmean":
@@ -171,11 +171,12 @@ def _class_sum_and_count(
     criterion: nn.CrossEntropyLoss | nn.NLLLoss, output: Tensor, target: Tensor
 ) -> tuple[Tensor, Tensor]:
     """The criterion's ``"sum"`` and the (weighted) count of its targets."""
-    smoothing = getattr(criterion, "label_smoothing", 0.0)
+    cross_entropy = isinstance(criterion, nn.CrossEntropyLoss)
+    smoothing = criterion.label_smoothing if isinstance(criterion, nn.CrossEntropyLoss) else 0.0
     if smoothing == 0.0 and _counts_exactly(output, target):
-        log_probs = output.log_softmax(1) if isinstance(criterion, nn.CrossEntropyLoss) else output
+        log_probs = output.log_softmax(1) if cross_entropy else output
         return _nll_sum_and_count(log_probs, target, criterion.weight, criterion.ignore_index)
-    if isinstance(criterion, nn.CrossEntropyLoss):  # called functionally: no module copy
+    if cross_entropy:  # called functionally: no module copy
         total = F.cross_entropy(
             output,
             target,
@@ -206,6 +207,7 @@ def _counts_exactly(output: Tensor, target: Tensor) -> bool:
 
 
 _SUM = 2  # at::Reduction::Sum
+_NLL_LOSS_FORWARD = torch.ops.aten.nll_loss_forward.default
 
 
 def _nll_sum_and_count(
@@ -217,7 +219,7 @@ def _nll_sum_and_count(
     same pass as the sum; taking it from there saves two operations per
     micro-batch over counting the targets separately.
     """
-    total, count = torch.ops.aten.nll_loss_forward(log_probs, target, weight, _SUM, ignore_index)
+    total, count = _NLL_LOSS_FORWARD(log_probs, target, weight, _SUM, ignore_index)
     return total, count
 
 
