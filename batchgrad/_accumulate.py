@@ -9,6 +9,12 @@ accumulated so far is divided by it and the last micro-batch backpropagates
 ignored tokens are counted by the loss itself), no micro-batch's mean is ever
 weighted against another's, and a single micro-batch costs exactly the plain
 ``(loss_sum / N).backward()``.
+
+Dividing the accumulated sum costs a pass over every gradient. To spare it in the
+common case, the micro-batches before the last backpropagate ``total_k / N̂``, with
+``N̂`` presumed from the first micro-batch (its count scaled by its share of the rows,
+see `_Presumption`), as the hand-written loop that knows ``N(B)`` does; `_normalise`
+rescales the sum only when ``N̂ ≠ N(B)`` (e.g. padded tokens).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from typing import Any, Literal, TypeVar
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.overrides import has_torch_function
 
 from ._distributed import Replica, replica
 from ._errors import (
@@ -41,6 +48,11 @@ from ._split import Batch, batch_length, check_micro_batch_size, is_structured, 
 from ._state import BufferSnapshot, GradStash, RngSnapshot
 
 T = TypeVar("T")
+
+# The engine entry point `torch.autograd.backward` calls once its checks are done.
+_run_backward: Callable[..., Any] | None = getattr(
+    torch.autograd.graph, "_engine_run_backward", None
+)
 
 ExistingGrad = Literal["error", "replace", "add"]
 """What `accumulate` does with gradients already in ``p.grad``.
@@ -216,17 +228,17 @@ def accumulate(
             parts, _ = _with_last(micro_batches(batch, micro_batch_size))
             if noise is not False:
                 own = _MicroBatchGrads(params)
-            totals, counts, last = _forward_backward(module, loss_fn, parts, micro=own)
-            loss_sum, unit_counts = _check_losses(totals, counts)
-            count = sum(unit_counts)
-            divisor = _divisor(count, reduction, f"its {len(unit_counts)} micro-batch(es)")
-            _normalise(_grads(params), last, divisor)
-            done = _Pass(unit_counts, loss_sum, count, divisor)
+            presumption = _Presumption.of(batch, micro_batch_size, reduction)
+            totals, counts, _ = _forward_backward(
+                module, loss_fn, parts, micro=own, presumption=presumption, hold_last=False
+            )
+            presumed = 1.0 if presumption is None else presumption.divisor
+            done = _checked_pass(_grads(params), totals, counts, reduction, presumed)
         else:
             done = _data_parallel_pass(
                 peer, module, stash, loss_fn, batch, micro_batch_size, reduction, existing_grad
             )
-        grad_norm = _total_norm(_grads(params))
+        grad_norm = done.grad_norm
         if not math.isfinite(grad_norm):
             rng.put_back()
             raise _non_finite_grad_error(module, loss_fn, batch, micro_batch_size, peer)
@@ -265,7 +277,35 @@ class _Pass:
     loss_sum: float  # Σ total over the whole logical batch (every rank)
     count: float  # N(B), over the whole logical batch (every rank)
     divisor: float  # N(B) under "mean", 1 under "sum"
+    grad_norm: float  # of the gradient left in p.grad
     clipped: float | None = None  # the fraction of samples clipped, with clip_per_sample
+
+
+def _checked_pass(
+    grads: list[Tensor],
+    totals: list[Tensor],
+    counts: list[int | float | Tensor],
+    reduction: Reduction,
+    presumed: float,
+) -> _Pass:
+    """Check the losses, counts and gradient norm (in one transfer), then normalise.
+
+    Every micro-batch has been backpropagated with ``1 / presumed`` (see
+    `_Presumption`): only a wrong presumption costs a pass over the gradients.
+    """
+    k, m = len(totals), len(totals) + len(counts)
+    values = _as_floats([*totals, *counts, *_norms(grads)])
+    unit_counts = values[k:m]
+    loss_sum = _check_losses(values[:k], unit_counts)
+    count = math.fsum(unit_counts)
+    divisor = _divisor(count, reduction, f"its {len(unit_counts)} micro-batch(es)")
+    grad_norm = math.hypot(*values[m:])
+    if divisor != presumed:
+        _normalise(grads, None, divisor, presumed)
+        grad_norm = grad_norm * presumed / divisor
+        if not math.isfinite(grad_norm):  # the sum may overflow where the mean does not
+            grad_norm = _total_norm(grads)
+    return _Pass(unit_counts, loss_sum, count, divisor, grad_norm)
 
 
 def _clipped_pass(
@@ -288,8 +328,10 @@ def _clipped_pass(
         totals.append(loss.total)
         counts.append(loss.count.detach() if isinstance(loss.count, Tensor) else loss.count)
         factors.append(sample_factors)
-    loss_sum, unit_counts = _check_losses(totals, counts)
-    count = sum(unit_counts)
+    values = _as_floats([*totals, *counts])
+    unit_counts = values[len(totals) :]
+    loss_sum = _check_losses(values[: len(totals)], unit_counts)
+    count = math.fsum(unit_counts)
     divisor = _divisor(count, reduction, f"its {len(unit_counts)} micro-batch(es)")
     if noise_multiplier:
         with torch.no_grad():
@@ -300,7 +342,7 @@ def _clipped_pass(
                 p.grad = noise if p.grad is None else p.grad.add_(noise)
     _normalise(_grads(params), None, divisor)
     clipped = float((torch.cat(factors) < 1).double().mean())
-    return _Pass(unit_counts, loss_sum, count, divisor, clipped)
+    return _Pass(unit_counts, loss_sum, count, divisor, _total_norm(_grads(params)), clipped)
 
 
 def _forward_backward(
@@ -309,32 +351,81 @@ def _forward_backward(
     parts: Iterable[tuple[Batch, bool]],
     quiet: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
     micro: _MicroBatchGrads | None = None,
+    presumption: _Presumption | None = None,
+    hold_last: bool = True,
 ) -> tuple[list[Tensor], list[int | float | Tensor], Tensor | None]:
-    """Forward each micro-batch and backpropagate its ``total``, except the last's.
+    """Forward each micro-batch and backpropagate its ``total / N̂`` (see
+    `_Presumption`; ``total`` without one).
 
     Every micro-batch but the last runs inside ``quiet()`` (DDP's ``no_sync``).
-    Returns the detached totals, the counts, and the last micro-batch's ``total``,
-    still attached: its backward waits for ``N(B)`` (see `_normalise`).
+    Returns the detached totals, the counts and, with ``hold_last``, the last
+    micro-batch's ``total``, not backpropagated, still attached: its backward waits
+    for ``N(B)`` (see `_normalise`).
     """
     totals: list[Tensor] = []
     counts: list[int | float | Tensor] = []
     last_total: Tensor | None = None
+    root: Tensor | None = None  # the gradient backpropagated into each total: 1 / N̂
     for index, (micro_batch, last) in enumerate(parts):
         if micro is not None:
             micro.sizes.append(batch_length(micro_batch, f"micro-batch {index}"))
-        if last:
+        if last and hold_last:
             total, count = unpack_loss(loss_fn(model, micro_batch), index)
             last_total = total
+        elif last:  # not quiet, and no norm of its own for `micro`
+            total, count = unpack_loss(loss_fn(model, micro_batch), index)
+            if index == 0 and presumption is not None:
+                root = presumption.root(total, count, only=True)
+            _backward(total, root)
         else:
             with quiet():
                 total, count = unpack_loss(loss_fn(model, micro_batch), index)
+                if index == 0 and presumption is not None:
+                    root = presumption.root(total, count, only=False)
                 if micro is not None:
-                    micro.backward(total)
+                    micro.backward(total, root)
                 else:
-                    total.backward()
+                    _backward(total, root)
         totals.append(total.detach())
         counts.append(count)
     return totals, counts, last_total
+
+
+class _Presumption:
+    """``N̂``, the divisor presumed from the first micro-batch before ``N(B)`` is known.
+
+    A first micro-batch that is the only one presumes its own count, exactly. One of
+    several presumes ``N̂ = count_0 · rows / rows_0``, exact whenever every row holds
+    as many units (one label per sample, unpadded sequences); then `_normalise` has
+    nothing left to divide. Nothing is presumed (``N̂ = 1``) under ``"sum"``, from a
+    count that is not ``> 0``, or for the first of several ready-made micro-batches
+    (they do not tell their rows).
+    """
+
+    def __init__(self, batch: object = None, micro_batch_size: int | None = None) -> None:
+        self.batch, self.micro_batch_size = batch, micro_batch_size
+        self.ranks = 1  # presume the count of this many ranks' batches
+        self.divisor = 1.0
+
+    @classmethod
+    def of(
+        cls, batch: Batch | Iterable[Batch], micro_batch_size: int | None, reduction: Reduction
+    ) -> _Presumption | None:
+        return cls(batch, micro_batch_size) if reduction == "mean" else None
+
+    def root(self, total: Tensor, count: int | float | Tensor, only: bool) -> Tensor | None:
+        """The gradient to backpropagate into every total, ``1 / N̂`` (None: 1)."""
+        first = float(count)  # read once, on the first micro-batch
+        if not 0 < first < math.inf:
+            return None
+        if only:
+            self.divisor = first * self.ranks
+        elif self.micro_batch_size is not None and is_structured(self.batch):
+            rows = batch_length(self.batch)
+            self.divisor = first * rows * self.ranks / min(self.micro_batch_size, rows)
+        else:
+            return None
+        return torch.full_like(total, 1 / self.divisor)
 
 
 def _data_parallel_pass(
@@ -355,10 +446,12 @@ def _data_parallel_pass(
     failure: BaseException | None = None
     parts: Iterator[tuple[Batch, bool]] = iter(())
     has_work = False
+    presumption: _Presumption | None = None
     try:
         if existing_grad == "error":
             _refuse_existing_grads(module, stash)
         parts, has_work = _with_last(micro_batches(batch, micro_batch_size, allow_empty=True))
+        presumption = _Presumption.of(batch, micro_batch_size, reduction)
     except Exception as error:  # reported to every rank below, so none waits
         failure = error
     idle_ranks, failed = peer.agree([0.0 if has_work else 1.0, float(failure is not None)])
@@ -370,7 +463,14 @@ def _data_parallel_pass(
             f"gradient to compute. Check the distributed sampler and the data loader."
         )
     return _synchronised_pass(
-        peer, module, parts, loss_fn, stash.params, reduction, every_rank_has_work=idle_ranks == 0
+        peer,
+        module,
+        parts,
+        loss_fn,
+        stash.params,
+        reduction,
+        presumption,
+        every_rank_has_work=idle_ranks == 0,
     )
 
 
@@ -381,6 +481,7 @@ def _synchronised_pass(
     loss_fn: LossFn,
     params: list[nn.Parameter],
     reduction: Reduction,
+    presumption: _Presumption | None,
     *,
     every_rank_has_work: bool,
 ) -> _Pass:
@@ -393,11 +494,19 @@ def _synchronised_pass(
     failure: BaseException | None = None
     try:
         if ddp is None:
-            totals, counts, last = _forward_backward(module, loss_fn, parts)
+            if presumption is not None:  # the ranks' sums are added up: presume their N
+                presumption.ranks = peer.world_size
+            totals, counts, last = _forward_backward(
+                module, loss_fn, parts, presumption=presumption
+            )
         else:  # the last forward outside no_sync(): its backward synchronises
-            totals, counts, last = _forward_backward(ddp, loss_fn, parts, ddp.no_sync)
+            totals, counts, last = _forward_backward(
+                ddp, loss_fn, parts, ddp.no_sync, presumption=presumption
+            )
         if totals:
-            loss_sum, unit_counts = _check_losses(totals, counts)
+            values = _as_floats([*totals, *counts])
+            unit_counts = values[len(totals) :]
+            loss_sum = _check_losses(values[: len(totals)], unit_counts)
     except Exception as error:  # reported to every rank below, so none waits
         failure = error
     failed, global_loss_sum, global_count = peer.agree(
@@ -406,14 +515,16 @@ def _synchronised_pass(
     if failed:
         peer.raise_failures(failure)
     divisor = _divisor(global_count, reduction, f"all {peer.world_size} ranks")
+    presumed = 1.0 if presumption is None else presumption.divisor
     if ddp is not None:
         # DDP's all-reduce in this backward averages over the ranks: divide by
         # N(B) / world_size so that the average is the sum over ranks / N(B).
-        _normalise(_grads(params), last, divisor / peer.world_size)
+        _normalise(_grads(params), last, divisor / peer.world_size, presumed)
     else:
-        _normalise(_grads(params), last, divisor)
+        _normalise(_grads(params), last, divisor, presumed)
         peer.sum_grads(params)
-    return _Pass(unit_counts, global_loss_sum, global_count, divisor)
+    grad_norm = _total_norm(_grads(params))
+    return _Pass(unit_counts, global_loss_sum, global_count, divisor, grad_norm)
 
 
 def _with_last(items: Iterable[T]) -> tuple[Iterator[tuple[T, bool]], bool]:
@@ -447,18 +558,21 @@ def _divisor(count: float, reduction: Reduction, where: str) -> float:
     return float(count)
 
 
-def _normalise(grads: list[Tensor], last: Tensor | None, divisor: float) -> None:
+def _normalise(
+    grads: list[Tensor], last: Tensor | None, divisor: float, presumed: float = 1.0
+) -> None:
     """The one place where gradients are divided by ``N(B)``.
 
     Called once ``N(B)`` is known: divides, in place, the gradient sums accumulated
-    so far (nothing with one micro-batch), then backpropagates the last
-    micro-batch's ``total / N(B)``, which autograd adds in. `batchgrad.bptt` and
-    its relatives divide their sums here too.
+    so far, already divided by ``presumed`` (see `_Presumption`), by the rest of
+    ``N(B)`` (nothing with one micro-batch or a right presumption), then
+    backpropagates the last micro-batch's ``total / N(B)``, which autograd adds in.
+    `batchgrad.bptt` and its relatives divide their sums here too.
     """
-    if divisor != 1.0 and grads:
-        torch._foreach_div_(grads, divisor)
+    if divisor != presumed and grads:
+        torch._foreach_div_(grads, divisor / presumed)
     if last is not None:
-        (last / divisor).backward()
+        _backward(last, torch.full_like(last, 1 / divisor))
 
 
 class _MicroBatchGrads:
@@ -475,12 +589,14 @@ class _MicroBatchGrads:
         self.sizes: list[int] = []  # samples per micro-batch, all of them
         self.sq_norms: list[float] = []  # ‖Σ_{i∈k} g_i‖² of each but the last
 
-    def backward(self, total: Tensor) -> None:
+    def backward(self, total: Tensor, root: Tensor | None) -> None:
+        """``total.backward(root)``, with ``root = 1 / N̂`` or None (1)."""
         earlier = [p.grad for p in self.params]
         for p in self.params:
             p.grad = None
-        total.backward()
-        self.sq_norms.append(_total_norm(_grads(self.params)) ** 2)
+        _backward(total, root)
+        scale = 1.0 if root is None else 1 / float(root)
+        self.sq_norms.append((_total_norm(_grads(self.params)) * scale) ** 2)
         mine, theirs = [], []
         for p, grad in zip(self.params, earlier, strict=True):
             if grad is None:
@@ -499,21 +615,37 @@ class _MicroBatchGrads:
         return noise_estimate(means, small, big_sq_norm, sum(self.sizes))
 
 
+def _backward(total: Tensor, root: Tensor | None) -> None:
+    """``total.backward(root)``, with ``root`` None (1) or a tensor like ``total``.
+
+    A plain tensor goes straight to autograd's engine: ``torch.autograd.backward``
+    first re-checks its arguments in Python, some 30-50 µs a call on a CPU, paid
+    once per micro-batch. The arguments are known good here; anything else (tensor
+    subclasses, torch-function modes, a torch without this entry point) takes the
+    public route.
+    """
+    if _run_backward is None or has_torch_function((total,)):
+        total.backward(root)
+        return
+    if root is None:
+        root = torch.ones_like(total)
+    _run_backward((total,), (root,), False, False, (), allow_unreachable=True, accumulate_grad=True)
+
+
 def _grads(params: list[nn.Parameter]) -> list[Tensor]:
     return [p.grad for p in params if p.grad is not None]
 
 
+def _norms(grads: list[Tensor]) -> list[Tensor]:
+    """The L2 norm of each gradient, as 0-d tensors: one fused kernel per device."""
+    if grads and all(g.device == grads[0].device for g in grads):
+        return list(torch._foreach_norm(grads))
+    return [torch.linalg.vector_norm(g) for g in grads]
+
+
 def _total_norm(grads: list[Tensor]) -> float:
-    """The global L2 norm: one fused pass per device (the one pass this check costs)."""
-    if not grads:
-        return 0.0
-    device = grads[0].device
-    if any(g.device != device for g in grads):
-        return float(torch.nn.utils.get_total_norm(grads))
-    norms = list(torch._foreach_norm(grads))
-    if any(n.dtype != norms[0].dtype for n in norms):
-        norms = [n.double() for n in norms]
-    return math.hypot(*torch.stack(norms).tolist())
+    """The global L2 norm (the one pass over the gradients that checking them costs)."""
+    return math.hypot(*_as_floats(_norms(grads)))  # type: ignore[arg-type]
 
 
 def _add_back(stash: GradStash) -> float:
@@ -526,21 +658,8 @@ def _add_back(stash: GradStash) -> float:
     return _total_norm(_grads(stash.params))
 
 
-def _check_losses(
-    totals: list[Tensor], counts: list[int | float | Tensor]
-) -> tuple[float, list[float]]:
-    """The summed loss and the count of each micro-batch, all checked (one sync)."""
-    first = totals[0]
-    if all(
-        isinstance(c, Tensor) and (c.dtype, c.device) == (first.dtype, first.device) for c in counts
-    ):
-        # one transfer for both: totals and counts share a dtype when the count comes
-        # from the loss kernel (see `Loss.from_criterion`)
-        both = torch.stack(totals + counts).tolist()  # type: ignore[operator]
-        values, unit_counts = both[: len(totals)], both[len(totals) :]
-    else:
-        values = torch.stack(totals).tolist()  # Python floats hold any tensor float exactly
-        unit_counts = _as_floats(counts)
+def _check_losses(values: list[float], unit_counts: list[float]) -> float:
+    """The summed loss, once every micro-batch's loss and count is checked."""
     bad = [i for i, value in enumerate(values) if not math.isfinite(value)]
     if bad:
         raise NonFiniteError(
@@ -554,13 +673,30 @@ def _check_losses(
                 f"Loss.count of micro-batch {index} is {count}; a count must be a finite "
                 f"number of units >= 0."
             )
-    return math.fsum(values), unit_counts
+    return math.fsum(values)
 
 
-def _as_floats(counts: list[int | float | Tensor]) -> list[float]:
-    if all(isinstance(c, Tensor) for c in counts):  # one transfer, not one per micro-batch
-        return torch.stack(counts).double().tolist()  # type: ignore[arg-type]
-    return [float(c) for c in counts]
+def _as_floats(values: list[int | float | Tensor]) -> list[float]:
+    """Python floats of numbers and 0-d tensors: one transfer per dtype and device.
+
+    Python floats hold every value of a tensor float (and integer counts) exactly.
+    """
+    first = values[0] if values else None
+    if isinstance(first, Tensor) and all(
+        isinstance(v, Tensor) and v.dtype == first.dtype and v.device == first.device
+        for v in values
+    ):  # the common case: losses, counts and norms in the loss's dtype
+        return torch.stack(values).tolist()  # type: ignore[arg-type]
+    numbers = [0 if isinstance(v, Tensor) else v for v in values]
+    groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+    for index, value in enumerate(values):
+        if isinstance(value, Tensor):
+            groups.setdefault((value.dtype, value.device), []).append(index)
+    for indices in groups.values():
+        fetched = torch.stack([values[i] for i in indices]).tolist()  # type: ignore[misc]
+        for index, number in zip(indices, fetched, strict=True):
+            numbers[index] = number
+    return [float(n) for n in numbers]
 
 
 def _as_number(value: float) -> int | float:

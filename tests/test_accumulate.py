@@ -154,6 +154,60 @@ def test_one_backward_per_micro_batch_and_no_graph_kept_across_micro_batches():
     assert len(backward_calls) == 4
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("micro_batch_size", [60, 24, 7], ids=["k1", "k3-uneven", "k9-uneven"])
+def test_equal_units_per_row_give_the_hand_written_loops_gradient_bit_for_bit(
+    dtype, micro_batch_size
+):
+    # One label per sample: N(B) is presumed right from the first micro-batch, so
+    # each micro-batch backpropagates total / N(B) exactly as a loop that counted
+    # the batch first, and nothing is divided afterwards.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
+    x, y = torch.randn(60, 5, dtype=dtype), torch.randint(0, 3, (60,))
+    for xs, ys in zip(x.split(micro_batch_size), y.split(micro_batch_size), strict=True):
+        (F.cross_entropy(model(xs), ys, reduction="sum") / len(y)).backward()
+    expected = current_grads(model)
+    model.zero_grad(set_to_none=True)
+
+    def loss_fn(model, batch):
+        return bg.Loss.from_criterion(nn.CrossEntropyLoss(), model(batch[0]), batch[1])
+
+    bg.accumulate(model, loss_fn, (x, y), micro_batch_size=micro_batch_size)
+    assert all(torch.equal(g, e) for g, e in zip(current_grads(model), expected, strict=True))
+
+
+def test_without_the_engine_entry_point_the_public_backward_gives_the_same(monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).double()
+    x = torch.randn(10, 3, dtype=torch.float64)
+    loss_fn = lambda m, x: bg.Loss.from_values(m(x).square())  # noqa: E731
+    bg.accumulate(model, loss_fn, x, micro_batch_size=4)
+    expected = current_grads(model)
+    model.zero_grad(set_to_none=True)
+    monkeypatch.setattr(bg._accumulate, "_run_backward", None)
+    bg.accumulate(model, loss_fn, x, micro_batch_size=4)
+    assert all(torch.equal(g, e) for g, e in zip(current_grads(model), expected, strict=True))
+
+
+def test_a_wrong_presumption_of_the_count_is_corrected():
+    # The first micro-batch holds 1 unit in 4 rows, so N(B) is presumed 1 · 12/4 = 3;
+    # it is 8.
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1).double()
+    x = torch.randn(12, 3, dtype=torch.float64)
+    mask = torch.tensor([1, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 0], dtype=torch.bool)
+    loss_fn = lambda m, b: bg.Loss.from_values(m(b[0])[:, 0].square(), b[1])  # noqa: E731
+    values = model(x)[:, 0].square()
+    (values[mask].sum() / mask.sum()).backward()
+    expected = current_grads(model)
+    model.zero_grad(set_to_none=True)
+
+    report = bg.accumulate(model, loss_fn, (x, mask), micro_batch_size=4)
+    assert report.micro_batch_counts == (1, 4, 3)
+    assert rel_err(current_grads(model), expected) <= 1e-14
+
+
 # ---- gradients already present -------------------------------------------------
 
 

@@ -26,6 +26,9 @@ N = 12
 SCENARIOS = {
     2: [
         ("even-ddp", "mlp-ce-ignore", [(0, 6), (6, 12)], 2, "mean", "ddp"),
+        # every label counted: N(B) is presumed right from each rank's first micro-batch
+        ("all-counted-ddp", "cnn-ce", [(0, 6), (6, 12)], 4, "mean", "ddp"),
+        ("all-counted-plain", "cnn-ce", [(0, 6), (6, 12)], 4, "mean", "plain"),
         ("uneven-ddp", "mlp-ce-ignore", [(0, 3), (3, 12)], 2, "mean", "ddp"),
         ("uneven-plain", "mlp-ce-ignore", [(0, 3), (3, 12)], 2, "mean", "plain"),
         ("uneven-sum-ddp", "mlp-mse-mask", [(0, 5), (5, 12)], 3, "sum", "ddp"),
