@@ -286,12 +286,13 @@ def _checked_pass(
     totals: list[Tensor],
     counts: list[int | float | Tensor],
     reduction: Reduction,
-    presumed: float,
+    presumed: float | None,
 ) -> _Pass:
     """Check the losses, counts and gradient norm (in one transfer), then normalise.
 
     Every micro-batch has been backpropagated with ``1 / presumed`` (see
-    `_Presumption`): only a wrong presumption costs a pass over the gradients.
+    `_Presumption`; None: ``1 / N(B)``): only a wrong presumption costs a pass over
+    the gradients.
     """
     k, m = len(totals), len(totals) + len(counts)
     values = _as_floats([*totals, *counts, *_norms(grads)])
@@ -300,7 +301,7 @@ def _checked_pass(
     count = math.fsum(unit_counts)
     divisor = _divisor(count, reduction, f"its {len(unit_counts)} micro-batch(es)")
     grad_norm = math.hypot(*values[m:])
-    if divisor != presumed:
+    if presumed is not None and divisor != presumed:
         _normalise(grads, None, divisor, presumed)
         grad_norm = grad_norm * presumed / divisor
         if not math.isfinite(grad_norm):  # the sum may overflow where the mean does not
@@ -405,7 +406,7 @@ class _Presumption:
     def __init__(self, batch: object = None, micro_batch_size: int | None = None) -> None:
         self.batch, self.micro_batch_size = batch, micro_batch_size
         self.ranks = 1  # presume the count of this many ranks' batches
-        self.divisor = 1.0
+        self.divisor: float | None = 1.0  # N̂; None: exactly N(B)
 
     @classmethod
     def of(
@@ -415,6 +416,11 @@ class _Presumption:
 
     def root(self, total: Tensor, count: int | float | Tensor, only: bool) -> Tensor | None:
         """The gradient to backpropagate into every total, ``1 / N̂`` (None: 1)."""
+        if only and isinstance(count, Tensor) and _alike(count, total):
+            # The whole batch: its count is N(B), not read until the losses are
+            # checked (a bad one raises then).
+            self.divisor = None
+            return count.reciprocal()
         first = float(count)  # read once, on the first micro-batch
         if not 0 < first < math.inf:
             return None
@@ -426,6 +432,10 @@ class _Presumption:
         else:
             return None
         return torch.full_like(total, 1 / self.divisor)
+
+
+def _alike(a: Tensor, b: Tensor) -> bool:
+    return a.dtype == b.dtype and a.device == b.device
 
 
 def _data_parallel_pass(
@@ -559,17 +569,17 @@ def _divisor(count: float, reduction: Reduction, where: str) -> float:
 
 
 def _normalise(
-    grads: list[Tensor], last: Tensor | None, divisor: float, presumed: float = 1.0
+    grads: list[Tensor], last: Tensor | None, divisor: float, presumed: float | None = 1.0
 ) -> None:
     """The one place where gradients are divided by ``N(B)``.
 
     Called once ``N(B)`` is known: divides, in place, the gradient sums accumulated
-    so far, already divided by ``presumed`` (see `_Presumption`), by the rest of
-    ``N(B)`` (nothing with one micro-batch or a right presumption), then
-    backpropagates the last micro-batch's ``total / N(B)``, which autograd adds in.
+    so far, already divided by ``presumed`` (see `_Presumption`; None: by ``N(B)``),
+    by the rest of ``N(B)`` (nothing after a right presumption), then backpropagates
+    the last micro-batch's ``total / N(B)``, which autograd adds in.
     `batchgrad.bptt` and its relatives divide their sums here too.
     """
-    if divisor != presumed and grads:
+    if presumed is not None and divisor != presumed and grads:
         torch._foreach_div_(grads, divisor / presumed)
     if last is not None:
         _backward(last, torch.full_like(last, 1 / divisor))
@@ -683,8 +693,7 @@ def _as_floats(values: list[int | float | Tensor]) -> list[float]:
     """
     first = values[0] if values else None
     if isinstance(first, Tensor) and all(
-        isinstance(v, Tensor) and v.dtype == first.dtype and v.device == first.device
-        for v in values
+        isinstance(v, Tensor) and _alike(v, first) for v in values
     ):  # the common case: losses, counts and norms in the loss's dtype
         return torch.stack(values).tolist()  # type: ignore[arg-type]
     numbers = [0 if isinstance(v, Tensor) else v for v in values]
