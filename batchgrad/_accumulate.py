@@ -2,26 +2,25 @@
 
 The gradient of ``L(B) = Σ_u ℓ_u / N(B)`` is ``(Σ_k ∇ total_k) / N(B)``: each
 micro-batch ``k`` backpropagates its own ``total_k = Σ_{u∈k} ℓ_u`` (so autograd sums
-the micro-batch gradients into ``p.grad``). ``N(B) = Σ_k count_k`` is known once the
-last micro-batch's forward has run; then, in one place, `_normalise`, the sum
-accumulated so far is divided by it and the last micro-batch backpropagates
-``total_K / N(B)``. No count needs to be known in advance (padding, masks and
-ignored tokens are counted by the loss itself), no micro-batch's mean is ever
-weighted against another's, and a single micro-batch costs exactly the plain
-``(loss_sum / N).backward()``.
+the micro-batch gradients into ``p.grad``), and the sum is divided, in one place,
+`_normalise`, by ``N(B) = Σ_k count_k`` once the last forward has made it known. No
+count needs to be known in advance (padding, masks and ignored tokens are counted by
+the loss itself), and no micro-batch's mean is ever weighted against another's.
 
-Dividing the accumulated sum costs a pass over every gradient. To spare it in the
-common case, the micro-batches before the last backpropagate ``total_k / N̂``, with
-``N̂`` presumed from the first micro-batch (its count scaled by its share of the rows,
-see `_Presumption`), as the hand-written loop that knows ``N(B)`` does; `_normalise`
-rescales the sum only when ``N̂ ≠ N(B)`` (e.g. padded tokens).
+Dividing afterwards would cost a pass over every gradient. Instead each micro-batch
+backpropagates ``total_k / N̂``, with ``N̂`` presumed from the first micro-batch (see
+`_Presumption`): right whenever every row holds as many units, and then the result
+is the hand-written loop's that counted ``N(B)`` first, bit for bit. Only a wrong
+presumption (e.g. padded tokens) costs the pass. Under `torch.distributed` the last
+micro-batch's backward waits for the ranks' ``N(B)`` instead: it carries DDP's
+all-reduce, so the sum of the others is rescaled before it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -655,7 +654,7 @@ def _norms(grads: list[Tensor]) -> list[Tensor]:
 
 def _total_norm(grads: list[Tensor]) -> float:
     """The global L2 norm (the one pass over the gradients that checking them costs)."""
-    return math.hypot(*_as_floats(_norms(grads)))  # type: ignore[arg-type]
+    return math.hypot(*_as_floats(_norms(grads)))
 
 
 def _add_back(stash: GradStash) -> float:
@@ -686,7 +685,7 @@ def _check_losses(values: list[float], unit_counts: list[float]) -> float:
     return math.fsum(values)
 
 
-def _as_floats(values: list[int | float | Tensor]) -> list[float]:
+def _as_floats(values: Sequence[int | float | Tensor]) -> list[float]:
     """Python floats of numbers and 0-d tensors: one transfer per dtype and device.
 
     Python floats hold every value of a tensor float (and integer counts) exactly.
