@@ -293,13 +293,10 @@ def _checked_pass(
     `_Presumption`; None: ``1 / N(B)``): only a wrong presumption costs a pass over
     the gradients.
     """
-    k, m = len(totals), len(totals) + len(counts)
-    values = _as_floats([*totals, *counts, *_norms(grads)])
-    unit_counts = values[k:m]
-    loss_sum = _check_losses(values[:k], unit_counts)
+    loss_sum, unit_counts, norms = _check_losses(totals, counts, _norms(grads))
     count = math.fsum(unit_counts)
     divisor = _divisor(count, reduction, f"its {len(unit_counts)} micro-batch(es)")
-    grad_norm = math.hypot(*values[m:])
+    grad_norm = math.hypot(*norms)
     if presumed is not None and divisor != presumed:
         _normalise(grads, None, divisor, presumed)
         grad_norm = grad_norm * presumed / divisor
@@ -328,9 +325,7 @@ def _clipped_pass(
         totals.append(loss.total)
         counts.append(loss.count.detach() if isinstance(loss.count, Tensor) else loss.count)
         factors.append(sample_factors)
-    values = _as_floats([*totals, *counts])
-    unit_counts = values[len(totals) :]
-    loss_sum = _check_losses(values[: len(totals)], unit_counts)
+    loss_sum, unit_counts, _ = _check_losses(totals, counts)
     count = math.fsum(unit_counts)
     divisor = _divisor(count, reduction, f"its {len(unit_counts)} micro-batch(es)")
     if noise_multiplier:
@@ -513,9 +508,7 @@ def _synchronised_pass(
                 ddp, loss_fn, parts, ddp.no_sync, presumption=presumption
             )
         if totals:
-            values = _as_floats([*totals, *counts])
-            unit_counts = values[len(totals) :]
-            loss_sum = _check_losses(values[: len(totals)], unit_counts)
+            loss_sum, unit_counts, _ = _check_losses(totals, counts)
     except Exception as error:  # reported to every rank below, so none waits
         failure = error
     failed, global_loss_sum, global_count = peer.agree(
@@ -667,8 +660,14 @@ def _add_back(stash: GradStash) -> float:
     return _total_norm(_grads(stash.params))
 
 
-def _check_losses(values: list[float], unit_counts: list[float]) -> float:
-    """The summed loss, once every micro-batch's loss and count is checked."""
+def _check_losses(
+    totals: list[Tensor], counts: list[int | float | Tensor], extra: Sequence[Tensor] = ()
+) -> tuple[float, list[float], list[float]]:
+    """The summed loss and the count of each micro-batch, all checked, and the values
+    of ``extra``: one transfer for all."""
+    k, m = len(totals), len(totals) + len(counts)
+    fetched = _as_floats([*totals, *counts, *extra])
+    values, unit_counts = fetched[:k], fetched[k:m]
     bad = [i for i, value in enumerate(values) if not math.isfinite(value)]
     if bad:
         raise NonFiniteError(
@@ -682,7 +681,7 @@ def _check_losses(values: list[float], unit_counts: list[float]) -> float:
                 f"Loss.count of micro-batch {index} is {count}; a count must be a finite "
                 f"number of units >= 0."
             )
-    return math.fsum(values)
+    return math.fsum(values), unit_counts, fetched[m:]
 
 
 def _as_floats(values: Sequence[int | float | Tensor]) -> list[float]:

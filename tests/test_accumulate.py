@@ -177,6 +177,17 @@ def test_equal_units_per_row_give_the_hand_written_loops_gradient_bit_for_bit(
     assert all(torch.equal(g, e) for g, e in zip(current_grads(model), expected, strict=True))
 
 
+def test_a_float16_norm_that_overflows_before_the_division_is_taken_again_after():
+    # Ready-made micro-batches presume nothing: their sum is divided at the end. The
+    # norm of that sum (1e5) overflows float16; the mean's (1e3) does not.
+    model = nn.Linear(10_000, 1, bias=False).half()
+    x = torch.full((100, 10_000), 10.0, dtype=torch.float16)
+    loss_fn = lambda m, x: bg.Loss.from_values(m(x)[:, 0].float())  # noqa: E731
+    report = bg.accumulate(model, loss_fn, iter(x.split(50)))
+    assert torch.equal(model.weight.grad, torch.full_like(model.weight, 10.0))
+    assert report.grad_norm == pytest.approx(1000.0, rel=1e-3)
+
+
 def test_without_the_engine_entry_point_the_public_backward_gives_the_same(monkeypatch):
     torch.manual_seed(0)
     model = nn.Linear(3, 2).double()
