@@ -364,20 +364,14 @@ def _forward_backward(
     for index, (micro_batch, last) in enumerate(parts):
         if micro is not None:
             micro.sizes.append(batch_length(micro_batch, f"micro-batch {index}"))
-        if last and hold_last:
+        with contextlib.nullcontext() if last else quiet():
             total, count = unpack_loss(loss_fn(model, micro_batch), index)
-            last_total = total
-        elif last:  # not quiet, and no norm of its own for `micro`
-            total, count = unpack_loss(loss_fn(model, micro_batch), index)
-            if index == 0 and presumption is not None:
-                root = presumption.root(total, count, only=True)
-            _backward(total, root)
-        else:
-            with quiet():
-                total, count = unpack_loss(loss_fn(model, micro_batch), index)
+            if last and hold_last:
+                last_total = total
+            else:
                 if index == 0 and presumption is not None:
-                    root = presumption.root(total, count, only=False)
-                if micro is not None:
+                    root = presumption.root(total, count, only=last)
+                if micro is not None and not last:  # the last needs no norm of its own
                     micro.backward(total, root)
                 else:
                     _backward(total, root)
