@@ -195,7 +195,6 @@ def accumulate(
     module = peer.module if peer is not None and peer.module is not None else model
     params = [p for p in module.parameters() if p.requires_grad]
     buffers = BufferSnapshot.take(module)
-    rng = RngSnapshot.take()
     own: _MicroBatchGrads | None = None
     stash = GradStash.take(params)  # put back unchanged whatever fails below
     try:
@@ -239,7 +238,6 @@ def accumulate(
             )
         grad_norm = done.grad_norm
         if not math.isfinite(grad_norm):
-            rng.put_back()
             raise _non_finite_grad_error(module, loss_fn, batch, micro_batch_size, peer)
     except BaseException:
         stash.put_back()
@@ -679,22 +677,19 @@ def _check_losses(
 
 
 def _as_floats(values: Sequence[int | float | Tensor]) -> list[float]:
-    """Python floats of numbers and 0-d tensors: one transfer per dtype and device.
+    """Python floats of numbers and 0-d tensors (exactly: a Python float holds every
+    tensor float and integer count).
 
-    Python floats hold every value of a tensor float (and integer counts) exactly.
+    A CPU tensor is read alone, the cheapest there; an accelerator's are stacked and
+    fetched together, one transfer (and one wait for the device) per dtype and device.
     """
-    first = values[0] if values else None
-    if isinstance(first, Tensor) and all(
-        isinstance(v, Tensor) and _alike(v, first) for v in values
-    ):  # the common case: losses, counts and norms in the loss's dtype
-        return torch.stack(values).tolist()  # type: ignore[arg-type]
-    numbers = [0 if isinstance(v, Tensor) else v for v in values]
+    numbers: list[Any] = [v.item() if isinstance(v, Tensor) and v.is_cpu else v for v in values]
     groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
-    for index, value in enumerate(values):
+    for index, value in enumerate(numbers):
         if isinstance(value, Tensor):
             groups.setdefault((value.dtype, value.device), []).append(index)
     for indices in groups.values():
-        fetched = torch.stack([values[i] for i in indices]).tolist()  # type: ignore[misc]
+        fetched = torch.stack([numbers[i] for i in indices]).tolist()
         for index, number in zip(indices, fetched, strict=True):
             numbers[index] = number
     return [float(n) for n in numbers]
@@ -733,22 +728,29 @@ def _non_finite_grad_error(
 
     Under data parallelism every rank sees the same summed gradient; each replays
     its own micro-batches (no collective), and the ranks that find one are named.
+    The replay draws fresh random numbers (dropout masks) and then puts the random
+    state back: remembering the state before every call would cost each call more
+    than this rare error is worth.
     """
     names = {p: name for name, p in model.named_parameters()}
     params = [p for p in names if p.requires_grad]
     bad_names = _non_finite(params, names)
     where = None
     if is_structured(batch):
-        for index, micro_batch in enumerate(
-            micro_batches(batch, micro_batch_size, allow_empty=True)
-        ):
-            for p in params:
-                p.grad = None
-            loss_fn(model, micro_batch).total.backward()
-            replayed = _non_finite(params, names)
-            if replayed:
-                where, bad_names = f"micro-batch {index}", replayed
-                break
+        rng = RngSnapshot.take()
+        try:
+            for index, micro_batch in enumerate(
+                micro_batches(batch, micro_batch_size, allow_empty=True)
+            ):
+                for p in params:
+                    p.grad = None
+                loss_fn(model, micro_batch).total.backward()
+                replayed = _non_finite(params, names)
+                if replayed:
+                    where, bad_names = f"micro-batch {index}", replayed
+                    break
+        finally:
+            rng.put_back()
     shown = f"{', '.join(bad_names[:3])}{', ...' if len(bad_names) > 3 else ''}"
     advice = (
         "although every loss was finite. Look for operations with infinite derivatives at "
@@ -757,7 +759,7 @@ def _non_finite_grad_error(
     )
     if where is None:
         where = (
-            "a micro-batch that could not be replayed alone"
+            "a micro-batch that did not fail again when replayed alone with fresh random numbers"
             if is_structured(batch)
             else "an unknown micro-batch (ready-made micro-batches cannot be replayed)"
         )

@@ -55,6 +55,14 @@ def batch_length(batch: Batch, where: str = "the batch") -> int:
     Raises:
         BatchShapeError: two tensor leaves disagree, or there is no tensor leaf.
     """
+    if isinstance(batch, Tensor) and batch.ndim > 0:  # the common cases, without paths
+        return batch.shape[0]
+    if type(batch) in (tuple, list) and all(
+        isinstance(leaf, Tensor) and leaf.ndim > 0 for leaf in batch
+    ):
+        lengths = {int(leaf.shape[0]) for leaf in batch}
+        if len(lengths) == 1:
+            return lengths.pop()
     sizes: dict[int, str] = {}
     for path, tensor in batched_leaves(batch, "batch"):
         sizes.setdefault(tensor.shape[0], path)

@@ -483,6 +483,31 @@ def test_inf_grad_in_ready_made_micro_batches_names_the_parameter():
     _assert_unchanged(model, state)
 
 
+def test_inf_grad_that_needs_the_randomness_of_the_call_is_not_found_by_the_replay():
+    # The gradient is infinite only where a random draw of the call falls below 0.5;
+    # the replay draws afresh, then puts the random state back as the call left it.
+    model = _model_with_state()
+    state = _state(model)
+    calls, after_call = [], []
+
+    def loss_fn(model, batch):
+        draw = float(torch.rand(()))
+        calls.append(draw)
+        if len(calls) == 2:  # the end of the call: two micro-batches
+            after_call.append(torch.get_rng_state())
+        singular = draw < 0.5 and len(calls) <= 2
+        return _sqrt_of_zero(model, batch) if singular else _square_loss(model, batch)
+
+    torch.manual_seed(3)
+    assert float(torch.rand(())) < 0.5  # so the call's first draw is the singular one
+    torch.manual_seed(3)
+    with pytest.raises(bg.NonFiniteError, match=r"did not fail again when replayed alone"):
+        bg.accumulate(model, loss_fn, _X, micro_batch_size=4, existing_grad="replace")
+    assert len(calls) == 4
+    assert torch.equal(torch.get_rng_state(), after_call[0])
+    _assert_unchanged(model, state)
+
+
 def test_float32_masked_language_model_matches_f_cross_entropy():
     # The same check as the property test, written out once for a reader.
     case = CASES[-1]
