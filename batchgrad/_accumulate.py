@@ -43,8 +43,8 @@ from ._noise import NoiseEstimate, NoiseScale
 from ._noise import estimate as noise_estimate
 from ._per_sample import check_clipping, clipped_sum
 from ._reduction import REDUCTIONS, Reduction
-from ._split import Batch, batch_length, check_micro_batch_size, is_structured, micro_batches
-from ._state import BufferSnapshot, GradStash, RngSnapshot
+from ._split import Batch, batch_length, is_structured, micro_batches
+from ._state import GradStash, RngSnapshot, trainable_and_buffers
 
 T = TypeVar("T")
 
@@ -52,6 +52,8 @@ T = TypeVar("T")
 _run_backward: Callable[..., Any] | None = getattr(
     torch.autograd.graph, "_engine_run_backward", None
 )
+
+_LOUD = contextlib.nullcontext()  # what a micro-batch runs in outside DDP's no_sync
 
 ExistingGrad = Literal["error", "replace", "add"]
 """What `accumulate` does with gradients already in ``p.grad``.
@@ -183,7 +185,6 @@ def accumulate(
         raise ConfigError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
     if existing_grad not in _EXISTING_GRAD:
         raise ConfigError(f"existing_grad must be one of {_EXISTING_GRAD}, got {existing_grad!r}.")
-    check_micro_batch_size(micro_batch_size)
     if noise is not False and not (noise is True or isinstance(noise, NoiseScale)):
         raise ConfigError(f"noise must be True, False or a bg.NoiseScale, got {noise!r}.")
     peer = replica(model, group)
@@ -193,8 +194,7 @@ def accumulate(
             "yet: measure the noise scale in one process, without clipping."
         )
     module = peer.module if peer is not None and peer.module is not None else model
-    params = [p for p in module.parameters() if p.requires_grad]
-    buffers = BufferSnapshot.take(module)
+    params, buffers = trainable_and_buffers(module)
     own: _MicroBatchGrads | None = None
     stash = GradStash.take(params)  # put back unchanged whatever fails below
     try:
@@ -266,7 +266,7 @@ def accumulate(
     )
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Pass:
     """What the micro-batches of one call produced."""
 
@@ -342,7 +342,7 @@ def _forward_backward(
     model: nn.Module,
     loss_fn: LossFn,
     parts: Iterable[tuple[Batch, bool]],
-    quiet: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+    quiet: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
     micro: _MicroBatchGrads | None = None,
     presumption: _Presumption | None = None,
     hold_last: bool = True,
@@ -362,7 +362,7 @@ def _forward_backward(
     for index, (micro_batch, last) in enumerate(parts):
         if micro is not None:
             micro.sizes.append(batch_length(micro_batch, f"micro-batch {index}"))
-        with contextlib.nullcontext() if last else quiet():
+        with _LOUD if quiet is None or last else quiet():
             total, count = unpack_loss(loss_fn(model, micro_batch), index)
             if last and hold_last:
                 last_total = total
@@ -523,6 +523,9 @@ def _synchronised_pass(
 
 def _with_last(items: Iterable[T]) -> tuple[Iterator[tuple[T, bool]], bool]:
     """``(item, is_last)`` pairs, and whether there is any item (read one ahead)."""
+    if isinstance(items, list):  # nothing to read ahead
+        last = len(items) - 1
+        return zip(items, [index == last for index in range(len(items))], strict=True), last >= 0
     iterator = iter(items)
     try:
         first = next(iterator)
@@ -632,7 +635,7 @@ def _grads(params: list[nn.Parameter]) -> list[Tensor]:
 
 def _norms(grads: list[Tensor]) -> list[Tensor]:
     """The L2 norm of each gradient, as 0-d tensors: one fused kernel per device."""
-    if grads and all(g.device == grads[0].device for g in grads):
+    if grads and (all(g.is_cpu for g in grads) or all(g.device == grads[0].device for g in grads)):
         return list(torch._foreach_norm(grads))
     return [torch.linalg.vector_norm(g) for g in grads]
 
@@ -660,19 +663,19 @@ def _check_losses(
     k, m = len(totals), len(totals) + len(counts)
     fetched = _as_floats([*totals, *counts, *extra])
     values, unit_counts = fetched[:k], fetched[k:m]
-    bad = [i for i, value in enumerate(values) if not math.isfinite(value)]
-    if bad:
+    if not all(map(math.isfinite, values)):
+        bad = [i for i, value in enumerate(values) if not math.isfinite(value)]
         raise NonFiniteError(
             f"The loss of micro-batch {bad[0]} is {values[bad[0]]} (non-finite losses in "
             f"micro-batches {bad[:10]}). Look at that micro-batch's data, and at the "
             f"model's outputs for it (log of 0, division by 0, overflow in low precision)."
         )
-    for index, count in enumerate(unit_counts):
-        if not math.isfinite(count) or count < 0:
-            raise LossTypeError(
-                f"Loss.count of micro-batch {index} is {count}; a count must be a finite "
-                f"number of units >= 0."
-            )
+    if not (all(map(math.isfinite, unit_counts)) and min(unit_counts, default=0) >= 0):
+        index, count = next((i, c) for i, c in enumerate(unit_counts) if not 0 <= c < math.inf)
+        raise LossTypeError(
+            f"Loss.count of micro-batch {index} is {count}; a count must be a finite "
+            f"number of units >= 0."
+        )
     return math.fsum(values), unit_counts, fetched[m:]
 
 
@@ -684,14 +687,15 @@ def _as_floats(values: Sequence[int | float | Tensor]) -> list[float]:
     fetched together, one transfer (and one wait for the device) per dtype and device.
     """
     numbers: list[Any] = [v.item() if isinstance(v, Tensor) and v.is_cpu else v for v in values]
-    groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
-    for index, value in enumerate(numbers):
-        if isinstance(value, Tensor):
-            groups.setdefault((value.dtype, value.device), []).append(index)
-    for indices in groups.values():
-        fetched = torch.stack([numbers[i] for i in indices]).tolist()
-        for index, number in zip(indices, fetched, strict=True):
-            numbers[index] = number
+    away = [index for index, value in enumerate(numbers) if isinstance(value, Tensor)]
+    if away:
+        groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+        for index in away:
+            groups.setdefault((numbers[index].dtype, numbers[index].device), []).append(index)
+        for indices in groups.values():
+            fetched = torch.stack([numbers[i] for i in indices]).tolist()
+            for index, number in zip(indices, fetched, strict=True):
+                numbers[index] = number
     return [float(n) for n in numbers]
 
 

@@ -59,7 +59,7 @@ from ._sequence import (
     time_slice,
 )
 from ._split import Batch, check_micro_batch_size, micro_batches
-from ._state import BufferSnapshot, GradStash, RngSnapshot
+from ._state import BufferSnapshot, GradStash, RngSnapshot, trainable_and_buffers
 
 StepFn = Callable[[nn.Module, Any, State], tuple[Loss, State]]
 """``step_fn(model, chunk, state) -> (bg.Loss, new_state)``."""
@@ -497,8 +497,8 @@ def _guarded(model: nn.Module, existing_grad: ExistingGrad) -> Iterator[GradStas
     """Move the trainable parameters' gradients aside (refusing stale ones unless
     ``existing_grad`` says otherwise); if the body raises, put gradients, buffers and
     the random state back as they were."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    buffers, rng = BufferSnapshot.take(model), RngSnapshot.take()
+    params, buffers = trainable_and_buffers(model)
+    rng = RngSnapshot.take()
     stash = GradStash.take(params)
     try:
         if existing_grad == "error":

@@ -42,6 +42,8 @@ from ._errors import BatchError, ConfigError, DistributedError
 
 R = TypeVar("R")
 
+_AVAILABLE = dist.is_available()  # fixed when torch was built
+
 
 @dataclass(frozen=True)
 class Replica:
@@ -122,7 +124,7 @@ def _batch_error_types() -> dict[str, type[BatchError]]:
 
 def replica(model: nn.Module, group: dist.ProcessGroup | None) -> Replica | None:
     """The `Replica` of this process, or None outside `torch.distributed` (or alone)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not (_AVAILABLE and dist.is_initialized()):
         if group is not None:
             raise ConfigError(
                 "group= was given but torch.distributed is not initialised; call "

@@ -139,12 +139,13 @@ def check_micro_batch_size(micro_batch_size: object) -> int | None:
 
 def micro_batches(
     batch: Batch | Iterable[Batch], micro_batch_size: int | None, *, allow_empty: bool = False
-) -> Iterator[Batch]:
-    """Yield the micro-batches of ``batch``, each checked for a consistent dimension 0.
+) -> Iterable[Batch]:
+    """The micro-batches of ``batch``, each checked for a consistent dimension 0.
 
     A structured batch (tensor, tuple, list, dict) is sliced into rows of
-    ``micro_batch_size`` (the last may be smaller; ``None`` yields it whole). Any
-    other iterable yields ready-made micro-batches, as they are.
+    ``micro_batch_size`` (the last may be smaller; ``None`` yields it whole), and the
+    slices (views) are returned as a list. Any other iterable yields ready-made
+    micro-batches, as they are, checked as they come.
 
     Raises:
         EmptyBatchError: the batch has no rows or the iterable yields nothing.
@@ -156,30 +157,33 @@ def micro_batches(
     an empty batch yields nothing instead of raising.
     """
     size = check_micro_batch_size(micro_batch_size)
-    if is_structured(batch):
-        length = batch_length(batch)
-        if length == 0 and not allow_empty:
-            raise EmptyBatchError(
-                "The batch has 0 samples (dimension 0 is empty); there is no gradient "
-                "to compute. Skip empty batches before calling batchgrad."
+    if not is_structured(batch):
+        if size is not None:
+            raise ConfigError(
+                f"micro_batch_size={size} was given with an iterable of ready-made micro-"
+                f"batches ({type(batch).__name__}); give one or the other: a tensor/tuple/"
+                f"dict batch with micro_batch_size, or the micro-batches alone."
             )
-        if size is None or size >= length:
-            if length > 0:
-                yield batch
-            return
-        yield from _split_rows(batch, size)
-        return
-    if size is not None:
-        raise ConfigError(
-            f"micro_batch_size={size} was given with an iterable of ready-made micro-"
-            f"batches ({type(batch).__name__}); give one or the other: a tensor/tuple/dict "
-            f"batch with micro_batch_size, or the micro-batches alone."
+        if not isinstance(batch, Iterable):
+            raise BatchShapeError(
+                f"The batch must be a tensor, a tuple/list/dict of tensors, or an iterable "
+                f"of micro-batches; got {type(batch).__name__}."
+            )
+        return _ready_made(batch, allow_empty)
+    length = batch_length(batch)
+    if length == 0:
+        if allow_empty:
+            return []
+        raise EmptyBatchError(
+            "The batch has 0 samples (dimension 0 is empty); there is no gradient "
+            "to compute. Skip empty batches before calling batchgrad."
         )
-    if not isinstance(batch, Iterable):
-        raise BatchShapeError(
-            f"The batch must be a tensor, a tuple/list/dict of tensors, or an iterable of "
-            f"micro-batches; got {type(batch).__name__}."
-        )
+    if size is None or size >= length:
+        return [batch]
+    return list(_split_rows(batch, size))
+
+
+def _ready_made(batch: Iterable[Batch], allow_empty: bool) -> Iterator[Batch]:
     count = 0
     for count, micro_batch in enumerate(batch, start=1):
         if is_structured(micro_batch):

@@ -43,18 +43,38 @@ class BufferSnapshot:
 
     @classmethod
     def take(cls, model: nn.Module) -> BufferSnapshot:
-        entries = []
+        snapshot = cls([])
         for module in model.modules():
-            for name, buffer in module._buffers.items():
-                if buffer is not None:
-                    entries.append((module, name, buffer, buffer.detach().clone()))
-        return cls(entries)
+            snapshot.add_own(module)
+        return snapshot
+
+    def add_own(self, module: nn.Module) -> None:
+        """Add the buffers of ``module`` itself (not of its children)."""
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                self.entries.append((module, name, buffer, buffer.detach().clone()))
 
     def put_back(self) -> None:
         with torch.no_grad():
             for module, name, buffer, value in self.entries:
                 module._buffers[name] = buffer
                 buffer.copy_(value)
+
+
+def trainable_and_buffers(model: nn.Module) -> tuple[list[nn.Parameter], BufferSnapshot]:
+    """The parameters that require grad, as ``model.parameters()`` lists them, and a
+    `BufferSnapshot`, from one walk over the modules: on small models the walks
+    cost more than the work they find, and `accumulate` takes both every call."""
+    params: list[nn.Parameter] = []
+    seen: set[int] = set()  # by id: Tensor.__hash__ runs Python code
+    buffers = BufferSnapshot([])
+    for module in model.modules():
+        for p in module._parameters.values():
+            if p is not None and p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+        buffers.add_own(module)
+    return params, buffers
 
 
 @dataclass
