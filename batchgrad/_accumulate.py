@@ -634,10 +634,9 @@ def _grads(params: list[nn.Parameter]) -> list[Tensor]:
 
 
 def _norms(grads: list[Tensor]) -> list[Tensor]:
-    """The L2 norm of each gradient, as 0-d tensors: one fused kernel per device."""
-    if grads and (all(g.is_cpu for g in grads) or all(g.device == grads[0].device for g in grads)):
-        return list(torch._foreach_norm(grads))
-    return [torch.linalg.vector_norm(g) for g in grads]
+    """The L2 norm of each gradient, as 0-d tensors: one fused kernel per device where
+    the device has one (foreach kernels take mixed devices and dtypes one by one)."""
+    return list(torch._foreach_norm(grads)) if grads else []
 
 
 def _total_norm(grads: list[Tensor]) -> float:

@@ -63,8 +63,8 @@ class BufferSnapshot:
 
 def trainable_and_buffers(model: nn.Module) -> tuple[list[nn.Parameter], BufferSnapshot]:
     """The parameters that require grad, as ``model.parameters()`` lists them, and a
-    `BufferSnapshot`, from one walk over the modules: on small models the walks
-    cost more than the work they find, and `accumulate` takes both every call."""
+    `BufferSnapshot`, from one walk over the modules (`accumulate` takes both on every
+    call)."""
     params: list[nn.Parameter] = []
     seen: set[int] = set()  # by id: Tensor.__hash__ runs Python code
     buffers = BufferSnapshot([])
@@ -73,7 +73,8 @@ def trainable_and_buffers(model: nn.Module) -> tuple[list[nn.Parameter], BufferS
             if p is not None and p.requires_grad and id(p) not in seen:
                 seen.add(id(p))
                 params.append(p)
-        buffers.add_own(module)
+        if module._buffers:
+            buffers.add_own(module)
     return params, buffers
 
 
