@@ -259,7 +259,7 @@ def accumulate(
         micro_batches=len(done.unit_counts),
         grad_norm=grad_norm,
         reduction=reduction,
-        micro_batch_counts=tuple(_as_number(c) for c in done.unit_counts),
+        micro_batch_counts=tuple(map(_as_number, done.unit_counts)),
         world_size=1 if peer is None else peer.world_size,
         clipped=done.clipped,
         noise=estimate,
@@ -685,17 +685,19 @@ def _as_floats(values: Sequence[int | float | Tensor]) -> list[float]:
     A CPU tensor is read alone, the cheapest there; an accelerator's are stacked and
     fetched together, one transfer (and one wait for the device) per dtype and device.
     """
-    numbers: list[Any] = [v.item() if isinstance(v, Tensor) and v.is_cpu else v for v in values]
-    away = [index for index, value in enumerate(numbers) if isinstance(value, Tensor)]
-    if away:
-        groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
-        for index in away:
-            groups.setdefault((numbers[index].dtype, numbers[index].device), []).append(index)
-        for indices in groups.values():
-            fetched = torch.stack([numbers[i] for i in indices]).tolist()
-            for index, number in zip(indices, fetched, strict=True):
-                numbers[index] = number
-    return [float(n) for n in numbers]
+    numbers: list[float] = []
+    away: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+    for value in values:
+        if isinstance(value, Tensor) and not value.is_cpu:
+            away.setdefault((value.dtype, value.device), []).append(len(numbers))
+            numbers.append(math.nan)  # fetched below
+        else:
+            numbers.append(float(value))
+    for indices in away.values():
+        fetched = torch.stack([values[i] for i in indices]).tolist()  # type: ignore[misc]
+        for index, number in zip(indices, fetched, strict=True):
+            numbers[index] = float(number)
+    return numbers
 
 
 def _as_number(value: float) -> int | float:
