@@ -184,6 +184,7 @@ def micro_batches(
 
 
 def _ready_made(batch: Iterable[Batch], allow_empty: bool) -> Iterator[Batch]:
+    """The micro-batches an iterable yields, each checked as it comes."""
     count = 0
     for count, micro_batch in enumerate(batch, start=1):
         if is_structured(micro_batch):
