@@ -585,15 +585,18 @@ class _MicroBatchGrads:
         self.params = params
         self.sizes: list[int] = []  # samples per micro-batch, all of them
         self.sq_norms: list[float] = []  # ‖Σ_{i∈k} g_i‖² of each but the last
+        self.scale: float | None = None  # N̂, which every backward's gradient carries
 
     def backward(self, total: Tensor, root: Tensor | None) -> None:
-        """``total.backward(root)``, with ``root = 1 / N̂`` or None (1)."""
+        """``total.backward(root)``, with ``root = 1 / N̂`` (the same for every
+        micro-batch) or None (1)."""
         earlier = [p.grad for p in self.params]
         for p in self.params:
             p.grad = None
         _backward(total, root)
-        scale = 1.0 if root is None else 1 / float(root)
-        self.sq_norms.append((_total_norm(_grads(self.params)) * scale) ** 2)
+        if self.scale is None:  # read once: on an accelerator, reading waits for it
+            self.scale = 1.0 if root is None else 1 / float(root)
+        self.sq_norms.append((_total_norm(_grads(self.params)) * self.scale) ** 2)
         mine, theirs = [], []
         for p, grad in zip(self.params, earlier, strict=True):
             if grad is None:
