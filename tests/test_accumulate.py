@@ -313,6 +313,11 @@ def _sqrt_of_zero(model, batch):
     return bg.Loss(out.sum() + (out[:, 0] * 0).square().sum().sqrt(), batch.shape[0])
 
 
+def _nan_count_in_the_short_micro_batch(model, batch):
+    count = torch.tensor(float("nan")) if batch.shape[0] < 3 else batch.shape[0]
+    return bg.Loss(model(batch).sum(), count)
+
+
 def _zero_units(model, batch):
     return bg.Loss.from_values(model(batch), torch.zeros_like(model(batch), dtype=torch.bool))
 
@@ -405,6 +410,14 @@ BAD_INPUTS = [
         bg.LossTypeError,
         r"count of micro-batch 0 is -1",
         id="negative-count",
+    ),
+    pytest.param(
+        _nan_count_in_the_short_micro_batch,
+        _X,
+        {"micro_batch_size": 3, "existing_grad": "replace"},
+        bg.LossTypeError,
+        r"count of micro-batch 2 is nan; a count must be a finite number",
+        id="nan-count",
     ),
     pytest.param(
         lambda model, batch: bg.Loss(model(batch).sum(), "8"),
