@@ -223,15 +223,9 @@ def accumulate(
         elif peer is None:
             if existing_grad == "error":
                 _refuse_existing_grads(module, stash)
-            parts, _ = _with_last(micro_batches(batch, micro_batch_size))
             if noise is not False:
                 own = _MicroBatchGrads(params)
-            presumption = _Presumption.of(batch, micro_batch_size, reduction)
-            totals, counts, _ = _forward_backward(
-                module, loss_fn, parts, micro=own, presumption=presumption, hold_last=False
-            )
-            presumed = 1.0 if presumption is None else presumption.divisor
-            done = _checked_pass(_grads(params), totals, counts, reduction, presumed)
+            done = _local_pass(module, loss_fn, batch, micro_batch_size, reduction, params, own)
         else:
             done = _data_parallel_pass(
                 peer, module, stash, loss_fn, batch, micro_batch_size, reduction, existing_grad
@@ -278,23 +272,46 @@ class _Pass:
     clipped: float | None = None  # the fraction of samples clipped, with clip_per_sample
 
 
-def _checked_pass(
-    grads: list[Tensor],
-    totals: list[Tensor],
-    counts: list[int | float | Tensor],
+def _local_pass(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Batch | Iterable[Batch],
+    micro_batch_size: int | None,
     reduction: Reduction,
-    presumed: float | None,
+    params: list[nn.Parameter],
+    micro: _MicroBatchGrads | None,
 ) -> _Pass:
-    """Check the losses, counts and gradient norm (in one transfer), then normalise.
+    """One process: forward and backpropagate each micro-batch, then check the losses,
+    the counts and the gradient norm (read together) and normalise.
 
-    Every micro-batch has been backpropagated with ``1 / presumed`` (see
-    `_Presumption`; None: ``1 / N(B)``): only a wrong presumption costs a pass over
-    the gradients.
+    Every backward carries ``1 / N̂`` (see `_Presumption`): only a wrong presumption
+    costs a pass over the gradients. This is the path of almost every call, kept flat:
+    its cost is what `bg.accumulate` adds to the hand-written loop.
     """
+    parts, _ = _with_last(micro_batches(batch, micro_batch_size))
+    presumption = _Presumption(batch, micro_batch_size) if reduction == "mean" else None
+    totals: list[Tensor] = []  # still attached: read with item(), no detach() needed
+    counts: list[int | float | Tensor] = []
+    root: Tensor | None = None  # 1 / N̂, the same for every micro-batch
+    for index, (micro_batch, last) in enumerate(parts):
+        if micro is not None:
+            micro.sizes.append(batch_length(micro_batch, f"micro-batch {index}"))
+        total, count = unpack_loss(loss_fn(model, micro_batch), index)
+        if index == 0 and presumption is not None:
+            root = presumption.root(total, count, only=last)
+        if micro is not None and not last:  # the last needs no norm of its own
+            micro.backward(total, root)
+        else:
+            _backward(total, root)
+        totals.append(total)
+        counts.append(count)
+
+    grads = _grads(params)
     loss_sum, unit_counts, norms = _check_losses(totals, counts, _norms(grads))
     count = math.fsum(unit_counts)
     divisor = _divisor(count, reduction, f"its {len(unit_counts)} micro-batch(es)")
     grad_norm = math.hypot(*norms)
+    presumed = 1.0 if presumption is None else presumption.divisor
     if presumed is not None and divisor != presumed:
         _normalise(grads, None, divisor, presumed)
         grad_norm = grad_norm * presumed / divisor
@@ -343,37 +360,29 @@ def _forward_backward(
     loss_fn: LossFn,
     parts: Iterable[tuple[Batch, bool]],
     quiet: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
-    micro: _MicroBatchGrads | None = None,
     presumption: _Presumption | None = None,
-    hold_last: bool = True,
 ) -> tuple[list[Tensor], list[int | float | Tensor], Tensor | None]:
-    """Forward each micro-batch and backpropagate its ``total / N̂`` (see
-    `_Presumption`; ``total`` without one).
+    """This rank's micro-batches: forward each and backpropagate its ``total / N̂``
+    (see `_Presumption`; ``total`` without one), all but the last.
 
     Every micro-batch but the last runs inside ``quiet()`` (DDP's ``no_sync``).
-    Returns the detached totals, the counts and, with ``hold_last``, the last
-    micro-batch's ``total``, not backpropagated, still attached: its backward waits
-    for ``N(B)`` (see `_normalise`).
+    Returns the totals, the counts and the last micro-batch's ``total``, not
+    backpropagated: its backward waits for ``N(B)`` (see `_normalise`).
     """
     totals: list[Tensor] = []
     counts: list[int | float | Tensor] = []
     last_total: Tensor | None = None
     root: Tensor | None = None  # the gradient backpropagated into each total: 1 / N̂
     for index, (micro_batch, last) in enumerate(parts):
-        if micro is not None:
-            micro.sizes.append(batch_length(micro_batch, f"micro-batch {index}"))
         with _LOUD if quiet is None or last else quiet():
             total, count = unpack_loss(loss_fn(model, micro_batch), index)
-            if last and hold_last:
+            if last:
                 last_total = total
             else:
                 if index == 0 and presumption is not None:
-                    root = presumption.root(total, count, only=last)
-                if micro is not None and not last:  # the last needs no norm of its own
-                    micro.backward(total, root)
-                else:
-                    _backward(total, root)
-        totals.append(total.detach())
+                    root = presumption.root(total, count, only=False)
+                _backward(total, root)
+        totals.append(total)
         counts.append(count)
     return totals, counts, last_total
 
@@ -389,20 +398,21 @@ class _Presumption:
     (they do not tell their rows).
     """
 
-    def __init__(self, batch: object = None, micro_batch_size: int | None = None) -> None:
+    __slots__ = ("batch", "divisor", "micro_batch_size", "ranks")
+
+    def __init__(self, batch: object, micro_batch_size: int | None) -> None:
         self.batch, self.micro_batch_size = batch, micro_batch_size
         self.ranks = 1  # presume the count of this many ranks' batches
         self.divisor: float | None = 1.0  # N̂; None: exactly N(B)
 
-    @classmethod
-    def of(
-        cls, batch: Batch | Iterable[Batch], micro_batch_size: int | None, reduction: Reduction
-    ) -> _Presumption | None:
-        return cls(batch, micro_batch_size) if reduction == "mean" else None
-
     def root(self, total: Tensor, count: int | float | Tensor, only: bool) -> Tensor | None:
         """The gradient to backpropagate into every total, ``1 / N̂`` (None: 1)."""
-        if only and isinstance(count, Tensor) and _alike(count, total):
+        if (
+            only
+            and isinstance(count, Tensor)
+            and count.dtype == total.dtype
+            and count.device == total.device
+        ):
             # The whole batch: its count is N(B), not read until the losses are
             # checked (a bad one raises then).
             self.divisor = None
@@ -418,10 +428,6 @@ class _Presumption:
         else:
             return None
         return torch.full_like(total, 1 / self.divisor)
-
-
-def _alike(a: Tensor, b: Tensor) -> bool:
-    return a.dtype == b.dtype and a.device == b.device
 
 
 def _data_parallel_pass(
@@ -447,7 +453,7 @@ def _data_parallel_pass(
         if existing_grad == "error":
             _refuse_existing_grads(module, stash)
         parts, has_work = _with_last(micro_batches(batch, micro_batch_size, allow_empty=True))
-        presumption = _Presumption.of(batch, micro_batch_size, reduction)
+        presumption = _Presumption(batch, micro_batch_size) if reduction == "mean" else None
     except Exception as error:  # reported to every rank below, so none waits
         failure = error
     idle_ranks, failed = peer.agree([0.0 if has_work else 1.0, float(failure is not None)])
@@ -524,8 +530,10 @@ def _synchronised_pass(
 def _with_last(items: Iterable[T]) -> tuple[Iterator[tuple[T, bool]], bool]:
     """``(item, is_last)`` pairs, and whether there is any item (read one ahead)."""
     if isinstance(items, list):  # nothing to read ahead
-        last = len(items) - 1
-        return zip(items, [index == last for index in range(len(items))], strict=True), last >= 0
+        flags = [False] * len(items)
+        if flags:
+            flags[-1] = True
+        return zip(items, flags, strict=True), bool(flags)
     iterator = iter(items)
     try:
         first = next(iterator)
@@ -665,6 +673,8 @@ def _check_losses(
     k, m = len(totals), len(totals) + len(counts)
     fetched = _as_floats([*totals, *counts, *extra])
     values, unit_counts = fetched[:k], fetched[k:m]
+    if all(map(math.isfinite, fetched[:m])) and min(unit_counts, default=0) >= 0:
+        return math.fsum(values), unit_counts, fetched[m:]
     if not all(map(math.isfinite, values)):
         bad = [i for i, value in enumerate(values) if not math.isfinite(value)]
         raise NonFiniteError(
@@ -672,13 +682,11 @@ def _check_losses(
             f"micro-batches {bad[:10]}). Look at that micro-batch's data, and at the "
             f"model's outputs for it (log of 0, division by 0, overflow in low precision)."
         )
-    if not (all(map(math.isfinite, unit_counts)) and min(unit_counts, default=0) >= 0):
-        index, count = next((i, c) for i, c in enumerate(unit_counts) if not 0 <= c < math.inf)
-        raise LossTypeError(
-            f"Loss.count of micro-batch {index} is {count}; a count must be a finite "
-            f"number of units >= 0."
-        )
-    return math.fsum(values), unit_counts, fetched[m:]
+    index, count = next((i, c) for i, c in enumerate(unit_counts) if not 0 <= c < math.inf)
+    raise LossTypeError(
+        f"Loss.count of micro-batch {index} is {count}; a count must be a finite "
+        f"number of units >= 0."
+    )
 
 
 def _as_floats(values: Sequence[int | float | Tensor]) -> list[float]:
@@ -691,13 +699,15 @@ def _as_floats(values: Sequence[int | float | Tensor]) -> list[float]:
     numbers: list[float] = []
     away: dict[tuple[torch.dtype, torch.device], list[int]] = {}
     for value in values:
-        if isinstance(value, Tensor) and not value.is_cpu:
+        if not isinstance(value, Tensor):
+            numbers.append(float(value))
+        elif value.is_cpu:
+            numbers.append(float(value.item()))  # item(): no detach() needed
+        else:
             away.setdefault((value.dtype, value.device), []).append(len(numbers))
             numbers.append(math.nan)  # fetched below
-        else:
-            numbers.append(float(value))
     for indices in away.values():
-        fetched = torch.stack([values[i] for i in indices]).tolist()  # type: ignore[misc]
+        fetched = torch.stack([values[i].detach() for i in indices]).tolist()  # type: ignore[union-attr]
         for index, number in zip(indices, fetched, strict=True):
             numbers[index] = float(number)
     return numbers
@@ -709,9 +719,9 @@ def _as_number(value: float) -> int | float:
 
 def _refuse_existing_grads(model: nn.Module, stash: GradStash) -> None:
     """Raise if any gradient found before the call (now in ``stash``) is non-zero."""
-    present = [(p, g) for p, g in zip(stash.params, stash.grads, strict=True) if g is not None]
-    if not present:
+    if not stash.held:
         return
+    present = [(p, g) for p, g in zip(stash.params, stash.grads, strict=True) if g is not None]
     nonzero = torch.stack([g.detach().ne(0).any() for _, g in present])
     if not bool(nonzero.any()):
         return

@@ -57,12 +57,15 @@ def batch_length(batch: Batch, where: str = "the batch") -> int:
     """
     if isinstance(batch, Tensor) and batch.ndim > 0:  # the common cases, without paths
         return batch.shape[0]
-    if type(batch) in (tuple, list) and all(
-        isinstance(leaf, Tensor) and leaf.ndim > 0 for leaf in batch
-    ):
-        lengths = {int(leaf.shape[0]) for leaf in batch}
-        if len(lengths) == 1:
-            return lengths.pop()
+    if type(batch) in (tuple, list):
+        rows = None
+        for leaf in batch:
+            if not isinstance(leaf, Tensor) or leaf.ndim == 0 or rows not in (None, leaf.shape[0]):
+                break  # the walk below tells what is wrong, or finds nested tensors
+            rows = leaf.shape[0]
+        else:
+            if rows is not None:
+                return rows
     sizes: dict[int, str] = {}
     for path, tensor in batched_leaves(batch, "batch"):
         sizes.setdefault(tensor.shape[0], path)

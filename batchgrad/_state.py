@@ -21,12 +21,15 @@ class GradStash:
 
     params: list[nn.Parameter]
     grads: list[Tensor | None]
+    held: bool = False  # whether any parameter held a gradient
 
     @classmethod
     def take(cls, params: list[nn.Parameter]) -> GradStash:
         stash = cls(params, [p.grad for p in params])
-        for p in params:
-            p.grad = None
+        for p, grad in zip(params, stash.grads, strict=True):
+            if grad is not None:
+                p.grad = None
+                stash.held = True
         return stash
 
     def put_back(self) -> None:
