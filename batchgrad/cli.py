@@ -362,9 +362,7 @@ def _print_check(report: CheckReport, size: int, console: Console) -> None:
     table.add_row("[bold]all parameters", sci(report.max_rel_err), sci(report.naive_rel_err))
     console.print(table)
     for finding in report.findings:
-        console.print(
-            f"[yellow]finding[/yellow] [bold]{finding.module or 'model'}[/bold]: {finding.message}"
-        )
+        console.print(f"[yellow]finding:[/yellow] {finding.message}")  # it names the module
     verdict = "[bold green]OK" if report.ok else "[bold red]NOT EQUIVALENT"
     console.print(
         f"{verdict}[/]: max relative error {sci(report.max_rel_err)} "

@@ -27,7 +27,7 @@ def test_check_fails_and_names_the_batchnorm(capsys):
     assert main(["check", f"{FACTORIES}:with_batchnorm", "--micro-batch-size", "5"]) == 1
     out = _output(capsys)
     assert "NOT EQUIVALENT" in out
-    assert "1 (BatchNorm1d) is in training mode" in out
+    assert "finding: 1 (BatchNorm1d) is in training mode" in out
 
 
 def test_check_across_processes(capsys):
