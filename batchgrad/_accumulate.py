@@ -685,7 +685,8 @@ def _check_losses(
     index, count = next((i, c) for i, c in enumerate(unit_counts) if not 0 <= c < math.inf)
     raise LossTypeError(
         f"Loss.count of micro-batch {index} is {count}; a count must be a finite "
-        f"number of units >= 0."
+        f"number of units >= 0. Look at how loss_fn counts that micro-batch's units "
+        f"(a mask or weights holding NaN, inf or negative values?)."
     )
 
 
@@ -719,9 +720,9 @@ def _as_number(value: float) -> int | float:
 
 def _refuse_existing_grads(model: nn.Module, stash: GradStash) -> None:
     """Raise if any gradient found before the call (now in ``stash``) is non-zero."""
-    if not stash.held:
-        return
     present = [(p, g) for p, g in zip(stash.params, stash.grads, strict=True) if g is not None]
+    if not present:
+        return
     nonzero = torch.stack([g.detach().ne(0).any() for _, g in present])
     if not bool(nonzero.any()):
         return

@@ -21,15 +21,12 @@ class GradStash:
 
     params: list[nn.Parameter]
     grads: list[Tensor | None]
-    held: bool = False  # whether any parameter held a gradient
 
     @classmethod
     def take(cls, params: list[nn.Parameter]) -> GradStash:
         stash = cls(params, [p.grad for p in params])
-        for p, grad in zip(params, stash.grads, strict=True):
-            if grad is not None:
-                p.grad = None
-                stash.held = True
+        for p in params:
+            p.grad = None
         return stash
 
     def put_back(self) -> None:
