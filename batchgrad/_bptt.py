@@ -407,6 +407,7 @@ class _ChunkedRun:
         self.bounds, self.where = bounds, where
         self.states: list[State] = []  # the state entering each chunk
         self.rngs: list[RngSnapshot] = []  # the random state entering each chunk
+        self.totals: list[Tensor] = []  # each chunk's loss in the forward pass
 
     def _chunk(self, index: int, state: State) -> tuple[Loss, State]:
         start, stop = self.bounds[index]
@@ -435,6 +436,7 @@ class _ChunkedRun:
                 totals.append(loss.total)
                 counts.append(loss.count)
         loss_sum, chunk_counts = _check_chunk_losses(totals, counts, self.bounds, self.where)
+        self.totals = totals
         self.after = RngSnapshot.take(), BufferSnapshot.take(self.model)
         return loss_sum, chunk_counts
 
@@ -452,11 +454,13 @@ class _ChunkedRun:
         """
         carried: list[Tensor | None] = []
         attached = False
+        recomputed: list[Tensor] = []
         for index in reversed(range(len(self.bounds))):
             self.rngs[index].put_back()
             entering = self.states[index]
             state_in = entering if index == 0 else detach_state(entering, requires_grad=True)
             loss, state_out = self._chunk(index, state_in)
+            recomputed.append(loss.total.detach())
             outputs: list[Tensor] = []
             grad_outputs: list[Tensor | None] = []
             if loss.total.requires_grad:
@@ -487,9 +491,39 @@ class _ChunkedRun:
                 f"grad, so there is nothing to backpropagate. Compute the loss from the "
                 f"model's outputs, outside torch.no_grad()."
             )
+        self._check_recomputed(recomputed[::-1])
         rng, buffers = self.after
         rng.put_back()
         buffers.put_back()
+
+    def _check_recomputed(self, recomputed: list[Tensor]) -> None:
+        """Refuse a chunk whose loss, recomputed from its boundary state, differs.
+
+        The reverse pass is exact only if a chunk depends on nothing but its input,
+        ``state`` and the random state. A step_fn that keeps its hidden state on the
+        module (``self.hidden = h``) recomputes the later chunks from the wrong state
+        and, silently, gives another gradient: this is where that shows.
+        """
+        before = torch.stack(self.totals).double()
+        after = torch.stack(recomputed).to(before.device).double()
+        finfo = torch.finfo(
+            self.totals[0].dtype if self.totals[0].is_floating_point() else torch.float32
+        )
+        tolerance = 8 * math.sqrt(finfo.eps) * (before.abs() + after.abs() + finfo.tiny)
+        off = ((before - after).abs() > tolerance).nonzero().flatten().tolist()
+        if not off:
+            return
+        index = off[0]
+        start, stop = self.bounds[index]
+        raise StateError(
+            f"The loss of time chunk {index} (steps {start}-{stop - 1}){self.where} was "
+            f"{before[index].item():.6g} in the forward pass but {after[index].item():.6g} when "
+            f"recomputed from the state entering it: step_fn depends on something other "
+            f"than its chunk, its state argument and the random state, e.g. a hidden state "
+            f"kept on the module (self.hidden = h). Return every such tensor as the new "
+            f"state and take it from the state argument; the chunked gradient would "
+            f"otherwise be wrong."
+        )
 
 
 @contextlib.contextmanager

@@ -445,12 +445,33 @@ BAD_CALLS = {
         bg.LossTypeError,
         r"No chunk's Loss.total depends on a parameter",
     ),
+    "state kept on the module": (
+        dict(chunk=2, step_fn=lambda m, c, s: _state_on_module_step(m, c)),
+        bg.StateError,
+        r"time chunk \d \(steps .*\) was .* in the forward pass but .* when recomputed "
+        r"from the state entering it.*self.hidden = h",
+    ),
     "initial state not batch first": (
         dict(chunk=2, micro_batch_size=1, initial_state=torch.zeros(4, 2)),
         bg.BatchShapeError,
         r"initial_state must be batch first",
     ),
 }
+
+
+def _state_on_module_step(model, chunk):
+    """A step_fn that carries its hidden state on the module, not through ``state``."""
+    loss, h = step_fn(model, chunk, getattr(model, "kept_h", None))
+    model.kept_h = h.detach()
+    return loss, None
+
+
+def test_time_contributions_refuses_a_state_kept_on_the_module():
+    model = Net("gru").double()
+    with pytest.raises(bg.StateError, match="recomputed from the state entering it"):
+        bg.time_contributions(
+            model, lambda m, c, s: _state_on_module_step(m, c), make_sequence(2, 4, seed=3)
+        )
 
 
 @pytest.mark.parametrize("case", list(BAD_CALLS))
