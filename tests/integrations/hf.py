@@ -105,19 +105,21 @@ def stack(data, ids):
     return {k: torch.stack([r[k] for r in rows]) for k in rows[0] if k != "idx"}
 
 
-def reference_loss(name, model, batch):
+def reference_loss(name, model, batch, smoothing=0.0):
     """The whole batch's loss, written out: mean over predicted tokens, or over samples."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     if name == "bert":
-        return F.cross_entropy(logits, batch["labels"])
+        return F.cross_entropy(logits, batch["labels"], label_smoothing=smoothing)
     return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1)
+        logits[:, :-1].reshape(-1, logits.shape[-1]),
+        batch["labels"][:, 1:].reshape(-1),
+        label_smoothing=smoothing,
     )
 
 
-def reference_grad(name, model, batch) -> torch.Tensor:
+def reference_grad(name, model, batch, smoothing=0.0) -> torch.Tensor:
     model.zero_grad(set_to_none=True)
-    reference_loss(name, model, batch).backward()
+    reference_loss(name, model, batch, smoothing).backward()
     grad = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
     model.zero_grad(set_to_none=True)
     return grad
@@ -196,13 +198,13 @@ def run(trainer_cls, name, n, dtype=torch.float32, *, trainer_kwargs=None, model
     return trainer, data, collator.seen, recorder
 
 
-def step_errors(name, dtype, data, windows, recorder, grad_at=None):
+def step_errors(name, dtype, data, windows, recorder, smoothing=0.0):
     """Relative error of each step's update against minus the exact whole-batch gradient."""
     errors = []
     model = build_model(name, dtype)
     for before, after, ids in zip(recorder.before, recorder.after, windows, strict=True):
         torch.nn.utils.vector_to_parameters(before, model.parameters())
-        g = reference_grad(name, model, stack(data, ids))
+        g = reference_grad(name, model, stack(data, ids), smoothing)
         update = after - before
         errors.append(float((update + g).norm() / g.norm()))
     return errors

@@ -100,6 +100,31 @@ def test_clipping_clips_the_exact_gradient():
         assert float((after - before - expected).norm() / expected.norm()) <= 1e-9
 
 
+@pytest.mark.parametrize("name", ["gpt2", "bert"])
+def test_label_smoothing_is_the_exact_smoothed_mean(name):
+    _, data, seen, recorder = hf.run(
+        Trainer,
+        name,
+        N,
+        torch.float64,
+        gradient_accumulation_steps=ACCUMULATION,
+        label_smoothing_factor=0.1,
+    )
+    windows = hf.windows_of(seen, ACCUMULATION, len(seen))
+    errors = hf.step_errors(name, torch.float64, data, windows, recorder, smoothing=0.1)
+    assert max(errors) <= 1e-10
+
+
+def test_evaluation_keeps_the_stock_loss(tmp_path):
+    data = hf.build_data("gpt2", 6)
+    for row in data:
+        del row["idx"]
+    args = hf.training_args(str(tmp_path), per_device_eval_batch_size=3)
+    ours = Trainer(model=hf.build_model("gpt2"), args=args, eval_dataset=data)
+    stock = transformers.Trainer(model=hf.build_model("gpt2"), args=args, eval_dataset=data)
+    assert ours.evaluate()["eval_loss"] == pytest.approx(stock.evaluate()["eval_loss"], rel=1e-6)
+
+
 def test_gradient_checkpointing_keeps_the_step_exact():
     fields = transformers.TrainingArguments.__dataclass_fields__
     flag = (
