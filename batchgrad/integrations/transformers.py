@@ -237,7 +237,7 @@ class Trainer(transformers.Trainer):
     # -- the window -------------------------------------------------------------
 
     def get_batch_samples(
-        self, epoch_iterator: Iterator[Any], num_batches: int, device: torch.device
+        self, epoch_iterator: Iterator[Any], num_batches: int, device: torch.device | None = None
     ) -> tuple[list[Any], None]:
         """Fetch the window's micro-batches; nothing is counted ahead (the loss counts)."""
         window: list[Any] = []

@@ -186,8 +186,10 @@ def test_a_compute_loss_func_that_ignores_num_items_is_refused():
 
 
 def test_a_subclass_compute_loss_returning_a_tensor_is_refused_and_leaves_no_gradient():
+    models = []
     with pytest.raises(bg.LossTypeError, match=r"needs a bg\.Loss"):
-        hf.run(_TensorLoss, "gpt2", 8)
+        hf.run(_TensorLoss, "gpt2", 8, model_hook=models.append)
+    assert all(p.grad is None for p in models[0].parameters())  # as before the step
     # the next Trainer on a fresh model works (nothing global was left behind)
     _, exact, *_ = _errors(Trainer, "bert")
     assert max(exact) <= TOLERANCE[torch.float32]
@@ -211,6 +213,15 @@ def test_training_step_outside_train_is_refused(tmp_path):
     batch = hf.stack(hf.build_data("gpt2", 2), [0, 1])
     with pytest.raises(bg.ConfigError, match="outside"):
         trainer.training_step(trainer.model, batch)
+
+
+def test_data_parallel_in_one_process_is_refused(tmp_path):
+    from batchgrad.integrations.transformers import _refuse_unsupported
+
+    trainer = Trainer(model=hf.build_model("gpt2"), args=hf.training_args(str(tmp_path)))
+    trainer.args._n_gpu = 2  # what TrainingArguments finds with 2 GPUs and no launcher
+    with pytest.raises(bg.ConfigError, match="DataParallel"):
+        _refuse_unsupported(trainer)
 
 
 def test_fp16_loss_scaling_is_refused(tmp_path):
