@@ -118,6 +118,62 @@ def _hf_side(exact: bool, settings: dict[str, Any]) -> Callable[[], list[float]]
     return run
 
 
+def hf_window_direct(settings: dict[str, Any], budget: float) -> dict[str, Any]:
+    """The window alone (every micro-batch's forward and backward, no optimizer step, no
+    Trainer loop), both Trainers' own ``get_batch_samples`` and ``training_step`` called
+    on the same window in interleaved rounds: far less noise than whole runs."""
+    import transformers
+    from common import interleaved
+
+    from batchgrad.integrations.transformers import Trainer
+
+    micro, k = settings["micro_batch_size"], settings["accumulation"]
+    data = _rows(micro * k)
+    window = [_collate(data[i * micro : (i + 1) * micro]) for i in range(k)]
+
+    def make(cls: type[transformers.Trainer], folder: str) -> transformers.Trainer:
+        torch.manual_seed(0)
+        config = transformers.GPT2Config(
+            vocab_size=VOCAB,
+            n_positions=LENGTH,
+            n_embd=settings["width"],
+            n_layer=2,
+            n_head=4,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+        args = transformers.TrainingArguments(
+            output_dir=folder,
+            per_device_train_batch_size=micro,
+            gradient_accumulation_steps=k,
+            use_cpu=True,
+            report_to="none",
+        )
+        trainer = cls(model=transformers.GPT2LMHeadModel(config), args=args, train_dataset=data)
+        trainer.create_optimizer_and_scheduler(num_training_steps=1)
+        return trainer
+
+    def step(trainer: transformers.Trainer) -> Callable[[], None]:
+        def run() -> None:
+            samples, count = trainer.get_batch_samples(iter(window), k, trainer.args.device)
+            for inputs in samples:
+                trainer.training_step(trainer.model, inputs, count)
+            trainer.model.zero_grad()
+
+        return run
+
+    with tempfile.TemporaryDirectory() as folder:
+        stock, exact = make(transformers.Trainer, folder), make(Trainer, folder)
+        a, b = interleaved(
+            [step(stock), step(exact)], rounds=None, warmup=2, budget=budget, min_rounds=10
+        )
+    return {
+        "stock": a.summary(),
+        "batchgrad": b.summary(),
+        "ratio": statistics.median(b.seconds) / statistics.median(a.seconds),
+    }
+
+
 # -- Lightning and accelerate: a GRU token model ----------------------------------------
 
 
@@ -261,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="per integration (default: 5)")
     parser.add_argument("--steps", type=int, default=9, help="optimizer steps per run (default: 9)")
     parser.add_argument("--only", choices=sorted(SIDES), action="append", help="repeatable")
+    parser.add_argument(
+        "--budget", type=float, default=30.0, help="seconds for the direct window timing"
+    )
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -315,6 +374,14 @@ def main(argv: list[str] | None = None) -> int:
             + " ".join(f"{r:.3f}" for r in per_round),
             flush=True,
         )
+    direct = None
+    if args.only is None or "transformers" in args.only:
+        direct = hf_window_direct(settings, 1.0 if args.quick else args.budget)
+        print(
+            f"transformers, the window alone (interleaved): stock "
+            f"{direct['stock']['median_ms']:.1f} ms  batchgrad "
+            f"{direct['batchgrad']['median_ms']:.1f} ms  ratio {direct['ratio']:.3f}"
+        )
     write_results(
         args.out,
         {
@@ -322,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
             "environment": env,
             "settings": settings,
             "rows": rows,
+            "transformers_window_direct": direct,
         },
     )
     print(f"results: {args.out}")

@@ -37,3 +37,6 @@ def test_integration_overhead_quick_run_writes_every_row(tmp_path):
         # 3 steps, the first dropped
         assert len(row["stock_steps_ms"]) == len(row["batchgrad_steps_ms"]) == 2
         assert row["ratio"] > 0
+    direct = results["transformers_window_direct"]
+    assert direct["ratio"] > 0
+    assert len(direct["stock"]["times_ms"]) == len(direct["batchgrad"]["times_ms"]) >= 10
