@@ -230,6 +230,7 @@ class Trainer(transformers.Trainer):
         self._window: list[Any] | None = None
         self._position = 0
         self._loss_func_checked = False
+        self._head_cache: tuple[object, Head | None] | None = None
         _refuse_unsupported(self)
         if self.model is not None:
             self._head()
@@ -302,6 +303,10 @@ class Trainer(transformers.Trainer):
     # -- the loss ---------------------------------------------------------------
 
     def _head(self) -> Head | None:
+        """The model's head, read once per model (``model_init`` may replace it)."""
+        cached = self._head_cache
+        if cached is not None and cached[0] is self.model:
+            return cached[1]
         model = self.accelerator.unwrap_model(self.model)
         head = head_of(model)
         custom = type(self).compute_loss is not Trainer.compute_loss
@@ -311,6 +316,7 @@ class Trainer(transformers.Trainer):
                 f"(loss_type {getattr(model, 'loss_type', None)!r}); pass compute_loss_func "
                 f"returning a bg.Loss(total, count), or override compute_loss to return one."
             )
+        self._head_cache = (self.model, head)
         return head
 
     def compute_loss(
