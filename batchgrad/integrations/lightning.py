@@ -25,7 +25,6 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from torch import nn
 
@@ -101,7 +100,7 @@ class ExactAccumulation(pl.LightningModule):
                 f"{type(strategy).__name__}."
             )
         precision = self.trainer.precision_plugin
-        if isinstance(precision, MixedPrecision) and precision.scaler is not None:
+        if getattr(precision, "scaler", None) is not None:  # MixedPrecision's GradScaler
             raise bg.ConfigError(
                 "16-bit mixed precision scales the loss with a GradScaler, which batchgrad "
                 "does not drive yet; use precision='bf16-mixed' or '32-true'."

@@ -109,3 +109,18 @@ def test_the_ddp_strategy_takes_the_exact_step_of_both_ranks_windows():
         errors[label] = lit.step_errors(steps, N, torch.float64)
     print(f"2 ranks: batchgrad {errors['exact']}, stock Lightning {errors['stock']}")
     assert max(errors["exact"]) <= 1e-10
+
+
+class _ScaledPrecision(lit.Exact):
+    def on_fit_start(self):
+        # What precision="16-mixed" sets up on a GPU (on CPU Lightning runs bf16, unscaled).
+        self.trainer.precision_plugin.scaler = torch.amp.GradScaler("cpu")
+        super().on_fit_start()
+
+
+def test_loss_scaling_is_refused_before_any_step():
+    module = _ScaledPrecision()
+    before = lit.flat(module)
+    with pytest.raises(bg.ConfigError, match="16-bit mixed precision"):
+        lit.fit(module, 8)
+    assert torch.equal(lit.flat(module), before)
