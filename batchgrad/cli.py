@@ -32,6 +32,7 @@ from ._regimes import (
 )
 from ._report import sci, write_json
 from ._split import batch_length
+from .integrations import _audit_cli as integrations_cli
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -125,6 +126,7 @@ def _parser() -> argparse.ArgumentParser:
     adv.add_argument("--lrs", default=lrs, help="the learning rates swept (default: %(default)s)")
     adv.add_argument("--out", type=Path, help="write advise.json into this folder")
     adv.set_defaults(command=_advise)
+    integrations_cli.register(verbs)  # audit
     return parser
 
 

@@ -72,7 +72,7 @@ def one_thread() -> Iterator[None]:
 
 
 def _chapters() -> list[Chapter]:
-    from . import accumulation, batch_size, bptt, data_parallel, per_sample
+    from . import accumulation, batch_size, bptt, data_parallel, per_sample, trainers
 
     return [
         per_sample.CHAPTER,
@@ -80,6 +80,7 @@ def _chapters() -> list[Chapter]:
         data_parallel.CHAPTER,
         bptt.CHAPTER,
         batch_size.CHAPTER,
+        trainers.CHAPTER,
     ]
 
 
