@@ -19,17 +19,12 @@ from rich.table import Table
 from torch import nn
 
 from . import __version__
+from ._advise import advise
 from ._check import CheckReport, check, check_data_parallel
+from ._compare import compare
 from ._errors import BatchError, ConfigError
 from ._fit import BatchSize
-from ._regimes import (
-    DEFAULT_LR_GRID,
-    OnProgress,
-    Problem,
-    advise,
-    compare,
-    digits_problem,
-)
+from ._problem import DEFAULT_LR_GRID, OnProgress, Problem, digits_problem
 from ._report import sci, write_json
 from ._split import batch_length
 

@@ -6,12 +6,12 @@ SGD), the chapter
 1. trains the same initial model with stochastic (B = 1), mini-batch (B = 32) and
    full-batch descent, each at the lr that does best in a short sweep, and plots
    the training loss against epochs, steps, samples seen and wall time
-   (`batchgrad._regimes.compare`);
+   (`batchgrad._compare.compare`);
 2. measures the steps each batch size from 4 to 1024 takes to reach a training
    loss of 0.1, each at its own lr (a factor-2 local search), and fits
-   ``S(B) = S_min (1 + B_noise / B)`` (`batchgrad._regimes.steps_to_target`);
+   ``S(B) = S_min (1 + B_noise / B)`` (`batchgrad._critical_batch.steps_to_target`);
 3. measures the gradient noise scale ``B_simple`` on the B = 64 run of step 2 as it
-   reaches the target (`batchgrad._regimes.advise`, 4 micro-batches per step), and
+   reaches the target (`batchgrad._advise.advise`, 4 micro-batches per step), and
    holds it against the fitted ``B_noise``.
 """
 
@@ -21,17 +21,11 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from .._advise import Advice, advise
+from .._compare import Comparison, compare
+from .._critical_batch import CriticalBatch, steps_to_target
 from .._fit import BatchSize
-from .._regimes import (
-    Advice,
-    Comparison,
-    CriticalBatch,
-    OnProgress,
-    advise,
-    compare,
-    digits_problem,
-    steps_to_target,
-)
+from .._problem import OnProgress, digits_problem
 from .._report import Table
 from . import Answer, Chapter, Context, one_thread
 

@@ -1,0 +1,83 @@
+"""advise on tiny problems, and the formulas behind the advice."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import batchgrad as bg
+from batchgrad._advise import advise, lr_scale, recommend_batch_size
+from batchgrad._problem import Problem
+
+from .problems import mse, regression, tiny_problem
+
+
+def test_advise_finds_a_known_noise_scale():
+    """Linear regression at a fixed point: B_simple = tr Σ / ‖G‖² over the data set."""
+    x, y = regression(4096, dim=6, noise=1.0)
+    torch.manual_seed(0)
+    model = nn.Linear(6, 1).double()
+    with torch.no_grad():  # near the optimum: the noise dominates the gradient
+        exact = torch.linalg.lstsq(torch.cat([x, torch.ones(len(x), 1)], 1), y).solution
+        model.weight.copy_(exact[:6].T + 0.25 * torch.randn(1, 6, dtype=torch.float64))
+        model.bias.copy_(exact[6])
+    grads = bg.per_sample_grads(model, mse, (x, y))
+    flat = torch.cat([g.flatten(1) for g in grads.values()], 1)
+    mean = flat.mean(0)
+    truth = float((flat - mean).pow(2).sum(1).mean() / mean.pow(2).sum())
+
+    # lr so small that the model stays where the truth was computed
+    advice = advise(Problem(model, mse, (x, y)), 64, 4, steps=200, lr=1e-5)
+
+    assert 8 < truth < 200
+    assert truth / 2 <= advice.batch_size <= 2 * truth
+    assert advice.b_simple == pytest.approx(truth, rel=0.3)
+    assert 0 < advice.b_simple_std < advice.b_simple
+    lo, hi = advice.b_range
+    assert lo < advice.b_simple < hi
+    assert advice.recommended_lr == pytest.approx(
+        1e-5 * lr_scale(advice.b_simple, 64, advice.batch_size)
+    )
+    assert (advice.micro_batches, advice.micro_batch_size, advice.lr_tuned) == (4, 16, False)
+    assert len(advice.trajectory()) == 200
+    assert f"batch size {advice.batch_size}" in advice.text
+    assert advice.to_dict()["batch_size"] == advice.batch_size
+
+
+def test_advise_sweeps_the_lr_without_one():
+    advice = advise(tiny_problem(n=64), 16, 2, steps=20, lr_grid=(0.01, 0.05, 1e200))
+    assert advice.lr_tuned
+    assert advice.lr == min((p for p in advice.sweep if not p.diverged), key=lambda p: p.loss).lr
+    assert [p.diverged for p in advice.sweep] == [False, False, True]
+    assert math.isfinite(advice.b_simple)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(micro_batches=1), r"micro_batches must be at least 2"),
+        (dict(batch_size=100), r"batch_size must be between micro_batches \(4\) and the training"),
+        (dict(steps=0), r"steps must be a positive int"),
+    ],
+)
+def test_advise_refuses_bad_settings(kwargs, message):
+    with pytest.raises(bg.ConfigError, match=message):
+        advise(tiny_problem(), **{"batch_size": 8, "micro_batches": 4, **kwargs})
+
+
+def test_lr_scale_is_linear_below_the_noise_scale_and_flat_above():
+    assert lr_scale(50, 64, 64) == 1
+    assert lr_scale(50, 10, 20) == pytest.approx((1 + 5) / (1 + 2.5))
+    assert lr_scale(1e9, 8, 64) == pytest.approx(8, rel=1e-6)  # B << B_noise: linear
+    assert lr_scale(1, 1e6, 8e6) == pytest.approx(1, rel=1e-5)  # B >> B_noise: none
+    assert lr_scale(100, 100, 1e12) == pytest.approx(2)  # at most 1 + B_noise / B0
+
+
+def test_recommend_batch_size():
+    assert recommend_batch_size(45.0, 1000) == 32
+    assert recommend_batch_size(46.0, 1000) == 64  # log2(46) = 5.52
+    assert recommend_batch_size(0.3, 1000) == 1
+    assert recommend_batch_size(5000.0, 1000) == 1000  # capped at the data set
+    assert recommend_batch_size(math.inf, 1000) is None
+    assert recommend_batch_size(-3.0, 1000) is None
