@@ -63,6 +63,7 @@ def _train(
     target: float | None = None,
     noise: NoiseScale | None = None,
     micro_batch_size: int | None = None,
+    drop_last: bool = False,
 ) -> _Trained:
     """SGD from a copy of ``initial``, evaluated after each of the step counts ``stops``.
 
@@ -85,6 +86,7 @@ def _train(
                 micro_batch_size=micro_batch_size,
                 steps=stop - (history.step if history else 0),
                 seed=seed,
+                drop_last=drop_last,
                 noise=noise if noise is not None else False,
                 history=history,
                 progress=False,
@@ -139,15 +141,39 @@ def _curve_stops(total: int, points: int = CURVE_POINTS) -> list[int]:
 # ---- learning-rate sweeps ----------------------------------------------------------
 
 
+MIN_FALL = 0.1
+"""An lr of a sweep trained when it lowered the loss by at least this share of the
+sweep's largest fall: a run stuck at the initial loss did not train, finite or not."""
+
+
 @dataclass(frozen=True)
 class SweepPoint:
     """One learning rate of a sweep, and its loss: the mean of the evaluations over the
     second half of its budget (at a constant lr the loss of the last step alone
-    fluctuates, more at lrs near instability), NaN when it diverged."""
+    fluctuates, more at lrs near instability), NaN when it diverged.
+
+    Attributes:
+        diverged: the loss became NaN or infinite.
+        stalled: the loss stayed finite but fell by less than `MIN_FALL` of the
+            sweep's largest fall (or not at all): the lr did not train either.
+        initial: the loss before training.
+    """
 
     lr: float
     loss: float
     diverged: bool
+    stalled: bool = False
+    initial: float = math.nan
+
+    @property
+    def trained(self) -> bool:
+        return not (self.diverged or self.stalled)
+
+    @property
+    def verdict(self) -> str:
+        if self.diverged:
+            return "diverged"
+        return "did not train" if self.stalled else "trained"
 
 
 def _sweep(
@@ -161,10 +187,12 @@ def _sweep(
     seed: int,
     select: Select,
     report: Callable[[str], None],
+    drop_last: bool = False,
 ) -> list[SweepPoint]:
-    """Each lr trained ``steps`` steps; diverged runs (NaN/inf) are kept, marked."""
+    """Each lr trained ``steps`` steps; failed runs (diverged or stalled) are kept, marked."""
     stops = sorted({max(1, round(steps * k / 8)) for k in range(4, 9)})
     points = []
+    start = math.nan
     for lr in lrs:
         report(f"B={batch_size}: lr {lr:g}, sweep of {steps} steps")
         run = _train(
@@ -176,12 +204,31 @@ def _sweep(
             momentum=momentum,
             seed=seed,
             held_out=select == "eval",
+            drop_last=drop_last,
         )
+        first = run.curve[0]
+        start = (first.eval_loss if select == "eval" else first.train_loss) or math.nan
         losses = [p.eval_loss if select == "eval" else p.train_loss for p in run.curve[1:]]
         loss = math.fsum(v or 0.0 for v in losses) / len(losses) if losses else math.nan
         diverged = run.diverged or not math.isfinite(loss)
         points.append(SweepPoint(lr, math.nan if diverged else loss, diverged))
-    return points
+    return _mark_stalled(points, start)
+
+
+def _mark_stalled(points: Sequence[SweepPoint], initial: float) -> list[SweepPoint]:
+    """`SweepPoint.stalled` set against the largest fall from ``initial`` of the sweep."""
+    finite = [p.loss for p in points if not p.diverged]
+    best_fall = initial - min(finite) if finite else math.nan
+    return [
+        SweepPoint(
+            p.lr,
+            p.loss,
+            p.diverged,
+            not p.diverged and not (best_fall > 0 and initial - p.loss >= MIN_FALL * best_fall),
+            initial,
+        )
+        for p in points
+    ]
 
 
 def _at_edge(lr: float, sweep: Sequence[SweepPoint]) -> bool:
@@ -191,11 +238,22 @@ def _at_edge(lr: float, sweep: Sequence[SweepPoint]) -> bool:
 
 
 def _ranked(sweep: Sequence[SweepPoint], batch_size: BatchSize) -> list[SweepPoint]:
-    """The sweep's lrs from the lowest loss, diverged ones left out."""
-    kept = sorted((p for p in sweep if not p.diverged), key=lambda p: p.loss)
+    """The sweep's lrs that trained, from the lowest loss."""
+    kept = sorted((p for p in sweep if p.trained), key=lambda p: p.loss)
     if not kept:
+        diverged = [f"{p.lr:g}" for p in sweep if p.diverged]
+        stalled = [f"{p.lr:g}" for p in sweep if p.stalled]
+        why = "; ".join(
+            part
+            for part in (
+                f"diverged: {', '.join(diverged)}" if diverged else "",
+                f"did not lower the loss: {', '.join(stalled)}" if stalled else "",
+            )
+            if part
+        )
         raise ConfigError(
-            f"Every learning rate of the sweep diverged at batch size {batch_size} "
-            f"({', '.join(f'{p.lr:g}' for p in sweep)}); pass smaller ones (lr_grid=, --lrs)."
+            f"No learning rate of the sweep trained at batch size {batch_size} ({why}); "
+            f"pass other ones (lr_grid=, --lrs): smaller if they diverged, larger if the "
+            f"loss did not move."
         )
     return kept

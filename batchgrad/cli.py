@@ -296,11 +296,23 @@ def _advise(args: argparse.Namespace, console: Console) -> int:
         f"[bold]B_simple = {advice.b_simple:.1f} ± {advice.b_simple_std:.1f}[/bold] "
         f"(B from {lo:.0f} to {hi:.0f})"
     )
-    if advice.batch_size is not None:
+    for table in (advice.sweep_table(), advice.verification_table()):
+        if table is not None:
+            console.print(table.to_rich())
+    if advice.batch_size is None:
         console.print(
-            f"Recommended batch size: [bold]{advice.batch_size}[/bold] "
-            f"(SGD lr {advice.recommended_lr:.3g})"
+            f"[bold yellow]Inconclusive — run more steps[/bold yellow] (about "
+            f"{advice.steps_needed}: --steps {advice.steps_needed})"
+            if advice.nearest_batch_size is not None
+            else "[bold yellow]No recommendation[/bold yellow]: ‖G‖² is not above the noise"
         )
+    else:
+        lr = (
+            "no lr checked trained"
+            if advice.recommended_lr is None
+            else (f"SGD lr {advice.recommended_lr:.3g}, checked")
+        )
+        console.print(f"Recommended batch size: [bold]{advice.batch_size}[/bold] ({lr})")
         console.print(advice.table().to_rich())
     console.print(Markdown(advice.text))
     if args.out is not None:
