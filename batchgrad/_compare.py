@@ -10,6 +10,7 @@ records the training loss against epochs, steps, samples seen and wall time.
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,7 +31,19 @@ from ._problem import (
     _positive,
 )
 from ._report import Table
-from ._runs import CurvePoint, SweepPoint, _at_edge, _curve_stops, _ranked, _sweep, _train
+from ._runs import (
+    CurvePoint,
+    StepTime,
+    SweepPoint,
+    _at_edge,
+    _curve_stops,
+    _ranked,
+    _sweep,
+    _train,
+)
+
+LAST_EPOCH_POINTS = 8
+"""Evaluations spread over the last epoch of each run, at least (`RegimeRun.final_loss`)."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +77,46 @@ class RegimeRun:
         return self.curve[-1]
 
     @property
+    def last_epoch(self) -> list[CurvePoint]:
+        """The evaluations after the start of the run's last epoch (at least the last)."""
+        start = self.final.epoch - 1 - 1e-9
+        return [p for p in self.curve if p.epoch > start and p.step > 0] or [self.final]
+
+    @property
+    def final_loss(self) -> float:
+        """The training loss at the end: the median of the evaluations of the last
+        epoch. At a constant lr the loss after a single step fluctuates, by several
+        times at small batches and large lrs; the median ranks the regimes by where
+        they are, not by their last step's luck (the range is in `last_epoch_range`)."""
+        return statistics.median(p.train_loss for p in self.last_epoch)
+
+    @property
+    def last_epoch_range(self) -> tuple[float, float]:
+        """The lowest and highest training loss evaluated in the last epoch."""
+        values = [p.train_loss for p in self.last_epoch]
+        return min(values), max(values)
+
+    @property
+    def final_eval_loss(self) -> float | None:
+        """The held-out loss likewise (median over the last epoch), None without one."""
+        values = [p.eval_loss for p in self.last_epoch if p.eval_loss is not None]
+        return statistics.median(values) if values else None
+
+    @property
+    def final_metrics(self) -> dict[str, float]:
+        """The held-out metrics likewise (medians over the last epoch)."""
+        points = [p for p in self.last_epoch if p.metrics]
+        names = sorted({name for p in points for name in p.metrics})
+        return {
+            name: statistics.median(p.metrics.get(name, math.nan) for p in points) for name in names
+        }
+
+    @property
+    def step_time(self) -> StepTime:
+        """Seconds per step over the run's steps (median and quartiles)."""
+        return StepTime.of(self.history)
+
+    @property
     def lr_at_edge(self) -> bool:
         """The chosen lr is the smallest or largest tried: widen the grid."""
         return _at_edge(self.lr, self.sweep)
@@ -79,10 +132,13 @@ class RegimeRun:
             "epochs": self.final.epoch,
             "samples_seen": self.final.samples_seen,
             "wall_time": self.final.wall_time,
+            "step_time": vars(self.step_time),
             "tuning_time": self.tuning_time,
-            "train_loss": self.final.train_loss,
-            "eval_loss": self.final.eval_loss,
-            "metrics": self.final.metrics,
+            "train_loss": self.final_loss,
+            "eval_loss": self.final_eval_loss,
+            "metrics": self.final_metrics,
+            "last_epoch_range": list(self.last_epoch_range),
+            "last_step": vars(self.final),
             "diverged_lrs": list(self.diverged_lrs),
             "sweep": [vars(p) for p in self.sweep],
             "curve": [vars(p) for p in self.curve],
@@ -99,48 +155,71 @@ class Comparison:
     momentum: float
     select: Select
     runs: tuple[RegimeRun, ...]
+    drop_last: bool = True
 
     @property
     def histories(self) -> dict[str, History]:
         return {run.label: run.history for run in self.runs}
 
     def table(self) -> Table:
-        names = sorted({name for run in self.runs for name in run.final.metrics})
+        names = sorted({name for run in self.runs for name in run.final_metrics})
         return Table(
-            f"{self.problem}: {self.epochs} epochs ({self.epochs * self.dataset_size} samples "
-            f"seen) of SGD{f' with momentum {self.momentum:g}' if self.momentum else ''} "
-            f"from the same initial weights",
-            ["regime", "B", "lr", "steps", "train loss", "held-out loss", *names, "time (s)"],
+            f"{self.epochs} epochs of SGD"
+            f"{f' with momentum {self.momentum:g}' if self.momentum else ''} from the same "
+            f"initial weights{self._dropped()}; losses and metrics: medians over the last "
+            f"epoch",
+            ["regime", "B", "lr", "steps", "train", "held-out", *names, "time (s)"],
             [
                 [
                     run.regime,
                     str(run.batch_size),
                     f"{run.lr:g}{'*' if run.lr_at_edge else ''}",
                     str(run.final.step),
-                    f"{run.final.train_loss:.4f}",
-                    "–" if run.final.eval_loss is None else f"{run.final.eval_loss:.4f}",
-                    *(f"{run.final.metrics.get(name, math.nan):.3f}" for name in names),
+                    f"{run.final_loss:.4f}",
+                    "–" if run.final_eval_loss is None else f"{run.final_eval_loss:.4f}",
+                    *(f"{run.final_metrics.get(name, math.nan):.3f}" for name in names),
                     f"{run.final.wall_time:.2f}",
                 ]
                 for run in self.runs
             ],
         )
 
+    def _dropped(self) -> str:
+        short = [r for r in self.runs if self.dataset_size % r.batch_size]
+        if not short:
+            return ""
+        if self.drop_last:
+            return " (the short last batch of each epoch skipped)"
+        return " (the short last batch of each epoch kept: losses read after it are lifted)"
+
     @property
     def common_loss(self) -> float:
-        """The highest final training loss: a level every run reached."""
-        return max(run.final.train_loss for run in self.runs)
+        """The highest final training loss (`RegimeRun.final_loss`): a level every run
+        reached."""
+        return max(run.final_loss for run in self.runs)
 
     def reach(self) -> dict[str, CurvePoint]:
         """Each run's first evaluation at or below `common_loss`, by label."""
         level = self.common_loss
         return {r.label: next(p for p in r.curve if p.train_loss <= level) for r in self.runs}
 
+    def seconds_to_common(self) -> dict[str, tuple[float, float, float]]:
+        """Seconds each run takes to `common_loss`: its steps there times the median,
+        lower and upper quartile of its seconds per step, by label."""
+        reached = self.reach()
+        out = {}
+        for run in self.runs:
+            steps, time = reached[run.label].step, run.step_time
+            out[run.label] = (steps * time.median, steps * time.low, steps * time.high)
+        return out
+
     def reach_table(self) -> Table:
         reached = self.reach()
+        seconds = self.seconds_to_common()
         return Table(
             f"The cost of reaching training loss {self.common_loss:.4f} (the highest final "
-            f"loss, so every run got there; at the first evaluation below it)",
+            f"loss, so every run got there); time: steps × seconds per step, median "
+            f"(quartiles) over the run's steps",
             ["regime", "B", "epochs", "steps", "samples", "time (s)"],
             [
                 [
@@ -149,11 +228,21 @@ class Comparison:
                     f"{reached[run.label].epoch:.2f}",
                     str(reached[run.label].step),
                     str(reached[run.label].samples_seen),
-                    f"{reached[run.label].wall_time:.3f}",
+                    "{:.3f} ({:.3f}–{:.3f})".format(*seconds[run.label]),
                 ]
                 for run in self.runs
             ],
         )
+
+    def fastest(self) -> RegimeRun | None:
+        """The run that reaches `common_loss` first beyond the spread of the timings:
+        even at its upper quartile against every other run's lower one; None if none."""
+        seconds = self.seconds_to_common()
+        best = min(self.runs, key=lambda r: seconds[r.label][0])
+        others = [r for r in self.runs if r is not best]
+        if all(seconds[best.label][2] < seconds[r.label][1] for r in others):
+            return best
+        return None
 
     def findings(self) -> str:
         """What the runs show, in a few Markdown sentences."""
@@ -162,22 +251,41 @@ class Comparison:
         def fewest(key: str) -> RegimeRun:
             return min(self.runs, key=lambda r: float(getattr(reached[r.label], key)))
 
-        lowest = min(self.runs, key=lambda r: r.final.train_loss)
+        lowest = min(self.runs, key=lambda r: r.final_loss)
         small = min(self.runs, key=lambda r: r.batch_size)
         big = max(self.runs, key=lambda r: r.batch_size)
-        ms = {r.label: 1000 * r.final.wall_time / r.final.step for r in self.runs}
+        times = {r.label: r.step_time for r in self.runs}
+
+        def ms(run: RegimeRun) -> str:
+            t = times[run.label]
+            return (
+                f"{1000 * t.median:.2f} ms ({1000 * t.low:.2f}–{1000 * t.high:.2f}, "
+                f"{t.count} steps)"
+            )
+
         by_steps = fewest("step")
         why = ": a step on more samples follows a less noisy gradient" if by_steps is big else ""
+        fastest = self.fastest()
+        if fastest is None:
+            per_second = (
+                "no regime is clearly first: the times to get there overlap within the "
+                "step-to-step spread of the timings"
+            )
+        else:
+            per_second = f"{_name(fastest)} gets there first, beyond the timings' spread"
+        ratio = times[big.label].median / times[small.label].median
+        samples = "samples = epochs × n" if not self.drop_last else "up to the skipped batches"
+        low, high = lowest.last_epoch_range
         lines = [
-            f"- **Per epoch**, that is per sample seen (samples = epochs × n in every "
-            f"regime), {_name(lowest)} ends lowest after {self.epochs} epochs "
-            f"({lowest.final.train_loss:.4f}), and {_name(fewest('samples_seen'))} reaches "
+            f"- **Per epoch**, that is per sample seen (the same in every regime, "
+            f"{samples}), {_name(lowest)} ends lowest after {self.epochs} epochs "
+            f"({lowest.final_loss:.4f}, the median of its last epoch; {low:.4f} to "
+            f"{high:.4f}), and {_name(fewest('samples_seen'))} reaches "
             f"{self.common_loss:.4f} on the fewest samples.",
             f"- **Per step** {_name(by_steps)} needs the fewest{why}.",
-            f"- **Per second** {_name(fewest('wall_time'))} gets there first. A step took "
-            f"{ms[small.label]:.2f} ms at B={small.batch_size} and {ms[big.label]:.2f} ms at "
-            f"B={big.batch_size}: {big.batch_size / small.batch_size:.0f}× the samples for "
-            f"{ms[big.label] / ms[small.label]:.1f}× the time.",
+            f"- **Per second** {per_second}. A step took {ms(small)} at B={small.batch_size} "
+            f"and {ms(big)} at B={big.batch_size} (median, quartiles): "
+            f"{big.batch_size / small.batch_size:.0f}× the samples for {ratio:.1f}× the time.",
             "- At a constant lr the loss keeps fluctuating (see the curves), the more so the "
             "noisier the steps.",
         ]
@@ -213,6 +321,8 @@ class Comparison:
             "epochs": self.epochs,
             "momentum": self.momentum,
             "select": self.select,
+            "drop_last": self.drop_last,
+            "fastest": getattr(self.fastest(), "label", None),
             "runs": [run.to_dict() for run in self.runs],
         }
 
@@ -231,6 +341,7 @@ def compare(
     momentum: float = 0.0,
     select: Select = "train",
     seed: int = 0,
+    drop_last: bool = True,
     on_progress: OnProgress | None = None,
 ) -> Comparison:
     """Train the same initial model with full-batch, stochastic and mini-batch SGD.
@@ -244,6 +355,11 @@ def compare(
     best takes its place. Every run starts from the same initial weights and draws
     the same shuffled orders (``seed``).
 
+    With ``drop_last`` (the default) each epoch skips its short last batch: a step
+    on a few samples is a noisy one, and the whole-set loss read right after it (at
+    the end of every epoch, where the runs are compared) is lifted by it, so the
+    regimes would be ranked by an artefact of ``n mod B``.
+
     Args:
         problem: the model, loss and data (see `Problem`).
         batch_sizes: ints ``1 <= b <= n`` and ``"full"``.
@@ -253,6 +369,7 @@ def compare(
         momentum: SGD's momentum.
         select: ``"train"`` or ``"eval"``: the loss that picks the lr.
         seed: the seed of the shuffled orders.
+        drop_last: skip each epoch's short last batch (see above).
         on_progress: called before each run (see `OnProgress`).
 
     Raises:
@@ -281,7 +398,7 @@ def compare(
     runs = []
     for batch_size in sizes:
         samples = size if batch_size == "full" else batch_size
-        per_epoch = -(-size // samples)
+        per_epoch = size // samples if drop_last else -(-size // samples)
         steps = epochs * per_epoch
         budget = min(steps, max(math.ceil(sweep_epochs * per_epoch), MIN_SWEEP_STEPS))
         started = time.perf_counter()
@@ -295,6 +412,7 @@ def compare(
             seed=seed,
             select=select,
             report=report,
+            drop_last=drop_last,
         )
         tuning_time = time.perf_counter() - started
         diverged: list[float] = []
@@ -305,9 +423,10 @@ def compare(
                 initial,
                 batch_size,
                 choice.lr,
-                _curve_stops(steps),
+                sorted({*_curve_stops(steps), *_last_epoch_stops(steps, per_epoch)}),
                 momentum=momentum,
                 seed=seed,
+                drop_last=drop_last,
             )
             if not run.diverged and run.history is not None:
                 break
@@ -330,7 +449,13 @@ def compare(
                 tuple(diverged),
             )
         )
-    return Comparison(problem.name, size, epochs, momentum, select, tuple(runs))
+    return Comparison(problem.name, size, epochs, momentum, select, tuple(runs), drop_last)
+
+
+def _last_epoch_stops(steps: int, per_epoch: int) -> list[int]:
+    """`LAST_EPOCH_POINTS` evaluation steps spread over the last epoch."""
+    points = LAST_EPOCH_POINTS
+    return [steps - round(per_epoch * k / points) for k in range(points) if k < per_epoch]
 
 
 def _regime(batch_size: int, size: int) -> str:

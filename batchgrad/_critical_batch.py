@@ -20,7 +20,7 @@ from ._errors import ConfigError
 from ._fit import BatchSize
 from ._problem import TARGET_LR_GRID, OnProgress, Problem, _batch_sizes, _lrs, _positive
 from ._report import Table
-from ._runs import _evaluate, _train
+from ._runs import StepTime, _evaluate, _train
 
 if TYPE_CHECKING:
     from ._advise import Advice
@@ -34,6 +34,8 @@ class TargetRun:
         steps: optimizer steps to the target, interpolated in log-loss between the
             evaluations around the crossing; None when no lr tried reached it.
         seconds: the training time to the target (`fit`'s clock), None likewise.
+        step_time: seconds per step of that run (median and quartiles), to judge
+            differences in ``seconds`` by; None likewise.
         lr: the lr that got there in the fewest steps, None likewise.
         tried: ``(lr, steps or None)`` for each lr tried, in order.
     """
@@ -43,6 +45,14 @@ class TargetRun:
     seconds: float | None
     lr: float | None
     tried: tuple[tuple[float, float | None], ...]
+    step_time: StepTime | None = None
+
+    @property
+    def seconds_range(self) -> tuple[float, float] | None:
+        """Steps to the target times the quartiles of the seconds per step."""
+        if self.steps is None or self.step_time is None:
+            return None
+        return self.steps * self.step_time.low, self.steps * self.step_time.high
 
     @property
     def samples(self) -> float | None:
@@ -59,6 +69,17 @@ class CriticalBatch:
     runs: tuple[TargetRun, ...]
     s_min: float
     b_noise: float
+
+    def quickest(self) -> TargetRun | None:
+        """The batch size that reached the target first beyond the spread of the
+        timings (its upper quartile below every other's lower one); None if none."""
+        timed = [(run, run.seconds_range) for run in self.runs if run.seconds_range]
+        if len(timed) < 2:
+            return None
+        best, (_, top) = min(timed, key=lambda pair: pair[0].seconds or math.inf)
+        if all(top < low for run, (low, _) in timed if run is not best):
+            return best
+        return None
 
     @property
     def e_min(self) -> float:
@@ -107,6 +128,7 @@ class CriticalBatch:
                     "steps": run.steps,
                     "samples": run.samples,
                     "seconds": run.seconds,
+                    "seconds_range": list(run.seconds_range or ()) or None,
                     "lr": run.lr,
                     "predicted_steps": self.predicted_steps(run.batch_size),
                     "tried": [{"lr": lr, "steps": steps} for lr, steps in run.tried],
@@ -173,6 +195,7 @@ def steps_to_target(
                 None if won is None else won.seconds,
                 None if best is None else lrs[best],
                 tuple((lrs[j], None if r is None else r.steps) for j, r in tried.items()),
+                None if won is None else won.step_time,
             )
         )
     s_min, b_noise = fit_tradeoff(
@@ -185,6 +208,7 @@ def steps_to_target(
 class _Reached(NamedTuple):
     steps: float
     seconds: float
+    step_time: StepTime
 
 
 _Outcome = tuple[_Reached | None, bool]
@@ -264,6 +288,7 @@ def _steps_to(
     return _Reached(
         before.step + (last.step - before.step) * share,
         before.wall_time + (last.wall_time - before.wall_time) * share,
+        StepTime.of(run.history),
     ), False
 
 

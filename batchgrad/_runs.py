@@ -7,6 +7,7 @@ training (and held-out) set at each stop; a sweep trains each lr of a grid brief
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -136,6 +137,38 @@ def _curve_stops(total: int, points: int = CURVE_POINTS) -> list[int]:
     even = {round(total * k / points) for k in range(1, points + 1)}
     geometric = {round(2 ** (k / 2)) for k in range(int(2 * math.log2(max(total, 1))) + 1)}
     return sorted(s for s in even | geometric if 1 <= s <= total)
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Seconds per optimizer step over a run's steps: the median and quartiles.
+
+    One timing of a few milliseconds says little on a shared machine; the spread
+    over many steps says how far to trust a difference.
+    """
+
+    median: float
+    low: float
+    high: float
+    count: int
+
+    @classmethod
+    def of(cls, history: History | None) -> StepTime:
+        """From the step-to-step differences of `fit`'s clock (the first step included)."""
+        clock = [0.0] + [r.wall_time for r in history.steps] if history else [0.0]
+        times = sorted(b - a for a, b in itertools.pairwise(clock))
+        if not times:
+            return cls(math.nan, math.nan, math.nan, 0)
+        return cls(
+            _quantile(times, 0.5), _quantile(times, 0.25), _quantile(times, 0.75), len(times)
+        )
+
+
+def _quantile(ordered: Sequence[float], q: float) -> float:
+    position = q * (len(ordered) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 # ---- learning-rate sweeps ----------------------------------------------------------

@@ -96,6 +96,12 @@ def _parser() -> argparse.ArgumentParser:
     cmp.add_argument("--lrs", default=lrs, help="the learning rates swept (default: %(default)s)")
     cmp.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (default: 0)")
     cmp.add_argument(
+        "--keep-last-batch",
+        action="store_true",
+        help="train on each epoch's short last batch too (default: skip it; the loss read "
+        "right after a step on a few samples is lifted by it)",
+    )
+    cmp.add_argument(
         "--out",
         type=Path,
         default=Path("batchgrad-compare"),
@@ -262,6 +268,7 @@ def _compare(args: argparse.Namespace, console: Console) -> int:
             epochs=args.epochs,
             lr_grid=_lrs(args.lrs),
             momentum=args.momentum,
+            drop_last=not args.keep_last_batch,
             on_progress=on_progress,
         )
     console.print(comparison.table().to_rich())

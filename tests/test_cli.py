@@ -86,7 +86,12 @@ def test_compare_on_the_embedded_digits_writes_its_files(tmp_path, capsys):
     assert "Per step" in text
     report = json.loads((out / "compare.json").read_text())
     assert [r["label"] for r in report["runs"]] == ["8", "full"]
-    assert [r["steps"] for r in report["runs"]] == [180, 1]  # 1438 digits, 1 epoch
+    assert [r["steps"] for r in report["runs"]] == [179, 1]  # 1438 digits, 1 epoch, 6 left
+    assert report["drop_last"] is True
+    assert main([*args, "--lrs", "0.1,1", "--keep-last-batch"]) == 0
+    report = json.loads((out / "compare.json").read_text())
+    assert [r["steps"] for r in report["runs"]] == [180, 1]
+    assert report["drop_last"] is False
     assert all(r["lr"] in (0.1, 1.0) for r in report["runs"])
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "![compare](compare.png)" in (out / "compare.md").read_text()
