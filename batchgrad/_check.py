@@ -28,7 +28,7 @@ from torch.overrides import TorchFunctionMode
 
 from ._accumulate import accumulate
 from ._distributed import launch
-from ._errors import ConfigError, DistributedError
+from ._errors import BatchError, ConfigError, DistributedError
 from ._loss import LossFn, unpack_loss
 from ._reduction import REDUCTIONS, Reduction
 from ._split import Batch, batch_length, batched_leaves, is_structured, micro_batches, slice_batch
@@ -502,12 +502,29 @@ def check_data_parallel(
     if nproc < 1:
         raise ConfigError(f"nproc must be at least 1, got {nproc}.")
     results = launch(
-        _data_parallel_check, nproc, make, micro_batch_size, reduction, tolerance, timeout=timeout
+        _rank_check, nproc, make, micro_batch_size, reduction, tolerance, timeout=timeout
     )
+    for result in results:  # a rank's clean error, raised here as it was there
+        if isinstance(result, BatchError):
+            raise result
     report = results[0]
-    if report is None:
+    if not isinstance(report, CheckReport):
         raise DistributedError("Rank 0 of the data-parallel check returned no report.")
     return report
+
+
+def _rank_check(
+    make: Callable[[], tuple[Any, ...]],
+    micro_batch_size: int,
+    reduction: Reduction,
+    tolerance: float | None,
+) -> CheckReport | BatchError | None:
+    """`_data_parallel_check`, with a `BatchError` returned rather than raised: the
+    launcher would wrap it in a traceback, the caller raises it as it is."""
+    try:
+        return _data_parallel_check(make, micro_batch_size, reduction, tolerance)
+    except BatchError as error:
+        return error
 
 
 def _data_parallel_check(
