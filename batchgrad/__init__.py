@@ -1,6 +1,6 @@
 """batchgrad: exact gradients however a batch is split.
 
-The public surface; everything else is internal. See DESIGN.md for the contract.
+The public surface; everything else is internal. README.md documents it.
 """
 
 from importlib import import_module

@@ -12,10 +12,33 @@ from typing import TYPE_CHECKING
 
 from ._report import new_figure, save_figure
 
+LOG_FLOOR = 1e-17
+"""Where a relative error of exactly 0 is drawn on a log axis (below float64's 1.1e-16)."""
+
+
+def on_log_axis(values: list[float], floor: float = LOG_FLOOR) -> tuple[list[float], bool]:
+    """``values`` with zeros (and anything below ``floor``) raised to ``floor``, and
+    whether any was: a log axis has no 0, and a point dropped or plunging off the
+    chart misleads; drawn at a floor the figure says so.
+
+    Example:
+        >>> on_log_axis([0.0, 3e-8, float("nan")])
+        ([1e-17, 3e-08, nan], True)
+    """
+    clamped = [floor if v < floor else v for v in values]
+    return clamped, any(v < floor for v in values)
+
+
+def mark_floor(ax: Axes, floor: float = LOG_FLOOR) -> None:
+    """A dotted line at ``floor``, labelled as where exact zeros are drawn."""
+    ax.axhline(floor, color="grey", linestyle=":", label=f"exactly 0 (drawn at {floor:g})")
+
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
     from ._advise import Advice
+    from ._branch import BranchedCritical
     from ._compare import Comparison
     from ._critical_batch import CriticalBatch
 
@@ -111,6 +134,49 @@ def critical_figure(self: CriticalBatch, path: Path, advice: Advice | None = Non
         twin.plot([p[0] for p in points], [p[1] for p in points], color="grey", alpha=0.5)
         twin.set_yscale("log")
         twin.set_ylabel("batch loss", color="grey")
-        ax.set_title("B_simple grows as the loss falls")
+        values = [p[2] for p in points]
+        if values:
+            low = min(values)
+            ax.set_title(
+                f"B_simple along the run: {values[0]:.0f} at first, {low:.0f} at its lowest, "
+                f"{values[-1]:.0f} at the end",
+                fontsize="medium",
+            )
     figure.suptitle(f"{self.problem}: the critical batch size")
+    return save_figure(figure, path)
+
+
+def branch_figure(self: BranchedCritical, path: Path) -> Path:
+    """Loss reached on an equal budget of samples against B, and against the steps it
+    took, one line per checkpoint, with the measured critical batch size and B_simple."""
+    figure = new_figure(11, 4.5)
+    per_sample, per_step = figure.subplots(1, 2)
+    for index, checkpoint in enumerate(self.checkpoints):
+        color = f"C{index}"
+        kept = [b for b in checkpoint.branches if math.isfinite(b.loss)]
+        label = f"from step {checkpoint.step} (loss {checkpoint.start_loss:.2f})"
+        per_sample.plot(
+            [b.batch_size for b in kept], [b.loss for b in kept], "o-", color=color, label=label
+        )
+        per_step.plot(
+            [b.steps for b in kept], [b.loss for b in kept], "o-", color=color, label=label
+        )
+        if checkpoint.critical is not None:
+            per_sample.axvline(checkpoint.critical, color=color, linestyle="--", alpha=0.7)
+        if math.isfinite(checkpoint.b_simple) and checkpoint.b_simple > 0:
+            per_sample.axvline(checkpoint.b_simple, color=color, linestyle=":", alpha=0.7)
+    per_sample.set_xscale("log", base=2)
+    per_sample.set_xlabel("batch size B")
+    per_sample.set_ylabel(f"training loss after {self.samples} samples")
+    per_sample.set_title(
+        "Per sample: equal samples (dashed: B_crit; dotted: B_simple)", fontsize="medium"
+    )
+    per_step.set_xscale("log", base=2)
+    per_step.set_xlabel(f"optimizer steps taken ({self.samples} / B)")
+    per_step.set_ylabel(f"training loss after {self.samples} samples")
+    per_step.set_title("Per step: the same runs against their steps", fontsize="medium")
+    for ax in (per_sample, per_step):
+        ax.grid(True, which="both", alpha=0.3)
+    per_sample.legend(fontsize="small")
+    figure.suptitle(f"{self.problem}: the critical batch size, branched from checkpoints")
     return save_figure(figure, path)

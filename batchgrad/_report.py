@@ -34,9 +34,11 @@ class Table:
     rows: Sequence[Sequence[str]]
 
     def to_rich(self) -> RichTable:
+        """A rich table whose cells wrap (fold) rather than end in "…": at 80 columns,
+        in a file or a pipe, every label and number stays whole."""
         table = RichTable(title=self.title, title_justify="left")
         for index, column in enumerate(self.columns):
-            table.add_column(column, justify="left" if index == 0 else "right")
+            table.add_column(column, justify="left" if index == 0 else "right", overflow="fold")
         for row in self.rows:
             table.add_row(*row)
         return table

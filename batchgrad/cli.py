@@ -1,4 +1,4 @@
-"""The ``batchgrad`` command line: ``tour``, ``check``, ``compare`` and ``advise``."""
+"""The ``batchgrad`` command line: ``tour``, ``check``, ``compare``, ``advise``, ``critical``."""
 
 from __future__ import annotations
 
@@ -212,6 +212,48 @@ def _parser() -> argparse.ArgumentParser:
     adv.add_argument("--out", type=Path, help="write advise.json into this folder")
     _common(adv)
     adv.set_defaults(command=_advise)
+
+    crit = verbs.add_parser(
+        "critical",
+        help="measure the critical batch size directly, by branching short runs",
+        description="Train briefly at a small batch; from each checkpoint, branch runs at "
+        "each batch size with the same budget of samples (each at the best of --lrs), and "
+        "report the largest batch size whose loss stays within 10%% of the lowest (Merrill "
+        "et al. 2025), next to the gradient noise scale B_simple measured there, with a "
+        f"plot and a batch-size warmup schedule. {_FACTORY_HELP}",
+    )
+    crit.add_argument("factory", metavar="MODULE:FACTORY", nargs="?", help=_FACTORY_DEFAULT)
+    crit.add_argument(
+        "--batch-sizes",
+        default="4,8,16,32,64,128,256,512",
+        help="comma-separated batch sizes to branch at (default: %(default)s)",
+    )
+    crit.add_argument(
+        "--samples", type=_at_least(1), default=4096, help="samples per branch (default: 4096)"
+    )
+    crit.add_argument(
+        "--checkpoints",
+        default="0,100,400",
+        help="steps of training (at --warm-batch-size) before each checkpoint "
+        "(default: %(default)s)",
+    )
+    crit.add_argument(
+        "--warm-batch-size", type=_at_least(1), default=16, help="(default: %(default)s)"
+    )
+    crit.add_argument(
+        "--warm-lr", type=_number(positive=True), default=0.3, help="(default: %(default)s)"
+    )
+    crit.add_argument(
+        "--lrs", default="0.1,0.3,1", help="lrs each branch tries (default: %(default)s)"
+    )
+    crit.add_argument(
+        "--out",
+        type=Path,
+        default=Path("batchgrad-critical"),
+        help="folder for critical.json, critical.png and critical.md (default: %(default)s)",
+    )
+    _common(crit)
+    crit.set_defaults(command=_critical)
     return parser
 
 
@@ -528,6 +570,48 @@ def _advise(args: argparse.Namespace, console: Console) -> int:
     if out is not None:
         path = write_json(advice.to_dict(), out / "advise.json")
         console.print(f"Written: {path}")
+    return 0
+
+
+def _ints(text: str, flag: str, low: int) -> list[int]:
+    from ._errors import ConfigError
+
+    items = [item.strip() for item in text.split(",")]
+    if not items or not all(item.isdigit() and int(item) >= low for item in items):
+        raise ConfigError(f"{flag} takes comma-separated ints ≥ {low}, got {text!r}.")
+    return [int(item) for item in items]
+
+
+def _critical(args: argparse.Namespace, console: Console) -> int:
+    from rich.markdown import Markdown
+
+    from ._branch import branch_critical_batch
+    from ._report import write_json, write_text
+
+    problem = _problem(args.factory)
+    sizes = _ints(args.batch_sizes, "--batch-sizes", 1)
+    stops = _ints(args.checkpoints, "--checkpoints", 0)
+    lrs = _lrs(args.lrs)
+    out = _out_dir(args.out)
+    with _model_threads(args, problem.initial_model()), _progress(console) as on_progress:
+        measured = branch_critical_batch(
+            problem,
+            sizes,
+            samples=args.samples,
+            checkpoints=stops,
+            warm_batch_size=args.warm_batch_size,
+            warm_lr=args.warm_lr,
+            lr_grid=lrs,
+            on_progress=on_progress,
+        )
+    console.print(measured.table().to_rich())
+    console.print(Markdown(measured.text()))
+    written = [
+        write_json(measured.to_dict(), out / "critical.json"),
+        measured.figure(out / "critical.png"),
+        write_text(measured.markdown(), out / "critical.md"),
+    ]
+    console.print(f"Written: {', '.join(str(path) for path in written)}")
     return 0
 
 

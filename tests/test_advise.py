@@ -1,6 +1,7 @@
 """advise on tiny problems, and the formulas behind the advice."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,6 +117,9 @@ def test_advise_on_digits_recommends_an_lr_that_trains_at_its_batch_size():
     # the evidence is shown
     assert len(advice.sweep_table().rows) == len(advice.sweep)
     assert advice.verification_table().rows
+
+    readme = " ".join((Path(__file__).parent.parent / "README.md").read_text().split())
+    assert f"recommends B = {advice.batch_size} and lr {advice.recommended_lr:g}" in readme
 
     model = problem.initial_model()
     start = _train_loss(model, problem)

@@ -286,3 +286,21 @@ def test_out_folder_that_is_a_symlink_is_refused(tmp_path, capsys):
     assert "ConfigError: --out" in (out := _output(capsys))
     assert "symbolic link" in out
     assert list(target.iterdir()) == []
+
+
+def test_critical_measures_by_branching_and_writes_its_files(tmp_path, capsys):
+    out = tmp_path / "crit"
+    args = ["critical", "--batch-sizes", "8,64,512", "--samples", "1024"]
+    assert main([*args, "--checkpoints", "0,200", "--lrs", "0.3,1", "--out", str(out)]) == 0
+    text = _output(capsys)
+    assert "B_crit" in text
+    assert "B_simple" in text
+    data = json.loads((out / "critical.json").read_text())
+    assert [c["step"] for c in data["checkpoints"]] == [0, 200]
+    for checkpoint in data["checkpoints"]:
+        assert [b["steps"] for b in checkpoint["branches"]] == [128, 16, 2]
+        assert checkpoint["critical"] in (8, 64, 512)
+    assert (out / "critical.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![critical](critical.png)" in (out / "critical.md").read_text()
+    assert main(["critical", "--checkpoints", "0,-1"]) == 2
+    assert "--checkpoints takes comma-separated ints ≥ 0" in _output(capsys)

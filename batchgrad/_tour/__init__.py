@@ -52,10 +52,17 @@ class Answer:
 
 @dataclass(frozen=True)
 class Chapter:
+    """A question, and the experiment that answers it.
+
+    Attributes:
+        setup: the data and the model the chapter measures on, in a sentence.
+    """
+
     slug: str
     title: str
     question: str
     run: Callable[[Context], Answer]
+    setup: str = ""
 
 
 THREADS: list[int | None] = [1]
@@ -105,6 +112,7 @@ def run_tour(
         for number, chapter in enumerate(chapters, start=1):
             console.rule(f"[bold]{number}. {chapter.title}")
             console.print(f"[italic]{chapter.question}[/italic]\n")
+            console.print(f"[bold]Data and model.[/bold] {chapter.setup}\n", highlight=False)
             answer = chapter.run(context)
             answers[chapter.slug] = answer
             for table in answer.tables:
@@ -125,6 +133,7 @@ def _write_report(out_dir: Path, chapters: list[Chapter], answers: dict[str, Ans
     for number, chapter in enumerate(chapters, start=1):
         answer = answers[chapter.slug]
         parts.append(f"## {number}. {chapter.title}\n\n*{chapter.question}*\n")
+        parts.append(f"**Data and model.** {chapter.setup}\n")
         parts += [table.to_markdown() + "\n" for table in answer.tables]
         parts.append(answer.summary + "\n")
         parts += [f"![{figure.stem}]({figure.name})\n" for figure in answer.figures]
