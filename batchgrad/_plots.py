@@ -176,6 +176,7 @@ def branch_figure(self: BranchedCritical, path: Path) -> Path:
     per_step.set_ylabel(f"training loss after {self.samples} samples")
     per_step.set_title("Per step: the same runs against their steps", fontsize="medium")
     for ax in (per_sample, per_step):
+        ax.set_yscale("log")  # the checkpoints' losses differ by orders of magnitude
         ax.grid(True, which="both", alpha=0.3)
     per_sample.legend(fontsize="small")
     figure.suptitle(f"{self.problem}: the critical batch size, branched from checkpoints")

@@ -160,7 +160,7 @@ def _error_figure(rows: list[dict[str, Any]], path: Any) -> Any:
     axes.set_xlabel("micro-batches per logical batch")
     axes.set_ylabel("‖g − g_whole‖ / ‖g_whole‖")
     axes.set_title("Accumulated gradient vs whole batch")
-    axes.legend(fontsize="small")
+    axes.legend(fontsize="small", loc="center right")
     return save_figure(figure, path)
 
 

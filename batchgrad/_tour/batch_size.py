@@ -43,7 +43,7 @@ MICRO_BATCHES = 4
 BRANCH_SIZES = (4, 16, 64, 256)  # the critical batch size measured by branching
 BRANCH_SAMPLES = 2048
 BRANCH_CHECKPOINTS = (0, 300)
-BRANCH_LRS = (0.3, 1.0)
+BRANCH_LRS = (0.1, 0.3, 1.0)
 
 
 @contextmanager
