@@ -42,7 +42,7 @@ from ._runs import (
     _train,
 )
 
-LAST_EPOCH_POINTS = 8
+LAST_EPOCH_POINTS = 16
 """Evaluations spread over the last epoch of each run, at least (`RegimeRun.final_loss`)."""
 
 
@@ -83,12 +83,20 @@ class RegimeRun:
         return [p for p in self.curve if p.epoch > start and p.step > 0] or [self.final]
 
     @property
+    def end(self) -> list[CurvePoint]:
+        """The evaluations of the last half epoch (at least the last one)."""
+        start = self.final.epoch - 0.5 - 1e-9
+        return [p for p in self.curve if p.epoch > start and p.step > 0] or [self.final]
+
+    @property
     def final_loss(self) -> float:
-        """The training loss at the end: the median of the evaluations of the last
-        epoch. At a constant lr the loss after a single step fluctuates, by several
-        times at small batches and large lrs; the median ranks the regimes by where
-        they are, not by their last step's luck (the range is in `last_epoch_range`)."""
-        return statistics.median(p.train_loss for p in self.last_epoch)
+        """The training loss at the end: the median of the evaluations of the last half
+        epoch (`end`). At a constant lr the loss after a single step fluctuates, by
+        several times at small batches and large lrs; the median ranks the regimes by
+        where they are, not by their last step's luck, and half an epoch keeps a loss
+        still falling from being read too high (the range of the whole last epoch is
+        in `last_epoch_range`)."""
+        return statistics.median(p.train_loss for p in self.end)
 
     @property
     def last_epoch_range(self) -> tuple[float, float]:
@@ -98,14 +106,14 @@ class RegimeRun:
 
     @property
     def final_eval_loss(self) -> float | None:
-        """The held-out loss likewise (median over the last epoch), None without one."""
-        values = [p.eval_loss for p in self.last_epoch if p.eval_loss is not None]
+        """The held-out loss likewise (median over `end`), None without one."""
+        values = [p.eval_loss for p in self.end if p.eval_loss is not None]
         return statistics.median(values) if values else None
 
     @property
     def final_metrics(self) -> dict[str, float]:
-        """The held-out metrics likewise (medians over the last epoch)."""
-        points = [p for p in self.last_epoch if p.metrics]
+        """The held-out metrics likewise (medians over `end`)."""
+        points = [p for p in self.end if p.metrics]
         names = sorted({name for p in points for name in p.metrics})
         return {
             name: statistics.median(p.metrics.get(name, math.nan) for p in points) for name in names
@@ -166,7 +174,7 @@ class Comparison:
         return Table(
             f"{self.epochs} epochs of SGD"
             f"{f' with momentum {self.momentum:g}' if self.momentum else ''} from the same "
-            f"initial weights{self._dropped()}; losses and metrics: medians over the last "
+            f"initial weights{self._dropped()}; losses and metrics: medians over the last half "
             f"epoch",
             ["regime", "B", "lr", "steps", "train", "held-out", *names, "time (s)"],
             [
@@ -279,7 +287,7 @@ class Comparison:
         lines = [
             f"- **Per epoch**, that is per sample seen (the same in every regime, "
             f"{samples}), {_name(lowest)} ends lowest after {self.epochs} epochs "
-            f"({lowest.final_loss:.4f}, the median of its last epoch; {low:.4f} to "
+            f"({lowest.final_loss:.4f}, the median of its last half epoch; {low:.4f} to "
             f"{high:.4f}), and {_name(fewest('samples_seen'))} reaches "
             f"{self.common_loss:.4f} on the fewest samples.",
             f"- **Per step** {_name(by_steps)} needs the fewest{why}.",

@@ -204,7 +204,7 @@ noisy and how costly a step is, and so which clock training runs fast on.
   (the loss read right after a step on a few samples is lifted by it). In
   {comparison.epochs} epochs stochastic descent (B = 1, lr
   {sgd.lr:g}) made {sgd.final.step} steps and reached a training loss of
-  {sgd.final_loss:.3f} (mean of the last tenth of the run); mini-batch (B = {mini.batch_size}, lr
+  {sgd.final_loss:.3f} (median of the last half epoch); mini-batch (B = {mini.batch_size}, lr
   {mini.lr:g}) {mini.final.step} steps and {mini.final_loss:.3f}; full-batch (lr
   {full.lr:g}) {full.final.step} steps and {full.final_loss:.3f}. To reach
   {comparison.common_loss:.3f}, the loss every run reached, took in samples
