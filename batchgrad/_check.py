@@ -24,10 +24,11 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from ._accumulate import accumulate
 from ._distributed import launch
-from ._errors import ConfigError, DistributedError
+from ._errors import BatchError, ConfigError, DistributedError
 from ._loss import LossFn, unpack_loss
 from ._reduction import REDUCTIONS, Reduction
 from ._split import Batch, batch_length, batched_leaves, is_structured, micro_batches, slice_batch
@@ -52,13 +53,18 @@ class Finding:
 
     Attributes:
         module: the module's qualified name in the model (``""`` is the model).
-        kind: ``"batchnorm"``, ``"dropout"``, ``"couples-samples"`` or ``"random"``.
+        kind: ``"batchnorm"``, ``"dropout"``, ``"couples-samples"``, ``"random"``, or
+            ``"precision"``: the module computes in a lower precision than the
+            parameters (an upcast RMSNorm in a float64 model), so the default tolerance
+            is that precision's; this one alone does not make the split inexact.
         message: why, and what to do.
+        dtype: for ``"precision"``, the lowest dtype the modules compute in.
     """
 
     module: str
-    kind: Literal["batchnorm", "dropout", "couples-samples", "random"]
+    kind: Literal["batchnorm", "dropout", "couples-samples", "random", "precision"]
     message: str
+    dtype: torch.dtype | None = None
 
 
 @dataclass(frozen=True)
@@ -116,7 +122,8 @@ def check(
         micro_batch_size: rows per micro-batch.
         reduction: ``"mean"`` or ``"sum"``.
         tolerance: the largest relative error called ok; by default what rounding
-            explains in the parameters' dtype (`default_tolerance`).
+            explains in the parameters' dtype (`default_tolerance`), or in the lowest
+            precision a module computes in (a ``"precision"`` finding names it).
         probe: also run every module on half of the batch to find modules, of any
             type, whose output for a sample depends on the other samples.
 
@@ -146,9 +153,6 @@ def check(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("The model has no parameter that requires grad: nothing to check.")
-    if tolerance is None:
-        tolerance = default_tolerance(params[0].dtype)
-
     snapshot = ModelSnapshot.take(model)
     try:
         g_full = _whole_batch_grads(model, loss_fn, batch, reduction, params)
@@ -163,6 +167,8 @@ def check(
         findings = _findings(model, loss_fn, batch) if probe else _known_findings(model)
     finally:
         snapshot.put_back()
+    if tolerance is None:
+        tolerance = _default_tolerance(params, findings)
 
     return _compare(
         names, g_full, g_acc, g_naive, findings, tolerance, report.micro_batch_counts, reduction
@@ -246,6 +252,15 @@ def _rel_err(approx: list[Tensor], exact: list[Tensor]) -> float:
     return diff / norm
 
 
+def _default_tolerance(params: list[nn.Parameter], findings: list[Finding]) -> float:
+    """Rounding of the parameters' dtype, or of the lowest one a module computes in."""
+    tolerance = default_tolerance(params[0].dtype)
+    for finding in findings:
+        if finding.kind == "precision" and finding.dtype is not None:
+            tolerance = max(tolerance, default_tolerance(finding.dtype))
+    return tolerance
+
+
 def _known_findings(model: nn.Module) -> list[Finding]:
     findings = []
     for name, module in model.named_modules():
@@ -286,20 +301,31 @@ def _findings(model: nn.Module, loss_fn: LossFn, batch: Batch) -> list[Finding]:
     if length < 2:
         return findings
     calls: dict[str, tuple[nn.Module, tuple[Any, ...], dict[str, Any], Any]] = {}
+    stack: list[str] = []
+
+    def enter(name: str, module: nn.Module, args: Any) -> None:
+        stack.append(name)
 
     def record(name: str, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        if stack and stack[-1] == name:
+            stack.pop()
         calls.setdefault(name, (module, args, kwargs, output))
 
-    handles = [
-        module.register_forward_hook(functools.partial(record, name), with_kwargs=True)
-        for name, module in model.named_modules()
-    ]
+    handles = []
+    for name, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(functools.partial(enter, name)))
+        handles.append(
+            module.register_forward_hook(functools.partial(record, name), with_kwargs=True)
+        )
+    scan = _DowncastScan(stack)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), scan:
             loss_fn(model, batch)
     finally:
         for handle in handles:
             handle.remove()
+    reference = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    precision = [] if reference is None else _precision_findings(model, scan.lowest, reference)
 
     flagged = {finding.module for finding in findings}
     for name, (module, args, kwargs, output) in calls.items():
@@ -314,7 +340,62 @@ def _findings(model: nn.Module, loss_fn: LossFn, batch: Batch) -> list[Finding]:
         f
         for f in findings
         if not any(other != f.module and _is_inside(other, f.module) for other in flagged)
-    ]
+    ] + precision
+
+
+class _DowncastScan(TorchFunctionMode):
+    """The lowest floating dtype each module casts to: an op whose floating output is
+    of lower precision than its floating inputs, attributed to the innermost module
+    running (a float32 constant created from nothing is not a loss of precision)."""
+
+    def __init__(self, stack: list[str]) -> None:
+        super().__init__()
+        self.stack = stack
+        self.lowest: dict[str, torch.dtype] = {}
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if self.stack:
+            inputs = [t.dtype for t in _tensor_leaves((args, kwargs)) if t.is_floating_point()]
+            if inputs:
+                finest = min(inputs, key=_eps)
+                for t in _tensor_leaves(out):
+                    if t.is_floating_point() and _eps(t.dtype) > _eps(finest):
+                        name = self.stack[-1]
+                        known = self.lowest.get(name)
+                        if known is None or _eps(t.dtype) > _eps(known):
+                            self.lowest[name] = t.dtype
+        return out
+
+
+def _eps(dtype: torch.dtype) -> float:
+    return float(torch.finfo(dtype).eps)
+
+
+def _precision_findings(
+    model: nn.Module, lowest: dict[str, torch.dtype], reference: torch.dtype
+) -> list[Finding]:
+    """One finding per dtype below ``reference`` that modules compute in, naming them."""
+    modules = dict(model.named_modules())
+    by_dtype: dict[torch.dtype, list[str]] = {}
+    for name, dtype in lowest.items():
+        if _eps(dtype) > _eps(reference):
+            by_dtype.setdefault(dtype, []).append(name)
+    findings = []
+    for dtype, names in by_dtype.items():
+        shown = ", ".join(
+            f"{name or 'the model'} ({type(modules[name]).__name__})" for name in names[:4]
+        )
+        more = f" and {len(names) - 4} more" if len(names) > 4 else ""
+        low, high = str(dtype).removeprefix("torch."), str(reference).removeprefix("torch.")
+        message = (
+            f"{shown}{more} compute in {low} inside a {high} model (a cast down, e.g. a norm "
+            f"upcasting to float32): rounding there is {low}'s, so the split can differ from "
+            f"the whole batch by {low} rounding; the default tolerance is "
+            f"{default_tolerance(dtype):g}, {low}'s. This alone does not make it inexact."
+        )
+        findings.append(Finding(names[0], "precision", message, dtype))
+    return findings
 
 
 def _is_inside(name: str, ancestor: str) -> bool:
@@ -344,7 +425,11 @@ def _probe(
             part = module(*slice_batch(args, 0, half), **slice_batch(kwargs, 0, half))
     except Exception:  # a call that cannot be repeated or sliced proves nothing
         return None
-    return None if _same(part, slice_batch(first, 0, half)) else "couples-samples"
+    # Only per-sample outputs are compared: a 0-d one (a batch-mean loss returned next
+    # to the logits, as nanoGPT's forward does) is about the batch by definition.
+    whole = [t for _, t in batched_leaves(slice_batch(first, 0, half))]
+    alone = [t for _, t in batched_leaves(part)]
+    return None if _same(alone, whole) else "couples-samples"
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -417,12 +502,29 @@ def check_data_parallel(
     if nproc < 1:
         raise ConfigError(f"nproc must be at least 1, got {nproc}.")
     results = launch(
-        _data_parallel_check, nproc, make, micro_batch_size, reduction, tolerance, timeout=timeout
+        _rank_check, nproc, make, micro_batch_size, reduction, tolerance, timeout=timeout
     )
+    for result in results:  # a rank's clean error, raised here as it was there
+        if isinstance(result, BatchError):
+            raise result
     report = results[0]
-    if report is None:
+    if not isinstance(report, CheckReport):
         raise DistributedError("Rank 0 of the data-parallel check returned no report.")
     return report
+
+
+def _rank_check(
+    make: Callable[[], tuple[Any, ...]],
+    micro_batch_size: int,
+    reduction: Reduction,
+    tolerance: float | None,
+) -> CheckReport | BatchError | None:
+    """`_data_parallel_check`, with a `BatchError` returned rather than raised: the
+    launcher would wrap it in a traceback, the caller raises it as it is."""
+    try:
+        return _data_parallel_check(make, micro_batch_size, reduction, tolerance)
+    except BatchError as error:
+        return error
 
 
 def _data_parallel_check(
@@ -469,7 +571,7 @@ def _data_parallel_check(
     snapshot.put_back()
     if rank != 0:
         return None
-    tolerance = default_tolerance(params[0].dtype) if tolerance is None else tolerance
+    tolerance = _default_tolerance(params, findings) if tolerance is None else tolerance
     every_count = tuple(c for rank_counts in counts for c in rank_counts)
     return _compare(
         names, g_full, g_acc, g_naive, findings, tolerance, every_count, reduction, world_size

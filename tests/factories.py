@@ -31,3 +31,30 @@ def with_batchnorm():
 
 def not_a_tuple():
     return "model"
+
+
+def wrong_model():
+    return "model", _loss, _data()
+
+
+def loss_not_callable():
+    return nn.Linear(4, 3).double(), nn.CrossEntropyLoss(), _data()
+
+
+def string_batch():
+    return nn.Linear(4, 3).double(), _loss, "rows"
+
+
+def disagreeing_batch():
+    x, y = _data()
+    return nn.Linear(4, 3).double(), _loss, (x, y[:7])
+
+
+def bad_micro_batch_size():
+    return (*exact()[:3], 0)
+
+
+def nan_loss():
+    x, y = _data()
+    x[6] = float("nan")
+    return nn.Linear(4, 3).double(), _loss, (x, y), 4

@@ -150,3 +150,101 @@ def test_check_errors_restore_the_model():
 def test_data_parallel_check_needs_a_process():
     with pytest.raises(bg.ConfigError, match="nproc must be at least 1, got 0"):
         bg._check.check_data_parallel(lambda: None, 0, micro_batch_size=2)
+
+
+class TinyGPT(nn.Module):
+    """nanoGPT's calling convention: ``forward(idx, targets) -> (logits, loss)``."""
+
+    def __init__(self, vocab=11, width=8):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.block = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU())
+        self.head = nn.Linear(width, vocab)
+
+    def forward(self, idx, targets=None):
+        logits = self.head(self.block(self.embed(idx)))
+        if targets is None:
+            return logits, None
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        return logits, loss  # a 0-d batch mean next to the per-sample logits
+
+
+def test_a_batch_mean_returned_next_to_the_logits_is_not_coupling():
+    torch.manual_seed(0)
+    model = TinyGPT().double()
+    idx = torch.randint(0, 11, (6, 5))
+
+    def loss_fn(model, batch):
+        logits, _ = model(batch[:, :-1], batch[:, 1:])
+        values = nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
+        return bg.Loss.from_values(values)
+
+    report = bg.check(model, loss_fn, idx, micro_batch_size=4)
+    assert report.ok
+    assert report.findings == ()
+
+
+def test_a_module_that_computes_in_float32_sets_the_tolerance_and_is_named():
+    class UpcastNorm(nn.Module):  # Llama's RMSNorm
+        def __init__(self, width):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(width))
+
+        def forward(self, x):
+            dtype = x.dtype
+            x = x.to(torch.float32)
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+            return self.weight * x.to(dtype)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), UpcastNorm(8), nn.Tanh(), nn.Linear(8, 3)).double()
+    x, y = torch.randn(10, 6, dtype=torch.float64), torch.randn(10, 3, dtype=torch.float64)
+    report = bg.check(model, _loss, (x, y), micro_batch_size=4)
+
+    assert report.ok
+    assert report.tolerance == 1e-5
+    (finding,) = report.findings
+    assert (finding.module, finding.kind, finding.dtype) == ("1", "precision", torch.float32)
+    assert "1 (UpcastNorm) compute in float32 inside a float64 model" in finding.message
+    # a tolerance given is kept, and the finding is still there to explain a miss
+    strict = bg.check(model, _loss, (x, y), micro_batch_size=4, tolerance=1e-12)
+    assert strict.tolerance == 1e-12
+    assert [f.kind for f in strict.findings] == ["precision"]
+
+
+def test_float32_constants_in_a_float64_model_are_no_precision_finding():
+    class Masked(nn.Module):
+        def forward(self, x):
+            return x * torch.ones(x.shape[-1])  # float32 ones, upcast: no precision lost
+
+    model = nn.Sequential(nn.Linear(6, 3), Masked()).double()
+    x, y = torch.randn(10, 6, dtype=torch.float64), torch.randn(10, 3, dtype=torch.float64)
+    report = bg.check(model, _loss, (x, y), micro_batch_size=4)
+    assert report.ok
+    assert report.findings == ()
+    assert report.tolerance == 1e-10
+
+
+def test_a_float64_llama_from_a_config_checks_ok_and_names_its_float32_modules():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=50,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=16,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).double()
+    ids = torch.randint(0, 50, (5, 7))
+
+    def loss_fn(model, batch):
+        return bg.Loss.from_causal_lm(model(input_ids=batch).logits, batch)
+
+    report = bg.check(model, loss_fn, ids, micro_batch_size=2)
+    assert report.ok, report
+    kinds = {f.kind for f in report.findings}
+    assert kinds == {"precision"}
+    assert any("RMSNorm" in f.message for f in report.findings)

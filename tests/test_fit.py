@@ -3,6 +3,10 @@
 import itertools
 import json
 import math
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -505,3 +509,51 @@ def test_resuming_mid_epoch_needs_the_same_order():
 def test_history_from_another_format_is_refused():
     with pytest.raises(bg.ConfigError, match="another version"):
         bg.History.from_dict({"version": 0})
+
+
+def test_the_history_file_survives_a_kill_while_it_is_written(tmp_path):
+    """A process writing the history over and over, killed at once: the file on disk is
+    always a whole history (the old or the new one), never a truncated one."""
+    path = tmp_path / "history.json"
+    script = (
+        "import batchgrad as bg\n"
+        "row = bg.StepRecord(1, 0.5, 1, 1, 1, 0.25, 1.5, 0.1, 0.01)\n"
+        "history = bg.History(steps=[row] * 20000, step=20000)\n"
+        f"history.to_json({str(path)!r})\n"
+        "print('ready', flush=True)\n"
+        "while True:\n"
+        f"    history.to_json({str(path)!r})\n"
+    )
+    for delay in (0.1, 0.3):
+        with subprocess.Popen(
+            [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True
+        ) as process:
+            try:
+                assert process.stdout.readline().strip() == "ready"
+                time.sleep(delay)
+            finally:
+                process.kill()
+        restored = bg.History.from_json(path)  # loads: the kill left no partial file
+        assert restored.step == 20000
+        assert [p.name for p in tmp_path.iterdir()] == ["history.json"]
+
+
+def test_a_failed_history_write_leaves_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "history.json"
+    model, data = make_model(), make_data()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    history = bg.fit(model, mse, data, optimizer, batch_size=4, epochs=1, progress=False)
+    history.to_json(path)
+    before = path.read_bytes()
+
+    def crash(*args):
+        raise KeyboardInterrupt  # killed between writing the new content and the rename
+
+    monkeypatch.setattr(os, "replace", crash)
+    more = bg.fit(
+        model, mse, data, optimizer, batch_size=4, epochs=1, history=history, progress=False
+    )
+    with pytest.raises(KeyboardInterrupt):
+        more.to_json(path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["history.json"]

@@ -1,6 +1,8 @@
 import itertools
 import json
 import math
+import statistics
+from pathlib import Path
 
 from batchgrad._tour import run_tour
 
@@ -22,6 +24,19 @@ def test_accumulation_chapter_writes_its_report(tmp_path):
         assert row["batchgrad_rel_err_float64"] <= 1e-10
         if row["micro_batches"] > 1:
             assert row["naive_rel_err"] > 1e-2
+
+    # The README quotes these numbers.
+    naive = [r["naive_rel_err"] for r in splits if r["micro_batches"] > 1]
+    readme = _readme()
+    assert f"{100 * min(naive):.1f}–{100 * max(naive):.0f}% off the whole-batch one" in readme
+    assert "less than 1e-6 in float32 and 1e-15 in float64" in readme
+    assert max(r["batchgrad_rel_err_float32"] for r in splits) < 1e-6
+    assert max(r["batchgrad_rel_err_float64"] for r in splits) < 1e-15
+
+
+def _readme():
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    return " ".join(text.split())
 
 
 def test_data_parallel_chapter_runs_two_processes(tmp_path):
@@ -169,7 +184,7 @@ def test_batch_size_chapter_compares_regimes_and_measures_the_noise_scale(tmp_pa
     answers = run_tour(tmp_path, only=["batch-size"])
     report = (tmp_path / "report.md").read_text()
     assert "## 1. The batch in training: regimes and the critical batch size" in report
-    for name in ("batch_size_regimes.png", "batch_size_critical.png"):
+    for name in ("batch_size_regimes.png", "batch_size_critical.png", "batch_size_branched.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"({name})" in report
 
@@ -184,8 +199,12 @@ def test_batch_size_chapter_compares_regimes_and_measures_the_noise_scale(tmp_pa
     assert runs["full-batch"]["steps"] == epochs
     assert runs["stochastic"]["steps"] == epochs * data["regimes"]["dataset_size"]
     assert len({r["curve"][0]["train_loss"] for r in runs.values()}) == 1
+    size = data["regimes"]["dataset_size"]
     for run in runs.values():
-        assert run["samples_seen"] == runs["full-batch"]["samples_seen"]
+        # the short last batch of each epoch is skipped
+        assert run["samples_seen"] == epochs * (size // run["batch_size"] * run["batch_size"])
+        end = [p["train_loss"] for p in run["curve"] if p["epoch"] > epochs - 0.5 - 1e-9]
+        assert run["train_loss"] == statistics.median(end)
         assert run["lr"] in [p["lr"] for p in run["sweep"] if not p["diverged"]]
         assert run["train_loss"] < run["curve"][0]["train_loss"]
         assert run["metrics"]["accuracy"] > 0.5
@@ -212,3 +231,25 @@ def test_batch_size_chapter_compares_regimes_and_measures_the_noise_scale(tmp_pa
     assert 0 < advice["b_simple_std"] < advice["b_simple"]
     assert critical["b_noise"] / 4 < advice["b_simple"] < 4 * critical["b_noise"]
     assert advice["batch_size"] == 2 ** round(math.log2(advice["b_simple"]))
+
+    # The critical batch size measured by branching, next to B_simple, at each checkpoint.
+    branched = data["branched"]
+    assert [c["step"] for c in branched["checkpoints"]] == [0, 300]
+    for checkpoint in branched["checkpoints"]:
+        losses = {
+            b["batch_size"]: b["loss"]
+            for b in checkpoint["branches"]
+            if isinstance(b["loss"], float) and math.isfinite(b["loss"])
+        }
+        best = min(losses.values())
+        assert checkpoint["critical"] in losses
+        assert losses[checkpoint["critical"]] <= 1.1 * best
+        larger = [b for b in losses if b > checkpoint["critical"]]
+        assert all(losses[b] > 1.1 * best for b in larger)
+        assert best < checkpoint["start_loss"]
+        assert math.isfinite(checkpoint["b_simple"])
+    assert "B_crit" in report
+
+    # The README quotes the noise scale and the fitted B_noise.
+    quoted = f"B_simple is {advice['b_simple']:.0f} ± {advice['b_simple_std']:.0f}, against a "
+    assert quoted + f"B_noise of {critical['b_noise']:.0f}" in _readme()

@@ -9,17 +9,18 @@ and PNG figures). A new capability adds a chapter module and a line to `CHAPTERS
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from rich.console import Console
 from rich.markdown import Markdown
-from rich.progress import Progress
 
 from .. import __version__
-from .._report import Table, write_json
+from .._progress import ProgressLike, progress_display
+from .._report import Table, write_json, write_text
+from .._threads import torch_threads
 
 T = TypeVar("T")
 
@@ -29,7 +30,7 @@ class Context:
     """What a chapter gets: where to write figures, and a way to show progress."""
 
     out_dir: Path
-    progress: Progress
+    progress: ProgressLike
 
     def track(self, items: Sequence[T], description: str) -> Iterator[T]:
         task = self.progress.add_task(description, total=len(items))
@@ -51,24 +52,27 @@ class Answer:
 
 @dataclass(frozen=True)
 class Chapter:
+    """A question, and the experiment that answers it.
+
+    Attributes:
+        setup: the data and the model the chapter measures on, in a sentence.
+    """
+
     slug: str
     title: str
     question: str
     run: Callable[[Context], Answer]
+    setup: str = ""
 
 
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """Run torch on one thread: the tour's models are too small to share, and extra
-    threads only add synchronisation (or stall on a busy machine)."""
-    import torch
+THREADS: list[int | None] = [1]
+"""The threads the chapters run on (`run_tour`'s ``threads``; one by default)."""
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+
+def one_thread() -> AbstractContextManager[None]:
+    """The chapters' thread count: one unless `run_tour` was given another
+    (`batchgrad._threads`: the tour's models are too small to share)."""
+    return torch_threads(THREADS[0])
 
 
 def _chapters() -> list[Chapter]:
@@ -89,19 +93,27 @@ def chapter_slugs() -> list[str]:
 
 
 def run_tour(
-    out_dir: Path, only: Iterable[str] | None = None, console: Console | None = None
+    out_dir: Path,
+    only: Iterable[str] | None = None,
+    console: Console | None = None,
+    threads: int | None = 1,
 ) -> dict[str, Answer]:
-    """Run the chapters (all, or those named in ``only``) and write the report folder."""
+    """Run the chapters (all, or those named in ``only``) and write the report folder.
+
+    ``threads``: torch's intra-op threads for the chapters (None: torch's default).
+    """
     console = console or Console()
+    THREADS[0] = threads
     wanted = set(only) if only is not None else None
     chapters = [c for c in _chapters() if wanted is None or c.slug in wanted]
     out_dir.mkdir(parents=True, exist_ok=True)
     answers: dict[str, Answer] = {}
-    with Progress(console=console, transient=True) as progress:
+    with progress_display(console) as progress:
         context = Context(out_dir, progress)
         for number, chapter in enumerate(chapters, start=1):
             console.rule(f"[bold]{number}. {chapter.title}")
             console.print(f"[italic]{chapter.question}[/italic]\n")
+            console.print(f"[bold]Data and model.[/bold] {chapter.setup}\n", highlight=False)
             answer = chapter.run(context)
             answers[chapter.slug] = answer
             for table in answer.tables:
@@ -122,10 +134,11 @@ def _write_report(out_dir: Path, chapters: list[Chapter], answers: dict[str, Ans
     for number, chapter in enumerate(chapters, start=1):
         answer = answers[chapter.slug]
         parts.append(f"## {number}. {chapter.title}\n\n*{chapter.question}*\n")
+        parts.append(f"**Data and model.** {chapter.setup}\n")
         parts += [table.to_markdown() + "\n" for table in answer.tables]
         parts.append(answer.summary + "\n")
         parts += [f"![{figure.stem}]({figure.name})\n" for figure in answer.figures]
-    (out_dir / "report.md").write_text("\n".join(parts))
+    write_text("\n".join(parts), out_dir / "report.md")
     write_json(
         {"version": __version__, "chapters": {slug: a.data for slug, a in answers.items()}},
         out_dir / "results.json",

@@ -6,13 +6,15 @@ SGD), the chapter
 1. trains the same initial model with stochastic (B = 1), mini-batch (B = 32) and
    full-batch descent, each at the lr that does best in a short sweep, and plots
    the training loss against epochs, steps, samples seen and wall time
-   (`batchgrad._regimes.compare`);
+   (`batchgrad._compare.compare`);
 2. measures the steps each batch size from 4 to 1024 takes to reach a training
    loss of 0.1, each at its own lr (a factor-2 local search), and fits
-   ``S(B) = S_min (1 + B_noise / B)`` (`batchgrad._regimes.steps_to_target`);
+   ``S(B) = S_min (1 + B_noise / B)`` (`batchgrad._critical_batch.steps_to_target`);
 3. measures the gradient noise scale ``B_simple`` on the B = 64 run of step 2 as it
-   reaches the target (`batchgrad._regimes.advise`, 4 micro-batches per step), and
-   holds it against the fitted ``B_noise``.
+   reaches the target (`batchgrad._advise.advise`, 4 micro-batches per step), and
+   holds it against the fitted ``B_noise``;
+4. measures the critical batch size directly, by branching runs of equal samples at
+   several batch sizes from checkpoints of training (`batchgrad._branch`).
 """
 
 from __future__ import annotations
@@ -21,17 +23,12 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from .._advise import Advice, advise
+from .._branch import branch_critical_batch
+from .._compare import Comparison, compare
+from .._critical_batch import CriticalBatch, steps_to_target
 from .._fit import BatchSize
-from .._regimes import (
-    Advice,
-    Comparison,
-    CriticalBatch,
-    OnProgress,
-    advise,
-    compare,
-    digits_problem,
-    steps_to_target,
-)
+from .._problem import OnProgress, digits_problem
 from .._report import Table
 from . import Answer, Chapter, Context, one_thread
 
@@ -43,6 +40,10 @@ CRITICAL_SIZES = tuple(2**k for k in range(2, 11))  # 4 ... 1024
 TARGET = 0.1
 MEASURED_AT = 64  # the batch size B_simple is measured at
 MICRO_BATCHES = 4
+BRANCH_SIZES = (4, 16, 64, 256)  # the critical batch size measured by branching
+BRANCH_SAMPLES = 2048
+BRANCH_CHECKPOINTS = (0, 300)
+BRANCH_LRS = (0.1, 0.3, 1.0)
 
 
 @contextmanager
@@ -86,18 +87,35 @@ def run(context: Context) -> Answer:
                 lr=anchor.lr,
                 on_progress=on_progress,
             )
+        with _progress(context, "branched runs") as on_progress:
+            branched = branch_critical_batch(
+                problem,
+                BRANCH_SIZES,
+                samples=BRANCH_SAMPLES,
+                checkpoints=BRANCH_CHECKPOINTS,
+                lr_grid=BRANCH_LRS,
+                on_progress=on_progress,
+            )
     figures = [
         comparison.figure(context.out_dir / "batch_size_regimes.png"),
         critical.figure(context.out_dir / "batch_size_critical.png", advice),
+        branched.figure(context.out_dir / "batch_size_branched.png"),
     ]
     return Answer(
-        _summary(comparison, critical, advice),
-        [comparison.table(), comparison.reach_table(), critical.table(), _noise_table(advice)],
+        _summary(comparison, critical, advice) + "\n\n**Measured directly.** " + branched.text(),
+        [
+            comparison.table(),
+            comparison.reach_table(),
+            critical.table(),
+            _noise_table(advice),
+            branched.table(),
+        ],
         figures,
         {
             "regimes": comparison.to_dict(),
             "critical": critical.to_dict(),
             "advice": advice.to_dict(),
+            "branched": branched.to_dict(),
         },
     )
 
@@ -116,7 +134,10 @@ def _noise_table(advice: Advice) -> Table:
             ["‖G‖² (estimate)", f"{advice.grad_sq:.3g}"],
             ["tr Σ (estimate)", f"{advice.trace_cov:.3g}"],
             ["training loss at the end", f"{advice.train_loss:.4f}"],
-            ["recommended batch size", str(advice.batch_size)],
+            [
+                "recommended batch size",
+                str(advice.batch_size) if advice.conclusive else "inconclusive",
+            ],
         ],
     )
 
@@ -130,11 +151,22 @@ def _summary(comparison: Comparison, critical: CriticalBatch, advice: Advice) ->
         best = min(comparison.runs, key=lambda r: float(getattr(reached[r.label], key)))
         return f"B = {best.batch_size}"
 
-    def to_common(key: str, unit: str = "") -> str:
+    def to_common(key: str) -> str:
         return ", ".join(
-            f"{run.regime} {getattr(reached[run.label], key):{'.3f' if unit else 'd'}}{unit}"
-            for run in comparison.runs
+            f"{run.regime} {getattr(reached[run.label], key):d}" for run in comparison.runs
         )
+
+    seconds = comparison.seconds_to_common()
+    in_seconds = ", ".join(
+        "{} {:.3f} s ({:.3f}–{:.3f})".format(run.regime, *seconds[run.label])
+        for run in comparison.runs
+    )
+    fastest = comparison.fastest()
+    first_in_seconds = (
+        f"fastest beyond the timings' spread: B = {fastest.batch_size}"
+        if fastest
+        else "no regime clearly first: the quartiles overlap"
+    )
 
     done = [r for r in critical.runs if r.steps is not None and r.lr is not None]
     first, last = done[0], done[-1]
@@ -142,8 +174,25 @@ def _summary(comparison: Comparison, critical: CriticalBatch, advice: Advice) ->
     samples_ratio = (last.samples or 0) / (first.samples or 1)
     best_lrs = _lr_runs([(r.batch_size, r.lr or math.nan) for r in done])
     ratio = advice.b_simple / critical.b_noise
-    quickest = min(done, key=lambda r: r.seconds or math.inf)
+    quickest = critical.quickest()
+    if quickest is None:
+        timing = (
+            "In seconds (this machine, one thread) no batch size got there clearly first: "
+            "the times, steps × the quartiles of the seconds per step, overlap"
+        )
+    else:
+        low, high = quickest.seconds_range or (math.nan, math.nan)
+        timing = (
+            f"In seconds (this machine, one thread) B = {quickest.batch_size} got there "
+            f"first, in {low:.2f}–{high:.2f} s (steps × the quartiles of its seconds per "
+            f"step), beyond the spread of every other batch size"
+        )
     window = round(1 / (1 - advice.beta))
+    advice_size = (
+        f"B = {advice.batch_size}"
+        if advice.conclusive
+        else f"inconclusive (the error is large; about {advice.steps_needed} steps would do)"
+    )
     return f"""\
 **Answer.** Each step follows the mean gradient of its batch, an unbiased estimate of
 the full-batch gradient whose noise shrinks as `tr Σ / B`. The batch size sets how
@@ -151,22 +200,22 @@ noisy and how costly a step is, and so which clock training runs fast on.
 
 - An **epoch** is a pass over the n = {comparison.dataset_size} training samples; a
   **step** (iteration) is one update; **samples seen** is steps × B, that is epochs ×
-  n in every regime. In {comparison.epochs} epochs stochastic descent (B = 1, lr
+  n in every regime but for the short last batch of each epoch, which is skipped
+  (the loss read right after a step on a few samples is lifted by it). In
+  {comparison.epochs} epochs stochastic descent (B = 1, lr
   {sgd.lr:g}) made {sgd.final.step} steps and reached a training loss of
-  {sgd.final.train_loss:.3f}; mini-batch (B = {mini.batch_size}, lr {mini.lr:g})
-  {mini.final.step} steps and {mini.final.train_loss:.3f}; full-batch (lr {full.lr:g})
-  {full.final.step} steps and {full.final.train_loss:.3f}. To reach
+  {sgd.final_loss:.3f} (median of the last half epoch); mini-batch (B = {mini.batch_size}, lr
+  {mini.lr:g}) {mini.final.step} steps and {mini.final_loss:.3f}; full-batch (lr
+  {full.lr:g}) {full.final.step} steps and {full.final_loss:.3f}. To reach
   {comparison.common_loss:.3f}, the loss every run reached, took in samples
   {to_common("samples_seen")} (fewest: {fewest("samples_seen")}); in steps
   {to_common("step")} (fewest: {fewest("step")}); in seconds
-  {to_common("wall_time", " s")} (fastest: {fewest("wall_time")}).
+  {in_seconds} (steps × seconds per step, median and quartiles; {first_in_seconds}).
 - **What a bigger batch buys: fewer steps, down to a floor.** To reach a training loss
   of {critical.target:g}, B = {first.batch_size} took {first.steps:.0f} steps and B =
   {last.batch_size} {last.steps:.0f}: {steps_ratio:.1f}× fewer steps for
   {last.batch_size // first.batch_size}× the batch, paid with {samples_ratio:.0f}× the
-  samples. In seconds (this machine, one thread) B = {quickest.batch_size} got there
-  first, in {quickest.seconds:.2f} s, against {first.seconds:.2f} s for B =
-  {first.batch_size} and {last.seconds:.2f} s for B = {last.batch_size}. The fit
+  samples. {timing}. The fit
   `S = S_min (1 + B_noise / B)` gives S_min = {critical.s_min:.0f}
   steps and B_noise = **{critical.b_noise:.0f}**: below B_noise doubling the batch
   nearly halves the steps; above it, it nearly doubles the samples and saves few
@@ -178,7 +227,7 @@ noisy and how costly a step is, and so which clock training runs fast on.
   {advice.measured_batch_size} run as it reaches the target, is B_simple =
   **{advice.b_simple:.0f} ± {advice.b_simple_std:.0f}**, {ratio:.1f}× the B_noise fitted
   from the steps, without training at any other batch size; the advice (`batchgrad
-  advise`) is B = {advice.batch_size}. B_simple moves during training: it was
+  advise`) is {advice_size}. B_simple moves during training: it was
   {advice.b_simple_early:.0f} over the first {window} steps and {advice.b_simple:.0f} by the
   target, so the batch worth using changes as the loss falls.
 
@@ -205,4 +254,8 @@ CHAPTER = Chapter(
     title="The batch in training: regimes and the critical batch size",
     question="What does the batch do, and which size should I use?",
     run=run,
+    setup=(
+        "scikit-learn's digits, embedded (1438 training and 359 held-out 8×8 images, 10 "
+        "classes), and a ReLU MLP 64-64-10 with cross-entropy, trained with plain SGD."
+    ),
 )

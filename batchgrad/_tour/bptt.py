@@ -542,4 +542,9 @@ CHAPTER = Chapter(
     title="Backpropagation through time: summed over steps",
     question="Why are BPTT gradients summed over time, not averaged?",
     run=run,
+    setup=(
+        "The adding problem generated in code (32 sequences of 100 steps) and four recurrent "
+        "cells of 32 units in float64: a tanh RNN, a GRU, an LSTM, and an LSTM with its "
+        "forget gate open."
+    ),
 )

@@ -125,4 +125,9 @@ CHAPTER = Chapter(
     title="DDP + accumulation is still the same gradient",
     question="Is DDP with gradient accumulation still the big-batch gradient?",
     run=run,
+    setup=(
+        "32 variable-length sequences (2 to 48 tokens) of a counting task generated in code "
+        "and a small causal transformer LM (2 layers, width 64) in float64, on two local gloo"
+        " processes (CPU); sorted by length, so the ranks hold very different token counts."
+    ),
 )

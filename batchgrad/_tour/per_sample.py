@@ -603,4 +603,8 @@ CHAPTER = Chapter(
     title="Per-sample gradients: summed, then maybe averaged",
     question="Are the gradients of the samples in a batch summed or averaged?",
     run=run,
+    setup=(
+        "A Gaussian mixture generated in code (8192 points in 10 dimensions, 4 classes) and a"
+        " ReLU MLP 10-32-32-4 in float64, at its initialisation and after 300 steps of SGD."
+    ),
 )

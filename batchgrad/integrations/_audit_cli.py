@@ -8,18 +8,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from pathlib import Path
-from typing import Any
-
-from rich.console import Console
-from rich.table import Table
+from typing import TYPE_CHECKING, Any
 
 from .._errors import ConfigError
-from .._report import write_json
+
+if TYPE_CHECKING:  # rich and the reports load when the verb runs: --help stays fast
+    from rich.console import Console
 
 
-def register(verbs: Any) -> None:
-    """Add the ``audit`` verb to the CLI's sub-parsers."""
-    audit = verbs.add_parser(
+def register(verbs: Any) -> argparse.ArgumentParser:
+    """Add the ``audit`` verb to the CLI's sub-parsers; the CLI adds its common flags."""
+    audit: argparse.ArgumentParser = verbs.add_parser(
         "audit",
         help="how far the Hugging Face Trainer's gradient is from the exact one on your setup",
         description="FACTORY is a function with no arguments returning a transformers.Trainer "
@@ -30,9 +29,13 @@ def register(verbs: Any) -> None:
     audit.add_argument("factory", metavar="MODULE:FACTORY")
     audit.add_argument("--json", type=Path, help="also write the figures to this file")
     audit.set_defaults(command=_audit)
+    return audit
 
 
 def _audit(args: argparse.Namespace, console: Console) -> int:
+    from rich.table import Table
+
+    from .._report import write_json
     from ..cli import load_factory
 
     try:

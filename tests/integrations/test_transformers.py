@@ -393,4 +393,4 @@ def test_the_audit_verb_refuses_a_factory_that_returns_no_trainer(capsys):
     from batchgrad.cli import main
 
     assert main(["audit", "tests.integrations.audit_setup:not_a_trainer"]) == 2
-    assert "must return a transformers.Trainer" in " ".join(capsys.readouterr().out.split())
+    assert "must return a transformers.Trainer" in " ".join(capsys.readouterr().err.split())
