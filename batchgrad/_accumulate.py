@@ -537,6 +537,10 @@ def _data_parallel(
                     mine.samples = run.samples
                 if clipper is not None:
                     mine.clipped, mine.clip_samples = clipper.clipped()
+            if max_norm is not None and settings["noise_multiplier"] and peer.rank == 0:
+                # Drawn once, on rank 0 (before the agreement, so that a bad generator
+                # fails where every rank hears of it): the sum carries it to every rank.
+                _add_noise(params, settings["noise_multiplier"] * max_norm, generator)
         except BaseException as error:  # reported to every rank below, so none waits
             mine.failure = error
             mine.failed_at = None if run.done or run.index < 0 else run.index
@@ -547,14 +551,10 @@ def _data_parallel(
                 f"gradient to compute. Check the distributed sampler and the data loader."
             )
         divisor = _divisor(agreed.count, reduction, f"all {peer.world_size} ranks")
-        sigma = settings["noise_multiplier"]
-        if max_norm is not None and sigma and peer.rank == 0:
-            # Drawn once, on rank 0: the sum carries it to every rank, identical.
-            _add_noise(params, sigma * max_norm, generator)
         # A DDP comm hook averages over the ranks: divide by N(B) / world_size then.
         averaged = divisor / peer.world_size if peer.hook is not None else divisor
         presumed = _presumed(run.presumption)
-        noised = max_norm is not None and bool(sigma)
+        noised = max_norm is not None and bool(settings["noise_multiplier"])
         grads = peer.sync_grads(
             params,
             lambda flat: _normalise([flat], None, averaged, presumed),
@@ -898,6 +898,8 @@ def _non_finite_grad_error(
                 if replayed:
                     where, bad_names = f"micro-batch {index}", replayed
                     break
+        except Exception:  # a replay that fails only loses the "where"
+            where = None  # (and under torch.distributed must not skip the gathering below)
         finally:
             rng.put_back()
     shown = f"{', '.join(bad_names[:3])}{', ...' if len(bad_names) > 3 else ''}"

@@ -294,11 +294,19 @@ def _refuse_sharded(model: nn.Module) -> None:
             )
 
 
-def launch(fn: Callable[..., R], nproc: int, *args: Any, timeout: float = 120.0) -> list[R]:
+def launch(
+    fn: Callable[..., R],
+    nproc: int,
+    *args: Any,
+    timeout: float = 120.0,
+    may_die: tuple[int, ...] = (),
+) -> list[R]:
     """Run ``fn(*args)`` in ``nproc`` local processes joined in a gloo process group.
 
     The processes talk over 127.0.0.1 only. Returns each rank's result, rank 0
     first. ``fn`` and its arguments must be picklable (a module-level function).
+    The ranks in ``may_die`` may end without a result (None): to test what the
+    others do when a rank dies.
 
     Raises:
         DistributedError: a process failed (its traceback is in the message) or
@@ -331,6 +339,10 @@ def launch(fn: Callable[..., R], nproc: int, *args: Any, timeout: float = 120.0)
                 rank, ok, value = results.get(timeout=0.5)
             except queue.Empty:
                 dead = [r for r, p in enumerate(processes) if p.exitcode not in (None, 0)]
+                for r in dead:
+                    if r in may_die and r not in outcome:
+                        outcome[r] = None
+                dead = [r for r in dead if r not in may_die]
                 if dead and all(r not in outcome for r in dead):
                     raise DistributedError(
                         f"Process(es) of rank {dead} died (exit codes "

@@ -100,7 +100,7 @@ POINTS = [
     ("settings", [None], "ConfigError", r"reduction must be one of"),
     ("split", [None], "BatchShapeError", r"disagree on the batch dimension"),
     ("forward-first", [RuntimeError, Interrupted], "DistributedError", r"micro-batch 0: "),
-    ("forward-last", [RuntimeError, Interrupted], "DistributedError", r"micro-batch 2: "),
+    ("forward-last", [RuntimeError, SystemExit], "DistributedError", r"micro-batch 2: "),
     ("backward-last", [RuntimeError, Interrupted], "DistributedError", r"micro-batch 2: "),
     ("backward-hook", [RuntimeError], "DistributedError", r"micro-batch 0: "),
     ("loss", [None], "NonFiniteError", r"The loss of micro-batch 1 is nan"),
@@ -417,3 +417,25 @@ def dp_sgd_and_noise() -> dict[str, object]:
 
 def _split_at(x: Tensor, cuts: list[int], rank: int) -> Tensor:
     return x[cuts[rank] : cuts[rank + 1]]
+
+
+def a_rank_dies(wrap: str) -> tuple[str, str, float]:
+    """The last rank's process ends inside its loss_fn; the others must not wait."""
+    import os
+    import time
+
+    world = dist.get_world_size()
+    module = _net()
+    model = DistributedDataParallel(module) if wrap == "ddp" else module
+
+    def dies(model, x):  # type: ignore[no-untyped-def]
+        if dist.get_rank() == world - 1:
+            os._exit(7)  # no exception, no cleanup: as a killed process
+        return _square(model, x)
+
+    start = time.monotonic()
+    try:
+        bg.accumulate(model, dies, _data(4), micro_batch_size=2)
+        return ("no error", "", time.monotonic() - start)
+    except bg.BatchError as error:
+        return (type(error).__name__, str(error), time.monotonic() - start)

@@ -67,6 +67,9 @@ def _run_scenarios(scenarios):
             report.loss,
             report.count,
             report.world_size,
+            report.micro_batches,
+            len(report.micro_batch_counts),
+            report.grad_norm,
         )
     return {
         "scenarios": grads,
@@ -91,12 +94,16 @@ def test_every_scenario_equals_one_process_on_the_whole_batch(world):
         expected = reference_grads(case, model, batch, reduction)
         expected_loss = float(case.reference(model, batch, reduction).detach())
         expected_count = float(case.loss_fn(model, batch).count)
+        expected_norm = sum(float(g.square().sum()) for g in expected) ** 0.5
+        everyone = sum(results[rank]["scenarios"][name][5] for rank in range(nproc))
         for rank in range(nproc):
-            grads, loss, count, world_size = results[rank]["scenarios"][name]
+            grads, loss, count, world_size, micro, _, norm = results[rank]["scenarios"][name]
             assert rel_err(grads, expected) <= 1e-10, (name, rank)
             assert loss == pytest.approx(expected_loss, rel=1e-10), (name, rank)
             assert count == expected_count
             assert world_size == nproc
+            assert micro == everyone  # the micro-batches of every rank
+            assert norm == pytest.approx(expected_norm, rel=1e-10)
 
 
 # ---- the fault matrix: every point × failing rank × exception × wrapper ----------
@@ -468,3 +475,18 @@ def test_launch_stops_processes_that_outlive_the_timeout():
 def test_launch_reports_a_failing_process():
     with pytest.raises(bg.DistributedError, match="ValueError: boom"):
         launch(_failing, 2, timeout=60)
+
+
+def _dies(wrap):
+    return faults.a_rank_dies(wrap)
+
+
+@pytest.mark.parametrize("wrap", ["ddp", "plain"])
+def test_a_rank_that_dies_gives_the_others_a_distributed_error_at_once(wrap):
+    results = launch(_dies, 2, wrap, timeout=60, may_die=(1,))
+    assert results[1] is None
+    kind, text, seconds = results[0]
+    assert kind == "DistributedError"
+    assert "could not reach the other ranks" in text
+    assert "Restart the job" in text
+    assert seconds < 30  # the connection closing, not the process group's timeout
