@@ -505,6 +505,7 @@ def _data_parallel(
     run = _Run(None)
     clipper: _Clipped | None = None
     unit_counts: list[float] = []
+    flat = torch.zeros(0)
     try:
         peer.prepare()  # collectives every rank runs, before anything can fail
         try:
@@ -541,6 +542,7 @@ def _data_parallel(
                 # Drawn once, on rank 0 (before the agreement, so that a bad generator
                 # fails where every rank hears of it): the sum carries it to every rank.
                 _add_noise(params, settings["noise_multiplier"] * max_norm, generator)
+            flat = peer.flatten(params)
         except BaseException as error:  # reported to every rank below, so none waits
             mine.failure = error
             mine.failed_at = None if run.done or run.index < 0 else run.index
@@ -557,7 +559,8 @@ def _data_parallel(
         noised = max_norm is not None and bool(settings["noise_multiplier"])
         grads = peer.sync_grads(
             params,
-            lambda flat: _normalise([flat], None, averaged, presumed),
+            flat,
+            lambda sums: _normalise([sums], None, averaged, presumed),
             agreed.some_unused and not noised,
         )
         grad_norm = _total_norm(grads)

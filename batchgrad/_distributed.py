@@ -105,44 +105,60 @@ class Replica:
         if ddp.forward_sync_buffers and ddp.modules_buffers:
             ddp._sync_buffers()
 
-    def sync_grads(
-        self, params: list[nn.Parameter], normalise: Callable[[Tensor], None], with_unused: bool
-    ) -> list[Tensor]:
-        """Sum every ``p.grad`` over the ranks in one collective, ``normalise`` d first
-        (in place, on the flat buffer the collective sends: no pass of its own).
+    def flatten(self, params: list[nn.Parameter]) -> Tensor:
+        """Every ``p.grad`` in one flat buffer, zeros for a parameter without one.
 
-        A parameter without a gradient on this rank contributes zeros. With a DDP
-        communication hook the hook reduces the flat buffer (and averages over the
-        ranks, as DDP's hooks do). ``with_unused``: some rank left a parameter
+        Taken before the agreement, so that running out of memory here is a failure
+        every rank hears of. Without a communication hook the buffer ends with one
+        flag per parameter (has it a gradient here?), summed in the same all-reduce.
+        """
+        pieces = [
+            (torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1).to(self.device)
+            for p in params
+        ]
+        if self.hook is None and pieces:
+            flags = [p.grad is not None for p in params]
+            pieces.append(torch.tensor(flags, dtype=pieces[0].dtype, device=self.device))
+        if not pieces:
+            return torch.zeros(0, device=self.device)
+        return torch.cat(pieces) if len(pieces) > 1 else pieces[0].clone()
+
+    def sync_grads(
+        self,
+        params: list[nn.Parameter],
+        flat: Tensor,
+        normalise: Callable[[Tensor], None],
+        with_unused: bool,
+    ) -> list[Tensor]:
+        """Sum the gradients in ``flat`` (`flatten`) over the ranks in one collective,
+        ``normalise`` d first (in place, on the buffer the collective sends: no pass
+        of its own), and make them every ``p.grad``.
+
+        With a DDP communication hook the hook reduces the buffer (and averages over
+        the ranks, as DDP's hooks do). ``with_unused``: some rank left a parameter
         without a gradient; one that no rank gave a gradient keeps None, as in one
         process. Returns the gradients, views of one flat tensor where the dtypes
         and devices allow.
         """
         if not params:
             return []
-        pieces = [
-            (torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1).to(self.device)
-            for p in params
-        ]
+        total = sum(p.numel() for p in params)
+        normalise(flat[:total])
         used: Tensor | None = None
-        if with_unused:
-            used = torch.tensor([p.grad is not None for p in params], device=self.device)
-        flat = torch.cat(pieces) if len(pieces) > 1 else pieces[0].clone()
-        normalise(flat)
         if self.hook is None:
-            if used is not None:  # in the same all-reduce
-                total = flat.numel()
-                flat = torch.cat([flat, used.to(flat.dtype)])
-                dist.all_reduce(flat, group=self.group)
-                flat, used = flat[:total], flat[total:] > 0
-            else:
-                dist.all_reduce(flat, group=self.group)
+            dist.all_reduce(flat, group=self.group)
+            used = flat[total:] > 0 if with_unused else None
+            flat = flat[:total]
         else:
             hook, state = self.hook
             result = hook(state, _Bucket(flat, params)).wait()
             flat = result[0] if isinstance(result, list | tuple) else result
-            if used is not None:
-                counts = used.to(torch.float64)
+            if with_unused:
+                counts = torch.tensor(
+                    [float(p.grad is not None) for p in params],
+                    dtype=torch.float64,
+                    device=self.device,
+                )
                 dist.all_reduce(counts, group=self.group)
                 used = counts > 0
         keep = None if used is None else used.tolist()

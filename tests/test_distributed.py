@@ -285,9 +285,9 @@ def test_ddp_synchronises_once_per_logical_batch():
         assert per_sync >= 1
         assert counts == [per_sync] * 3  # not one sync per micro-batch
         # Unwrapped: one control all-reduce (a header and a block per rank) and one
-        # gradient all-reduce.
+        # gradient all-reduce (and a flag per parameter: has it a gradient?).
         n_params = 4 * 8 + 8 + 8 * 2 + 2
-        assert all_reduces == [5 + 8 * 2, n_params]
+        assert all_reduces == [5 + 8 * 2, n_params + 4]
 
 
 # ---- bad input on one rank: every rank raises, nothing hangs, gradients kept -------
