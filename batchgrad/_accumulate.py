@@ -11,18 +11,24 @@ Dividing afterwards would cost a pass over every gradient. Instead each micro-ba
 backpropagates ``total_k / N̂``, with ``N̂`` presumed from the first micro-batch (see
 `_Presumption`): right whenever every row holds as many units, and then the result
 is the hand-written loop's that counted ``N(B)`` first, bit for bit. Only a wrong
-presumption (e.g. padded tokens) costs the pass. Under `torch.distributed` the last
-micro-batch's backward waits for the ranks' ``N(B)`` instead: it carries DDP's
-all-reduce, so the sum of the others is rescaled before it.
+presumption (e.g. padded tokens) costs the pass. Under `torch.distributed` every rank
+presumes the ranks' ``N(B)`` alike, and `_normalise` rescales the flat buffer the
+one gradient all-reduce sends, once the ranks have agreed on ``N(B)``.
+
+One micro-batch loop (`_loop`) drives every engine; what a micro-batch contributes
+is a `_Contribution` (its gradient, the same counting its samples for the noise
+scale, its clipped per-sample sum); one process finishes in `_local_finish` or
+`_clipped_finish`, several in `_data_parallel`, whose failure protocol across
+ranks is `batchgrad._protocol` and whose synchronisation is
+`batchgrad._distributed.Replica`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -42,6 +48,7 @@ from ._loss import LossFn, unpack_loss
 from ._noise import NoiseEstimate, NoiseScale
 from ._noise import estimate as noise_estimate
 from ._per_sample import check_clipping, clipped_sum
+from ._protocol import Local, agree, layout
 from ._reduction import REDUCTIONS, Reduction
 from ._split import Batch, batch_length, is_structured, micro_batches
 from ._state import GradStash, RngSnapshot, trainable_and_buffers
@@ -52,8 +59,6 @@ T = TypeVar("T")
 _run_backward: Callable[..., Any] | None = getattr(
     torch.autograd.graph, "_engine_run_backward", None
 )
-
-_LOUD = contextlib.nullcontext()  # what a micro-batch runs in outside DDP's no_sync
 
 ExistingGrad = Literal["error", "replace", "add"]
 """What `accumulate` does with gradients already in ``p.grad``.
@@ -76,7 +81,8 @@ class AccumulateReport:
         loss: ``L(B)``, the loss of the whole logical batch.
         count: ``N(B)``, the units in the logical batch (a float when units are
             weighted).
-        micro_batches: how many micro-batches were run.
+        micro_batches: how many micro-batches were run (under `torch.distributed`,
+            by all ranks together; ``micro_batch_counts`` are this rank's).
         grad_norm: the global L2 norm of the gradients left in ``p.grad``.
         reduction: ``"mean"`` or ``"sum"``.
         micro_batch_counts: the units in each of this rank's micro-batches.
@@ -151,16 +157,22 @@ def accumulate(
             norm ``C`` before summing, as DP-SGD does; the sum is then normalised as
             ``reduction`` says. Norms come from the ghost-norm identities where the
             layer allows and the clipped sum is formed per layer, so memory does not
-            grow with samples × parameters (see `batchgrad.per_sample_grads`). Not
-            supported under `torch.distributed` yet.
+            grow with samples × parameters (see `batchgrad.per_sample_grads`). Under
+            `torch.distributed` each rank clips its own samples.
         noise_multiplier: ``σ``: with ``clip_per_sample``, add Gaussian noise of
-            standard deviation ``σ·C`` to the clipped sum, once per call. Privacy
-            accounting is not batchgrad's job: use Opacus' accountants for ε.
-        generator: the `torch.Generator` the noise is drawn from (seedable).
+            standard deviation ``σ·C`` to the clipped sum, once per call (under
+            `torch.distributed`, drawn on rank 0 and carried to every rank by the
+            gradient sum, so identical everywhere). Privacy accounting is not
+            batchgrad's job: use Opacus' accountants for ε.
+        generator: the `torch.Generator` the noise is drawn from (seedable; under
+            `torch.distributed`, rank 0's: seeded like one process's, the result
+            is one process's).
         noise: ``True`` or a `NoiseScale`: estimate the gradient noise scale from the
             micro-batches' gradients and the logical batch's (see
-            `batchgrad._noise`); it costs one norm per micro-batch. A `NoiseScale` is
-            updated and keeps averages across steps. Single process only, for now.
+            `batchgrad._noise`); it costs one norm per micro-batch. Under
+            `torch.distributed` the small batches are the ranks' shares (one norm per
+            rank, before the synchronisation) and the big one the logical batch. A
+            `NoiseScale` is updated and keeps averages across steps.
 
     Returns:
         An `AccumulateReport`.
@@ -181,83 +193,98 @@ def accumulate(
         >>> report.micro_batches, report.count, report.micro_batch_counts
         (3, 10, (4, 4, 2))
     """
-    if reduction not in REDUCTIONS:
-        raise ConfigError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
-    if existing_grad not in _EXISTING_GRAD:
-        raise ConfigError(f"existing_grad must be one of {_EXISTING_GRAD}, got {existing_grad!r}.")
-    if noise is not False and not (noise is True or isinstance(noise, NoiseScale)):
-        raise ConfigError(f"noise must be True, False or a bg.NoiseScale, got {noise!r}.")
+    settings = {
+        "reduction": reduction,
+        "existing_grad": existing_grad,
+        "clip_per_sample": clip_per_sample,
+        "noise_multiplier": noise_multiplier,
+        "noise": type(noise).__name__ if isinstance(noise, NoiseScale) else noise,
+    }
     peer = replica(model, group)
-    if noise is not False and (peer is not None or clip_per_sample is not None):
-        raise ConfigError(
-            "noise= is not supported together with torch.distributed or clip_per_sample "
-            "yet: measure the noise scale in one process, without clipping."
+    if peer is not None:
+        return _data_parallel(
+            peer, model, loss_fn, batch, micro_batch_size, settings, generator, noise
         )
-    module = peer.module if peer is not None and peer.module is not None else model
-    params, buffers = trainable_and_buffers(module)
-    own: _MicroBatchGrads | None = None
+    _check_settings(reduction, existing_grad, clip_per_sample, noise_multiplier, noise)
+    params, buffers = trainable_and_buffers(model)
     stash = GradStash.take(params)  # put back unchanged whatever fails below
     try:
+        if existing_grad == "error":
+            _refuse_existing_grads(model, stash)
+        parts, _ = _with_last(micro_batches(batch, micro_batch_size))
         if clip_per_sample is not None:
-            check_clipping(clip_per_sample, noise_multiplier)
-            if peer is not None:
-                raise ConfigError(
-                    "clip_per_sample is not supported under torch.distributed yet; clip in "
-                    "one process, or use Opacus' DistributedDPOptimizer."
-                )
-            if existing_grad == "error":
-                _refuse_existing_grads(module, stash)
-            done = _clipped_pass(
-                module,
+            done = _clipped_finish(
+                model,
                 loss_fn,
-                batch,
-                micro_batch_size,
+                parts,
                 reduction,
                 params,
                 clip_per_sample,
                 noise_multiplier,
                 generator,
             )
-        elif noise_multiplier is not None:
-            raise ConfigError("noise_multiplier needs clip_per_sample: the noise is σ·C.")
-        elif peer is None:
-            if existing_grad == "error":
-                _refuse_existing_grads(module, stash)
-            if noise is not False:
-                own = _MicroBatchGrads(params)
-            done = _local_pass(module, loss_fn, batch, micro_batch_size, reduction, params, own)
         else:
-            done = _data_parallel_pass(
-                peer, module, stash, loss_fn, batch, micro_batch_size, reduction, existing_grad
+            done = _local_finish(
+                model, loss_fn, parts, batch, micro_batch_size, reduction, params, noise
             )
-        grad_norm = done.grad_norm
-        if not math.isfinite(grad_norm):
-            raise _non_finite_grad_error(module, loss_fn, batch, micro_batch_size, peer)
+        if not math.isfinite(done.grad_norm):
+            raise _non_finite_grad_error(model, loss_fn, batch, micro_batch_size, None)
     except BaseException:
         stash.put_back()
         buffers.put_back()
         raise
+    return _report(done, stash, existing_grad, reduction, noise, 1)
 
-    estimate = None
-    if own is not None and len(own.sizes) > 1:
-        big_sq = (grad_norm * done.divisor / sum(own.sizes)) ** 2
-        estimate = own.estimate(big_sq)
-        if isinstance(noise, NoiseScale):
-            noise.update(estimate)
-            estimate = noise.estimate()
-    if existing_grad == "add":
-        grad_norm = _add_back(stash)
+
+def _report(
+    done: _Pass,
+    stash: GradStash,
+    existing_grad: ExistingGrad,
+    reduction: Reduction,
+    noise: bool | NoiseScale,
+    world_size: int,
+) -> AccumulateReport:
+    estimate = done.noise
+    if estimate is not None and isinstance(noise, NoiseScale):
+        noise.update(estimate)
+        estimate = noise.estimate()
+    grad_norm = _add_back(stash) if existing_grad == "add" else done.grad_norm
     return AccumulateReport(
         loss=done.loss_sum / done.divisor,
         count=_as_number(done.count),
-        micro_batches=len(done.unit_counts),
+        micro_batches=done.micro_batches,
         grad_norm=grad_norm,
         reduction=reduction,
         micro_batch_counts=tuple(map(_as_number, done.unit_counts)),
-        world_size=1 if peer is None else peer.world_size,
+        world_size=world_size,
         clipped=done.clipped,
         noise=estimate,
     )
+
+
+def _check_settings(
+    reduction: object,
+    existing_grad: object,
+    clip_per_sample: float | None,
+    noise_multiplier: float | None,
+    noise: object,
+) -> None:
+    if reduction not in REDUCTIONS:
+        raise ConfigError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
+    if existing_grad not in _EXISTING_GRAD:
+        raise ConfigError(f"existing_grad must be one of {_EXISTING_GRAD}, got {existing_grad!r}.")
+    if noise is not False and not (noise is True or isinstance(noise, NoiseScale)):
+        raise ConfigError(f"noise must be True, False or a bg.NoiseScale, got {noise!r}.")
+    if clip_per_sample is not None:
+        check_clipping(clip_per_sample, noise_multiplier)
+        if noise is not False:
+            raise ConfigError(
+                "noise= is not supported together with clip_per_sample: the noise scale "
+                "of clipped gradients is not the one of the objective. Measure it without "
+                "clipping."
+            )
+    elif noise_multiplier is not None:
+        raise ConfigError("noise_multiplier needs clip_per_sample: the noise is σ·C.")
 
 
 @dataclass(slots=True)
@@ -269,45 +296,140 @@ class _Pass:
     count: float  # N(B), over the whole logical batch (every rank)
     divisor: float  # N(B) under "mean", 1 under "sum"
     grad_norm: float  # of the gradient left in p.grad
+    micro_batches: int  # over the whole logical batch (every rank)
     clipped: float | None = None  # the fraction of samples clipped, with clip_per_sample
+    noise: NoiseEstimate | None = None  # this step's, with noise=
 
 
-def _local_pass(
+# ---- one micro-batch loop, and what each micro-batch contributes -------------------
+
+
+@dataclass(slots=True)
+class _Run:
+    """What the micro-batch loop collected, and where it is."""
+
+    presumption: _Presumption | None
+    totals: list[Tensor] = field(default_factory=list)  # attached: read with item()
+    counts: list[int | float | Tensor] = field(default_factory=list)
+    root: Tensor | None = None  # 1 / N̂, backpropagated into every total
+    samples: int = 0  # rows seen, where the contribution counts them
+    index: int = -1  # the micro-batch being run
+    done: bool = False
+
+
+class _Contribution(Protocol):
+    """What one micro-batch adds to ``p.grad``: its forward and backward, recorded in
+    the `_Run` (its total and count)."""
+
+    def __call__(
+        self,
+        run: _Run,
+        model: nn.Module,
+        loss_fn: LossFn,
+        micro_batch: Batch,
+        index: int,
+        last: bool,
+    ) -> None: ...
+
+
+def _loop(
+    run: _Run,
     model: nn.Module,
     loss_fn: LossFn,
+    parts: Iterable[tuple[Batch, bool]],
+    contribute: _Contribution,
+) -> _Run:
+    """The one micro-batch loop every engine drives."""
+    for index, (micro_batch, last) in enumerate(parts):
+        run.index = index
+        contribute(run, model, loss_fn, micro_batch, index, last)
+    run.done = True
+    return run
+
+
+def _gradient(
+    run: _Run, model: nn.Module, loss_fn: LossFn, micro_batch: Batch, index: int, last: bool
+) -> None:
+    """The micro-batch's gradient: backpropagate ``total / N̂`` (see `_Presumption`)."""
+    total, count = unpack_loss(loss_fn(model, micro_batch), index)
+    if index == 0 and run.presumption is not None:
+        run.root = run.presumption.root(total, count, only=last)
+    _backward(total, run.root)
+    run.totals.append(total)
+    run.counts.append(count)
+
+
+def _counted_gradient(
+    run: _Run, model: nn.Module, loss_fn: LossFn, micro_batch: Batch, index: int, last: bool
+) -> None:
+    """`_gradient`, counting the samples (rows) for the noise scale."""
+    run.samples += batch_length(micro_batch, f"micro-batch {index}")
+    _gradient(run, model, loss_fn, micro_batch, index, last)
+
+
+class _Clipped:
+    """The micro-batch's per-sample gradients, each clipped to norm ``C``, summed."""
+
+    def __init__(self, max_norm: float) -> None:
+        self.max_norm = max_norm
+        self.factors: list[Tensor] = []
+
+    def __call__(
+        self,
+        run: _Run,
+        model: nn.Module,
+        loss_fn: LossFn,
+        micro_batch: Batch,
+        index: int,
+        last: bool,
+    ) -> None:
+        loss, factors = clipped_sum(model, loss_fn, micro_batch, index, self.max_norm)
+        run.totals.append(loss.total)
+        run.counts.append(loss.count.detach() if isinstance(loss.count, Tensor) else loss.count)
+        self.factors.append(factors)
+
+    def clipped(self) -> tuple[int, int]:
+        """Samples clipped, and samples."""
+        if not self.factors:
+            return 0, 0
+        factors = torch.cat(self.factors)
+        return int((factors < 1).sum()), factors.numel()
+
+
+def _add_noise(params: list[nn.Parameter], std: float, generator: torch.Generator | None) -> None:
+    """Gaussian noise of standard deviation ``std`` on every parameter, drawn once."""
+    with torch.no_grad():
+        for p in params:
+            noise = torch.randn(p.shape, generator=generator, dtype=p.dtype, device=p.device)
+            noise.mul_(std)
+            p.grad = noise if p.grad is None else p.grad.add_(noise)
+
+
+# ---- one process ---------------------------------------------------------------------
+
+
+def _local_finish(
+    model: nn.Module,
+    loss_fn: LossFn,
+    parts: Iterable[tuple[Batch, bool]],
     batch: Batch | Iterable[Batch],
     micro_batch_size: int | None,
     reduction: Reduction,
     params: list[nn.Parameter],
-    micro: _MicroBatchGrads | None,
+    noise: bool | NoiseScale,
 ) -> _Pass:
-    """One process: forward and backpropagate each micro-batch, then check the losses,
-    the counts and the gradient norm (read together) and normalise.
+    """One process: run the micro-batches, then check the losses, the counts and the
+    gradient norm (read together) and normalise.
 
     Every backward carries ``1 / N̂`` (see `_Presumption`): only a wrong presumption
     costs a pass over the gradients. This is the path of almost every call, kept flat:
     its cost is what `bg.accumulate` adds to the hand-written loop.
     """
-    parts, _ = _with_last(micro_batches(batch, micro_batch_size))
     presumption = _Presumption(batch, micro_batch_size) if reduction == "mean" else None
-    totals: list[Tensor] = []  # still attached: read with item(), no detach() needed
-    counts: list[int | float | Tensor] = []
-    root: Tensor | None = None  # 1 / N̂, the same for every micro-batch
-    for index, (micro_batch, last) in enumerate(parts):
-        if micro is not None:
-            micro.sizes.append(batch_length(micro_batch, f"micro-batch {index}"))
-        total, count = unpack_loss(loss_fn(model, micro_batch), index)
-        if index == 0 and presumption is not None:
-            root = presumption.root(total, count, only=last)
-        if micro is not None and not last:  # the last needs no norm of its own
-            micro.backward(total, root)
-        else:
-            _backward(total, root)
-        totals.append(total)
-        counts.append(count)
-
+    micro = _MicroBatchGrads(params) if noise is not False else None
+    run = _loop(_Run(presumption), model, loss_fn, parts, micro or _gradient)
     grads = _grads(params)
-    loss_sum, unit_counts, norms = _check_losses(totals, counts, _norms(grads))
+    loss_sum, unit_counts, norms = _check_losses(run.totals, run.counts, _norms(grads))
     count = math.fsum(unit_counts)
     divisor = _divisor(count, reduction, f"its {len(unit_counts)} micro-batch(es)")
     grad_norm = math.hypot(*norms)
@@ -317,14 +439,16 @@ def _local_pass(
         grad_norm = grad_norm * presumed / divisor
         if not math.isfinite(grad_norm):  # the sum may overflow where the mean does not
             grad_norm = _total_norm(grads)
-    return _Pass(unit_counts, loss_sum, count, divisor, grad_norm)
+    estimate = None
+    if micro is not None and len(micro.sizes) > 1:
+        estimate = micro.estimate((grad_norm * divisor / sum(micro.sizes)) ** 2)
+    return _Pass(unit_counts, loss_sum, count, divisor, grad_norm, len(unit_counts), None, estimate)
 
 
-def _clipped_pass(
+def _clipped_finish(
     model: nn.Module,
     loss_fn: LossFn,
-    batch: Batch | Iterable[Batch],
-    micro_batch_size: int | None,
+    parts: Iterable[tuple[Batch, bool]],
     reduction: Reduction,
     params: list[nn.Parameter],
     max_norm: float,
@@ -332,59 +456,143 @@ def _clipped_pass(
     generator: torch.Generator | None,
 ) -> _Pass:
     """Sum each micro-batch's clipped per-sample gradients, add the noise, normalise."""
-    totals: list[Tensor] = []
-    counts: list[int | float | Tensor] = []
-    factors: list[Tensor] = []
-    for index, micro_batch in enumerate(micro_batches(batch, micro_batch_size)):
-        loss, sample_factors = clipped_sum(model, loss_fn, micro_batch, index, max_norm)
-        totals.append(loss.total)
-        counts.append(loss.count.detach() if isinstance(loss.count, Tensor) else loss.count)
-        factors.append(sample_factors)
-    loss_sum, unit_counts, _ = _check_losses(totals, counts)
+    clipper = _Clipped(max_norm)
+    run = _loop(_Run(None), model, loss_fn, parts, clipper)
+    loss_sum, unit_counts, _ = _check_losses(run.totals, run.counts)
     count = math.fsum(unit_counts)
     divisor = _divisor(count, reduction, f"its {len(unit_counts)} micro-batch(es)")
     if noise_multiplier:
-        with torch.no_grad():
-            for p in params:
-                noise = torch.randn(
-                    p.shape, generator=generator, dtype=p.dtype, device=p.device
-                ) * (noise_multiplier * max_norm)
-                p.grad = noise if p.grad is None else p.grad.add_(noise)
+        _add_noise(params, noise_multiplier * max_norm, generator)
     _normalise(_grads(params), None, divisor)
-    clipped = float((torch.cat(factors) < 1).double().mean())
-    return _Pass(unit_counts, loss_sum, count, divisor, _total_norm(_grads(params)), clipped)
+    clipped, samples = clipper.clipped()
+    return _Pass(
+        unit_counts,
+        loss_sum,
+        count,
+        divisor,
+        _total_norm(_grads(params)),
+        len(unit_counts),
+        clipped / samples if samples else None,
+    )
 
 
-def _forward_backward(
+# ---- several processes ---------------------------------------------------------------
+
+
+def _data_parallel(
+    peer: Replica,
     model: nn.Module,
     loss_fn: LossFn,
-    parts: Iterable[tuple[Batch, bool]],
-    quiet: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
-    presumption: _Presumption | None = None,
-) -> tuple[list[Tensor], list[int | float | Tensor], Tensor | None]:
-    """This rank's micro-batches: forward each and backpropagate its ``total / N̂``
-    (see `_Presumption`; ``total`` without one), all but the last.
+    batch: Batch | Iterable[Batch],
+    micro_batch_size: int | None,
+    settings: dict[str, Any],
+    generator: torch.Generator | None,
+    noise: bool | NoiseScale,
+) -> AccumulateReport:
+    """This rank's micro-batches, quietly; the one agreement; one gradient sync.
 
-    Every micro-batch but the last runs inside ``quiet()`` (DDP's ``no_sync``).
-    Returns the totals, the counts and the last micro-batch's ``total``, not
-    backpropagated: its backward waits for ``N(B)`` (see `_normalise`).
+    Whatever fails on this rank before the agreement is caught and reported there,
+    so every rank raises it together (see `batchgrad._protocol`).
     """
-    totals: list[Tensor] = []
-    counts: list[int | float | Tensor] = []
-    last_total: Tensor | None = None
-    root: Tensor | None = None  # the gradient backpropagated into each total: 1 / N̂
-    for index, (micro_batch, last) in enumerate(parts):
-        with _LOUD if quiet is None or last else quiet():
-            total, count = unpack_loss(loss_fn(model, micro_batch), index)
-            if last:
-                last_total = total
-            else:
-                if index == 0 and presumption is not None:
-                    root = presumption.root(total, count, only=False)
-                _backward(total, root)
-        totals.append(total)
-        counts.append(count)
-    return totals, counts, last_total
+    module = peer.module if peer.module is not None else model
+    params, buffers = trainable_and_buffers(module)
+    stash = GradStash.take(params)  # put back unchanged whatever fails below
+    reduction: Reduction = settings["reduction"]
+    existing_grad: ExistingGrad = settings["existing_grad"]
+    max_norm: float | None = settings["clip_per_sample"]
+    layout_hash, entries = layout(module, params)
+    mine = Local(settings, layout_hash, entries)
+    run = _Run(None)
+    clipper: _Clipped | None = None
+    unit_counts: list[float] = []
+    flat = torch.zeros(0)
+    try:
+        peer.prepare()  # collectives every rank runs, before anything can fail
+        try:
+            if peer.problem is not None:
+                raise peer.problem
+            _check_settings(reduction, existing_grad, max_norm, settings["noise_multiplier"], noise)
+            if existing_grad == "error":
+                _refuse_existing_grads(module, stash)
+            parts, works = _with_last(micro_batches(batch, micro_batch_size, allow_empty=True))
+            contribute: _Contribution = _counted_gradient if noise is not False else _gradient
+            if max_norm is not None:
+                contribute = clipper = _Clipped(max_norm)
+            elif reduction == "mean":
+                run.presumption = _Presumption(batch, micro_batch_size, alone=False)
+                # A hook averages over the ranks: presume this rank's share of N(B).
+                run.presumption.ranks = 1 if peer.hook is not None else peer.world_size
+            with peer.quiet():
+                _loop(run, model, loss_fn, parts, contribute)
+            mine.works = works
+            if run.totals:
+                grads = _grads(params)
+                extra = _norms(grads) if noise is not False else ()
+                loss_sum, unit_counts, norms = _check_losses(run.totals, run.counts, extra)
+                mine.loss_sum, mine.count = loss_sum, math.fsum(unit_counts)
+                mine.micro_batches = len(unit_counts)
+                mine.unused = len(grads) < len(params)
+                if run.samples:
+                    presumed = _presumed(run.presumption)
+                    mine.sq_norm = (math.hypot(*norms) * presumed / run.samples) ** 2
+                    mine.samples = run.samples
+                if clipper is not None:
+                    mine.clipped, mine.clip_samples = clipper.clipped()
+            if max_norm is not None and settings["noise_multiplier"] and peer.rank == 0:
+                # Drawn once, on rank 0 (before the agreement, so that a bad generator
+                # fails where every rank hears of it): the sum carries it to every rank.
+                _add_noise(params, settings["noise_multiplier"] * max_norm, generator)
+            flat = peer.flatten(params)
+        except BaseException as error:  # reported to every rank below, so none waits
+            mine.failure = error
+            mine.failed_at = None if run.done or run.index < 0 else run.index
+        agreed = agree(peer.group, peer.rank, peer.world_size, peer.device, mine)
+        if len(agreed.idle) == peer.world_size:
+            raise EmptyBatchError(
+                f"Every one of the {peer.world_size} ranks has an empty batch; there is no "
+                f"gradient to compute. Check the distributed sampler and the data loader."
+            )
+        divisor = _divisor(agreed.count, reduction, f"all {peer.world_size} ranks")
+        # A DDP comm hook averages over the ranks: divide by N(B) / world_size then.
+        averaged = divisor / peer.world_size if peer.hook is not None else divisor
+        presumed = _presumed(run.presumption)
+        noised = max_norm is not None and bool(settings["noise_multiplier"])
+        grads = peer.sync_grads(
+            params,
+            flat,
+            lambda sums: _normalise([sums], None, averaged, presumed),
+            agreed.some_unused and not noised,
+        )
+        grad_norm = _total_norm(grads)
+        if not math.isfinite(grad_norm):
+            raise _non_finite_grad_error(module, loss_fn, batch, micro_batch_size, peer)
+    except BaseException:
+        stash.put_back()
+        buffers.put_back()
+        raise
+    estimate = None
+    if noise is not False and len(agreed.samples) > 1:
+        big = sum(agreed.samples)
+        means = agreed.sq_norms
+        estimate = noise_estimate(means, agreed.samples, (grad_norm * divisor / big) ** 2, big)
+    done = _Pass(
+        unit_counts,
+        agreed.loss_sum,
+        agreed.count,
+        divisor,
+        grad_norm,
+        agreed.micro_batches,
+        agreed.clipped,
+        estimate,
+    )
+    return _report(done, stash, existing_grad, reduction, noise, peer.world_size)
+
+
+def _presumed(presumption: _Presumption | None) -> float:
+    """The divisor the micro-batches' gradients already carry (1: none)."""
+    if presumption is None or presumption.divisor is None:
+        return 1.0
+    return presumption.divisor
 
 
 class _Presumption:
@@ -398,10 +606,11 @@ class _Presumption:
     (they do not tell their rows).
     """
 
-    __slots__ = ("batch", "divisor", "micro_batch_size", "ranks")
+    __slots__ = ("alone", "batch", "divisor", "micro_batch_size", "ranks")
 
-    def __init__(self, batch: object, micro_batch_size: int | None) -> None:
+    def __init__(self, batch: object, micro_batch_size: int | None, alone: bool = True) -> None:
         self.batch, self.micro_batch_size = batch, micro_batch_size
+        self.alone = alone  # one process: a lone micro-batch's count is N(B) itself
         self.ranks = 1  # presume the count of this many ranks' batches
         self.divisor: float | None = 1.0  # N̂; None: exactly N(B)
 
@@ -409,6 +618,7 @@ class _Presumption:
         """The gradient to backpropagate into every total, ``1 / N̂`` (None: 1)."""
         if (
             only
+            and self.alone
             and isinstance(count, Tensor)
             and count.dtype == total.dtype
             and count.device == total.device
@@ -428,103 +638,6 @@ class _Presumption:
         else:
             return None
         return torch.full_like(total, 1 / self.divisor)
-
-
-def _data_parallel_pass(
-    peer: Replica,
-    module: nn.Module,
-    stash: GradStash,
-    loss_fn: LossFn,
-    batch: Batch | Iterable[Batch],
-    micro_batch_size: int | None,
-    reduction: Reduction,
-    existing_grad: ExistingGrad,
-) -> _Pass:
-    """This rank's micro-batches, then the ranks' agreement and one gradient sync.
-
-    Every rank runs the same collectives in the same order whatever its data or
-    failures (see `batchgrad._distributed`).
-    """
-    failure: BaseException | None = None
-    parts: Iterator[tuple[Batch, bool]] = iter(())
-    has_work = False
-    presumption: _Presumption | None = None
-    try:
-        if existing_grad == "error":
-            _refuse_existing_grads(module, stash)
-        parts, has_work = _with_last(micro_batches(batch, micro_batch_size, allow_empty=True))
-        presumption = _Presumption(batch, micro_batch_size) if reduction == "mean" else None
-    except Exception as error:  # reported to every rank below, so none waits
-        failure = error
-    idle_ranks, failed = peer.agree([0.0 if has_work else 1.0, float(failure is not None)])
-    if failed:
-        peer.raise_failures(failure)
-    if idle_ranks == peer.world_size:
-        raise EmptyBatchError(
-            f"Every one of the {peer.world_size} ranks has an empty batch; there is no "
-            f"gradient to compute. Check the distributed sampler and the data loader."
-        )
-    return _synchronised_pass(
-        peer,
-        module,
-        parts,
-        loss_fn,
-        stash.params,
-        reduction,
-        presumption,
-        every_rank_has_work=idle_ranks == 0,
-    )
-
-
-def _synchronised_pass(
-    peer: Replica,
-    module: nn.Module,
-    parts: Iterator[tuple[Batch, bool]],
-    loss_fn: LossFn,
-    params: list[nn.Parameter],
-    reduction: Reduction,
-    presumption: _Presumption | None,
-    *,
-    every_rank_has_work: bool,
-) -> _Pass:
-    # DDP synchronises in the last micro-batch's backward only if every rank has one.
-    ddp = peer.ddp if every_rank_has_work else None
-    totals: list[Tensor] = []
-    counts: list[int | float | Tensor] = []
-    last: Tensor | None = None
-    loss_sum, unit_counts = 0.0, list[float]()
-    failure: BaseException | None = None
-    try:
-        if ddp is None:
-            if presumption is not None:  # the ranks' sums are added up: presume their N
-                presumption.ranks = peer.world_size
-            totals, counts, last = _forward_backward(
-                module, loss_fn, parts, presumption=presumption
-            )
-        else:  # the last forward outside no_sync(): its backward synchronises
-            totals, counts, last = _forward_backward(
-                ddp, loss_fn, parts, ddp.no_sync, presumption=presumption
-            )
-        if totals:
-            loss_sum, unit_counts, _ = _check_losses(totals, counts)
-    except Exception as error:  # reported to every rank below, so none waits
-        failure = error
-    failed, global_loss_sum, global_count = peer.agree(
-        [float(failure is not None), loss_sum, math.fsum(unit_counts)]
-    )
-    if failed:
-        peer.raise_failures(failure)
-    divisor = _divisor(global_count, reduction, f"all {peer.world_size} ranks")
-    presumed = 1.0 if presumption is None else presumption.divisor
-    if ddp is not None:
-        # DDP's all-reduce in this backward averages over the ranks: divide by
-        # N(B) / world_size so that the average is the sum over ranks / N(B).
-        _normalise(_grads(params), last, divisor / peer.world_size, presumed)
-    else:
-        _normalise(_grads(params), last, divisor, presumed)
-        peer.sum_grads(params)
-    grad_norm = _total_norm(_grads(params))
-    return _Pass(unit_counts, global_loss_sum, global_count, divisor, grad_norm)
 
 
 def _with_last(items: Iterable[T]) -> tuple[Iterator[tuple[T, bool]], bool]:
@@ -594,6 +707,26 @@ class _MicroBatchGrads:
         self.sizes: list[int] = []  # samples per micro-batch, all of them
         self.sq_norms: list[float] = []  # ‖Σ_{i∈k} g_i‖² of each but the last
         self.scale: float | None = None  # N̂, which every backward's gradient carries
+
+    def __call__(
+        self,
+        run: _Run,
+        model: nn.Module,
+        loss_fn: LossFn,
+        micro_batch: Batch,
+        index: int,
+        last: bool,
+    ) -> None:
+        self.sizes.append(batch_length(micro_batch, f"micro-batch {index}"))
+        total, count = unpack_loss(loss_fn(model, micro_batch), index)
+        if index == 0 and run.presumption is not None:
+            run.root = run.presumption.root(total, count, only=last)
+        if last:  # the last needs no norm of its own
+            _backward(total, run.root)
+        else:
+            self.backward(total, run.root)
+        run.totals.append(total)
+        run.counts.append(count)
 
     def backward(self, total: Tensor, root: Tensor | None) -> None:
         """``total.backward(root)``, with ``root = 1 / N̂`` (the same for every
@@ -768,6 +901,8 @@ def _non_finite_grad_error(
                 if replayed:
                     where, bad_names = f"micro-batch {index}", replayed
                     break
+        except Exception:  # a replay that fails only loses the "where"
+            where = None  # (and under torch.distributed must not skip the gathering below)
         finally:
             rng.put_back()
     shown = f"{', '.join(bad_names[:3])}{', ...' if len(bad_names) > 3 else ''}"

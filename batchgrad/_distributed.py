@@ -1,25 +1,27 @@
 """Data-parallel accumulation: every process runs its share, one logical batch.
 
 Under `torch.distributed` the logical batch ``B`` is the union of the ranks'
-batches and ``N(B)`` their total count. Each rank backpropagates the sums of its
-own micro-batches, and the ranks then agree in a fixed sequence of collectives
-that every rank runs whatever its data, so none is ever left waiting:
+batches and ``N(B)`` their total count. Each rank runs all its micro-batches
+locally (a DDP model under ``no_sync()``, so its reducer never waits on another
+rank), and then every rank, whatever its data or failures, runs the same
+collectives in the same order, so none is ever left waiting:
 
-1. `Replica.agree`: one small all-reduce before the loop (does any rank have no
-   micro-batch, did any fail to start);
-2. `Replica.agree` again after the loop: any failure, the global loss sum and the
-   global count ``N(B)``;
-3. exactly one gradient synchronisation: through DDP's own reducer on the last
-   micro-batch's backward when the model is wrapped in
-   `DistributedDataParallel` and every rank has a micro-batch, else one
-   coalesced all-reduce (`Replica.sum_grads`).
+1. with a DDP model that has buffers and ``broadcast_buffers=True``, rank 0's
+   buffers are broadcast once, before the first forward (DDP's own rule);
+2. the one control collective (`batchgrad._protocol.agree`): failures, settings,
+   layouts, the global loss sum and count;
+3. exactly one gradient synchronisation (`Replica.sync_grads`): one all-reduce of
+   every gradient in a flat buffer, or, when the DDP model has a communication
+   hook (``register_comm_hook``), that hook called once on that buffer.
 
-DDP averages over its world size ``W``; the engine then divides by ``N(B) / W``
-instead of ``N(B)``, in the same one place as in a single process.
+Nothing else talks to the other ranks: an error on one rank at any point is
+reported in (2) and raised on every rank, and the DDP wrapper's state is as before,
+so the next call works.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import multiprocessing
 import multiprocessing.queues
@@ -29,16 +31,17 @@ import queue
 import socket
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ._errors import BatchError, ConfigError, DistributedError
+from ._protocol import _batch_error_types
 
 R = TypeVar("R")
 
@@ -54,6 +57,10 @@ class Replica:
     world_size: int
     ddp: DistributedDataParallel | None
     device: torch.device
+    # The DDP model's communication hook and its state, if it has one.
+    hook: tuple[Callable[..., Any], object] | None = None
+    # A reason this rank cannot take part, raised on every rank by the agreement.
+    problem: ConfigError | None = None
 
     @property
     def module(self) -> nn.Module | None:
@@ -66,26 +73,109 @@ class Replica:
         result: list[float] = tensor.tolist()
         return result
 
-    def sum_grads(self, params: list[nn.Parameter]) -> None:
-        """Sum every ``p.grad`` over the ranks in one coalesced all-reduce.
+    @contextlib.contextmanager
+    def quiet(self) -> Iterator[None]:
+        """Forwards and backwards that talk to no other rank: DDP's ``no_sync()``,
+        and no buffer broadcast in its forward (see `broadcast_buffers`)."""
+        ddp = self.ddp
+        if ddp is None:
+            yield
+            return
+        forward_sync = ddp.require_forward_param_sync
+        ddp.require_forward_param_sync = False
+        try:
+            with ddp.no_sync():
+                yield
+        finally:
+            ddp.require_forward_param_sync = forward_sync
 
-        A parameter without a gradient on this rank contributes zeros; after the
-        call every parameter has the same gradient on every rank.
+    def prepare(self) -> None:
+        """The collectives a DDP forward may run, run here on every rank at once.
+
+        DDP broadcasts rank 0's buffers in a forward (``broadcast_buffers=True``)
+        and, once, rebuilds its buckets in the forward after the first synchronised
+        step: in `quiet` forwards, on ranks holding different numbers of
+        micro-batches, either would leave a rank waiting.
+        """
+        ddp = self.ddp
+        if ddp is None:
+            return
+        if torch.is_grad_enabled():
+            ddp.reducer._rebuild_buckets()
+        if ddp.forward_sync_buffers and ddp.modules_buffers:
+            ddp._sync_buffers()
+
+    def flatten(self, params: list[nn.Parameter]) -> Tensor:
+        """Every ``p.grad`` in one flat buffer, zeros for a parameter without one.
+
+        Taken before the agreement, so that running out of memory here is a failure
+        every rank hears of. Without a communication hook the buffer ends with one
+        flag per parameter (has it a gradient here?), summed in the same all-reduce.
+        """
+        pieces = [
+            (torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1).to(self.device)
+            for p in params
+        ]
+        if self.hook is None and pieces:
+            flags = [p.grad is not None for p in params]
+            pieces.append(torch.tensor(flags, dtype=pieces[0].dtype, device=self.device))
+        if not pieces:
+            return torch.zeros(0, device=self.device)
+        return torch.cat(pieces) if len(pieces) > 1 else pieces[0].clone()
+
+    def sync_grads(
+        self,
+        params: list[nn.Parameter],
+        flat: Tensor,
+        normalise: Callable[[Tensor], None],
+        with_unused: bool,
+    ) -> list[Tensor]:
+        """Sum the gradients in ``flat`` (`flatten`) over the ranks in one collective,
+        ``normalise`` d first (in place, on the buffer the collective sends: no pass
+        of its own), and make them every ``p.grad``.
+
+        With a DDP communication hook the hook reduces the buffer (and averages over
+        the ranks, as DDP's hooks do). ``with_unused``: some rank left a parameter
+        without a gradient; one that no rank gave a gradient keeps None, as in one
+        process. Returns the gradients, views of one flat tensor where the dtypes
+        and devices allow.
         """
         if not params:
-            return
-        flat = torch.cat(
-            [
-                (torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1).to(self.device)
-                for p in params
-            ]
-        )
-        dist.all_reduce(flat, group=self.group)
+            return []
+        total = sum(p.numel() for p in params)
+        normalise(flat[:total])
+        used: Tensor | None = None
+        if self.hook is None:
+            dist.all_reduce(flat, group=self.group)
+            used = flat[total:] > 0 if with_unused else None
+            flat = flat[:total]
+        else:
+            hook, state = self.hook
+            result = hook(state, _Bucket(flat, params)).wait()
+            flat = result[0] if isinstance(result, list | tuple) else result
+            if with_unused:
+                counts = torch.tensor(
+                    [float(p.grad is not None) for p in params],
+                    dtype=torch.float64,
+                    device=self.device,
+                )
+                dist.all_reduce(counts, group=self.group)
+                used = counts > 0
+        keep = None if used is None else used.tolist()
+        grads: list[Tensor] = []
         offset = 0
-        for p in params:
-            grad = flat[offset : offset + p.numel()].view_as(p).to(p.device)
-            offset += p.numel()
-            p.grad = grad if p.grad is None else p.grad.copy_(grad)
+        for index, p in enumerate(params):
+            size = p.numel()
+            if keep is not None and not keep[index]:
+                p.grad = None
+            else:
+                grad = flat[offset : offset + size].view(p.shape)
+                if grad.dtype != p.dtype or grad.device != p.device:
+                    grad = grad.to(device=p.device, dtype=p.dtype)
+                p.grad = grad
+                grads.append(grad)
+            offset += size
+        return grads
 
     def raise_failures(self, local: BaseException | None) -> None:
         """Every rank raises if any rank failed; a rank that did not fail names those that did.
@@ -112,18 +202,43 @@ class Replica:
         raise error_type(f"On rank {first_rank}: {message}{also}")
 
 
-def _batch_error_types() -> dict[str, type[BatchError]]:
-    types: dict[str, type[BatchError]] = {}
-    pending: list[type[BatchError]] = [BatchError]
-    while pending:
-        cls = pending.pop()
-        types[cls.__name__] = cls
-        pending.extend(cls.__subclasses__())
-    return types
+class _Bucket:
+    """What a DDP communication hook is handed (`torch.distributed.GradBucket`'s
+    methods): here the whole gradient, as one bucket."""
+
+    def __init__(self, buffer: Tensor, params: list[nn.Parameter]) -> None:
+        self._buffer, self._params = buffer, params
+
+    def index(self) -> int:
+        return 0
+
+    def is_last(self) -> bool:
+        return True
+
+    def buffer(self) -> Tensor:
+        return self._buffer
+
+    def set_buffer(self, buffer: Tensor) -> None:
+        self._buffer = buffer
+
+    def parameters(self) -> list[nn.Parameter]:
+        return self._params
+
+    def gradients(self) -> list[Tensor]:
+        views, offset = [], 0
+        for p in self._params:
+            views.append(self._buffer[offset : offset + p.numel()].view(p.shape))
+            offset += p.numel()
+        return views
 
 
 def replica(model: nn.Module, group: dist.ProcessGroup | None) -> Replica | None:
-    """The `Replica` of this process, or None outside `torch.distributed` (or alone)."""
+    """The `Replica` of this process, or None outside `torch.distributed` (or alone).
+
+    What only this rank may get wrong (a group, a model that cannot be used) is
+    not raised here but carried as `Replica.problem`, so that every rank raises it
+    together instead of leaving the others waiting.
+    """
     if not (_AVAILABLE and dist.is_initialized()):
         if group is not None:
             raise ConfigError(
@@ -131,10 +246,16 @@ def replica(model: nn.Module, group: dist.ProcessGroup | None) -> Replica | None
                 "torch.distributed.init_process_group first (torchrun sets up the rest)."
             )
         return None
-    _refuse_sharded(model)
     ddp = model if isinstance(model, DistributedDataParallel) else None
+    problem: ConfigError | None = None
+    try:
+        _refuse_sharded(model)
+        if ddp is not None:
+            _refuse_ddp_settings(ddp)
+    except ConfigError as error:
+        problem = error
     if ddp is not None and group is not None and group is not ddp.process_group:
-        raise ConfigError(
+        problem = problem or ConfigError(
             "group= differs from the process group the DistributedDataParallel model "
             "synchronises over; pass the same group, or none to use the model's."
         )
@@ -142,6 +263,8 @@ def replica(model: nn.Module, group: dist.ProcessGroup | None) -> Replica | None
         group = ddp.process_group
     world_size = dist.get_world_size(group)
     if world_size == 1:
+        if problem is not None:
+            raise problem
         return None
     backend = dist.get_backend(group)
     device = (
@@ -149,7 +272,26 @@ def replica(model: nn.Module, group: dist.ProcessGroup | None) -> Replica | None
         if backend == "nccl"
         else torch.device("cpu")
     )
-    return Replica(group, dist.get_rank(group), world_size, ddp, device)
+    hook = ddp._comm_hooks[-1] if ddp is not None and ddp._comm_hooks else None
+    return Replica(group, dist.get_rank(group), world_size, ddp, device, hook, problem)
+
+
+def _refuse_ddp_settings(ddp: DistributedDataParallel) -> None:
+    if ddp.static_graph:
+        raise ConfigError(
+            "The DistributedDataParallel model was built with static_graph=True, whose "
+            "reducer expects every forward to end in a synchronised backward (its "
+            "first-step graph tracing fails under no_sync()). batchgrad synchronises "
+            "once per logical batch itself, which is what static_graph would save: "
+            "build the model without static_graph."
+        )
+    if not ddp._comm_hooks and ddp._get_ddp_logging_data().get("comm_hook"):
+        raise ConfigError(
+            "The DistributedDataParallel model has a built-in communication hook "
+            f"({ddp._get_ddp_logging_data()['comm_hook']}), which runs inside DDP's C++ "
+            "reducer only. Register its Python equivalent instead, e.g. "
+            "ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)."
+        )
 
 
 def _refuse_sharded(model: nn.Module) -> None:
@@ -168,11 +310,19 @@ def _refuse_sharded(model: nn.Module) -> None:
             )
 
 
-def launch(fn: Callable[..., R], nproc: int, *args: Any, timeout: float = 120.0) -> list[R]:
+def launch(
+    fn: Callable[..., R],
+    nproc: int,
+    *args: Any,
+    timeout: float = 120.0,
+    may_die: tuple[int, ...] = (),
+) -> list[R]:
     """Run ``fn(*args)`` in ``nproc`` local processes joined in a gloo process group.
 
     The processes talk over 127.0.0.1 only. Returns each rank's result, rank 0
     first. ``fn`` and its arguments must be picklable (a module-level function).
+    The ranks in ``may_die`` may end without a result (None): to test what the
+    others do when a rank dies.
 
     Raises:
         DistributedError: a process failed (its traceback is in the message) or
@@ -205,6 +355,10 @@ def launch(fn: Callable[..., R], nproc: int, *args: Any, timeout: float = 120.0)
                 rank, ok, value = results.get(timeout=0.5)
             except queue.Empty:
                 dead = [r for r, p in enumerate(processes) if p.exitcode not in (None, 0)]
+                for r in dead:
+                    if r in may_die and r not in outcome:
+                        outcome[r] = None
+                dead = [r for r in dead if r not in may_die]
                 if dead and all(r not in outcome for r in dead):
                     raise DistributedError(
                         f"Process(es) of rank {dead} died (exit codes "

@@ -50,8 +50,8 @@ def main() -> None:
     torch.manual_seed(0)  # the same initial weights on every rank
     model = TinyLM(vocab=32, d_model=64, heads=4, layers=2, max_len=64).to(device)
     if distributed:
-        # DDP synchronises gradients once per logical batch: bg.accumulate runs every
-        # micro-batch but the last under no_sync() and divides by the global count.
+        # Gradients are synchronised once per logical batch: bg.accumulate runs every
+        # micro-batch under no_sync(), then one all-reduce, divided by the global count.
         model = DistributedDataParallel(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     data = counting_sequences(args.batch_size * args.steps, max_len=64, seed=1)

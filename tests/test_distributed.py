@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import batchgrad as bg
 from batchgrad._distributed import launch
+from tests import distributed_faults as faults
 from tests.cases import CASES, reference_grads, rel_err
 
 CASE = {case.id: case for case in CASES}
@@ -66,8 +67,17 @@ def _run_scenarios(scenarios):
             report.loss,
             report.count,
             report.world_size,
+            report.micro_batches,
+            len(report.micro_batch_counts),
+            report.grad_norm,
         )
-    return grads
+    return {
+        "scenarios": grads,
+        "faults": faults.fault_matrix(),
+        "ddp": faults.ddp_configurations(),
+        "mismatches": faults.mismatches(),
+        "dp": faults.dp_sgd_and_noise(),
+    }
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["2-ranks", "3-ranks"])
@@ -84,12 +94,144 @@ def test_every_scenario_equals_one_process_on_the_whole_batch(world):
         expected = reference_grads(case, model, batch, reduction)
         expected_loss = float(case.reference(model, batch, reduction).detach())
         expected_count = float(case.loss_fn(model, batch).count)
+        expected_norm = sum(float(g.square().sum()) for g in expected) ** 0.5
+        everyone = sum(results[rank]["scenarios"][name][5] for rank in range(nproc))
         for rank in range(nproc):
-            grads, loss, count, world_size = results[rank][name]
+            grads, loss, count, world_size, micro, _, norm = results[rank]["scenarios"][name]
             assert rel_err(grads, expected) <= 1e-10, (name, rank)
             assert loss == pytest.approx(expected_loss, rel=1e-10), (name, rank)
             assert count == expected_count
             assert world_size == nproc
+            assert micro == everyone  # the micro-batches of every rank
+            assert norm == pytest.approx(expected_norm, rel=1e-10)
+
+
+# ---- the fault matrix: every point × failing rank × exception × wrapper ----------
+
+
+def test_a_failure_anywhere_raises_on_every_rank_keeps_gradients_and_the_next_call_works(world):
+    nproc, results = world
+    seen = 0
+    for wrap in ("ddp", "plain"):
+        for point, kinds, error, text in faults.POINTS:
+            for failing in sorted({0, nproc - 1}):
+                for kind in kinds:
+                    name = f"{wrap}-{point}-rank{failing}-{kind.__name__ if kind else 'input'}"
+                    for rank in range(nproc):
+                        got, message, kept, after = results[rank]["faults"][name]
+                        assert got == error, (name, rank, message)
+                        assert message.startswith(f"On rank {failing}"), (name, rank, message)
+                        assert re.search(text, message), (name, rank, message)
+                        assert kept, (name, rank)
+                        assert after <= 1e-10, (name, rank, after)
+                    seen += 1
+    assert seen == 2 * 2 * sum(len(kinds) for _, kinds, _, _ in faults.POINTS)
+
+
+# ---- DDP as users configure it ---------------------------------------------------
+
+
+@pytest.mark.parametrize("config", ["bucket-view", "find-unused", "comm-hook", "buffers"])
+@pytest.mark.parametrize("split", ["uneven", "idle"])
+def test_ddp_configurations_are_exact_under_uneven_and_idle_ranks(world, config, split):
+    nproc, results = world
+    for rank in range(nproc):
+        error, count, world_size = results[rank]["ddp"][f"{config}-{split}"]
+        assert error <= 1e-10, (rank, error)
+        assert count == 4 * nproc + 3
+        assert world_size == nproc
+
+
+@pytest.mark.parametrize("split", ["uneven", "idle"])
+def test_a_comm_hook_runs_once_per_call_on_every_rank(world, split):
+    nproc, results = world
+    for rank in range(nproc):
+        assert results[rank]["ddp"][f"comm-hook-calls-{split}"] == 2  # two calls, one bucket
+
+
+def test_gradient_as_bucket_view_adds_once_and_a_failure_keeps_the_old_gradient(world):
+    nproc, results = world
+    for rank in range(nproc):
+        added, failed, same = results[rank]["ddp"]["bucket-view-add"]
+        assert added <= 1e-10
+        assert failed == "NonFiniteError"
+        assert same
+
+
+@pytest.mark.parametrize("wrap", ["ddp", "plain"])
+@pytest.mark.parametrize("split", ["uneven", "idle"])
+def test_parameters_no_rank_used_keep_none(world, wrap, split):
+    nproc, results = world
+    for rank in range(nproc):
+        none, sometimes, error = results[rank]["ddp"][f"unused-{wrap}-{split}"]
+        assert none, rank
+        assert sometimes, rank
+        assert error <= 1e-10, rank
+
+
+def test_static_graph_is_refused_with_the_reason(world):
+    nproc, results = world
+    for rank in range(nproc):
+        kind, text = results[rank]["ddp"]["static-graph"]
+        assert kind == "ConfigError"
+        assert "static_graph=True" in text
+        assert "build the model without static_graph" in text
+
+
+# ---- ranks that disagree -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("reduction", r"reduction: rank 0: 'mean', .*rank \d: 'sum'"),
+        ("existing-grad", r"existing_grad: rank 0: 'replace', .*: 'add'"),
+        ("clip", r"clip_per_sample: rank 0: 1.0, .*: 2.0"),
+        ("shapes", r"rank 0 has \['w:\(2, 3\):torch.float64'\], rank \d has \['w:\(3, 2\)"),
+        ("trainable", r"rank 0 has 4, rank \d has 3 \(rank 0 only: \['2.bias"),
+    ],
+)
+def test_ranks_that_disagree_raise_config_error_on_every_rank(world, case, message):
+    nproc, results = world
+    for rank in range(nproc):
+        kind, text = results[rank]["mismatches"][case]
+        assert kind == "ConfigError", (rank, text)
+        assert re.search(message, text), (rank, text)
+
+
+def test_the_same_model_works_after_a_disagreement(world):
+    nproc, results = world
+    for rank in range(nproc):
+        assert results[rank]["mismatches"]["after"] == ("no error", "")
+
+
+# ---- DP-SGD and the noise scale across ranks -------------------------------------
+
+
+@pytest.mark.parametrize("wrap", ["ddp", "plain"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_dp_sgd_across_ranks_equals_one_process_with_the_same_generator(world, wrap, reduction):
+    nproc, results = world
+    grads0 = results[0]["dp"][f"dp-sgd-{wrap}-{reduction}"][1]
+    for rank in range(nproc):
+        error, grads, clipped, one_clipped, loss, one_loss, norm, one_norm = results[rank]["dp"][
+            f"dp-sgd-{wrap}-{reduction}"
+        ]
+        assert error <= 1e-10, (rank, error)
+        assert all(torch.equal(a, b) for a, b in zip(grads, grads0, strict=True))  # noise: once
+        assert clipped == one_clipped
+        assert 0 < clipped < 1  # some samples clipped, some not
+        assert loss == pytest.approx(one_loss, rel=1e-10)
+        assert norm == pytest.approx(one_norm, rel=1e-10)
+
+
+@pytest.mark.parametrize("wrap", ["ddp", "plain"])
+def test_noise_scale_across_ranks_uses_the_ranks_shares_as_small_batches(world, wrap):
+    nproc, results = world
+    for rank in range(nproc):
+        got, expected = results[rank]["dp"][f"noise-{wrap}"]
+        for field in ("grad_sq", "trace_cov", "b_simple", "small_batch", "big_batch"):
+            assert getattr(got, field) == pytest.approx(getattr(expected, field), rel=1e-10)
 
 
 # ---- one synchronisation per logical batch ----------------------------------------
@@ -142,9 +284,10 @@ def test_ddp_synchronises_once_per_logical_batch():
     for per_sync, counts, all_reduces in launch(_count_synchronisations, 2, timeout=120):
         assert per_sync >= 1
         assert counts == [per_sync] * 3  # not one sync per micro-batch
-        # Unwrapped: two small agreements (2 floats, 3 floats) and one gradient all-reduce.
+        # Unwrapped: one control all-reduce (a header and a block per rank) and one
+        # gradient all-reduce (and a flag per parameter: has it a gradient?).
         n_params = 4 * 8 + 8 + 8 * 2 + 2
-        assert all_reduces == [2, 3, n_params]
+        assert all_reduces == [5 + 8 * 2, n_params + 4]
 
 
 # ---- bad input on one rank: every rank raises, nothing hangs, gradients kept -------
@@ -248,14 +391,6 @@ def _bad_inputs():
     except bg.BatchError as error:
         outcomes["other-group"] = (type(error).__name__, str(error))
 
-    # Per-sample clipping and the noise scale are single-process features, for now.
-    for option, value in [("clip_per_sample", 1.0), ("noise", True)]:
-        try:
-            bg.accumulate(model, _square_loss, two_rows(rank), **{option: value})
-            outcomes[option] = ("no error", "")
-        except bg.BatchError as error:
-            outcomes[option] = (type(error).__name__, str(error))
-
     from torch.distributed.fsdp import fully_shard
 
     sharded = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 1))
@@ -271,7 +406,7 @@ def _bad_inputs():
 BAD = [
     ("nan", ["NonFiniteError"] * 2, r"On rank 1: The loss of micro-batch 1 is nan"),
     ("mismatch", ["BatchShapeError"] * 2, r"On rank 0: Tensors in the batch disagree.*has 5"),
-    ("user-error", ["DistributedError", "RuntimeError"], r"rank 1"),
+    ("user-error", ["DistributedError"] * 2, r"On rank 1, micro-batch 0: RuntimeError: a bug"),
     ("zero-count", ["ZeroCountError"] * 2, r"0 units over all 2 ranks"),
     ("all-empty", ["EmptyBatchError"] * 2, r"Every one of the 2 ranks has an empty batch"),
     ("inf-grad", ["NonFiniteError"] * 2, r"On rank 1: The gradient of .* in micro-batch 1,"),
@@ -310,20 +445,6 @@ def test_stale_gradients_on_one_rank_are_refused_on_every_rank(bad_outcomes):
         assert kept
 
 
-@pytest.mark.parametrize(
-    ("option", "message"),
-    [
-        ("clip_per_sample", r"clip_per_sample is not supported under torch.distributed yet"),
-        ("noise", r"noise= is not supported together with torch.distributed"),
-    ],
-)
-def test_single_process_options_are_refused_under_distributed(bad_outcomes, option, message):
-    for outcomes in bad_outcomes:
-        kind, text = outcomes[option]
-        assert kind == "ConfigError"
-        assert re.search(message, text)
-
-
 def test_a_group_other_than_the_ddp_models_is_refused(bad_outcomes):
     for outcomes in bad_outcomes:
         kind, text = outcomes["other-group"]
@@ -354,3 +475,18 @@ def test_launch_stops_processes_that_outlive_the_timeout():
 def test_launch_reports_a_failing_process():
     with pytest.raises(bg.DistributedError, match="ValueError: boom"):
         launch(_failing, 2, timeout=60)
+
+
+def _dies(wrap):
+    return faults.a_rank_dies(wrap)
+
+
+@pytest.mark.parametrize("wrap", ["ddp", "plain"])
+def test_a_rank_that_dies_gives_the_others_a_distributed_error_at_once(wrap):
+    results = launch(_dies, 2, wrap, timeout=60, may_die=(1,))
+    assert results[1] is None
+    kind, text, seconds = results[0]
+    assert kind == "DistributedError"
+    assert "could not reach the other ranks" in text
+    assert "Restart the job" in text
+    assert seconds < 30  # the connection closing, not the process group's timeout

@@ -1,0 +1,242 @@
+"""How the ranks of a data-parallel `accumulate` agree: one control collective.
+
+Every rank runs its micro-batches without talking to the others (DDP's reducer
+stays quiet under ``no_sync()``), catching whatever fails, and then every rank,
+whatever happened to it, enters the same single all-reduce (`agree`) of a small
+float64 vector:
+
+- summed over the ranks: the loss sum, the count ``N(B)`` and the micro-batches;
+- one block per rank, the others' zero: whether and where it failed, a hash of
+  its settings and one of its trainable parameters' layout, whether it holds
+  any sample, whether it left a parameter without a gradient, and the squared
+  norm and samples of its local gradient (for the noise scale).
+
+A sum of blocks that only their own rank fills is an all-gather, so after the one
+collective every rank knows every other's state and all take the same decision:
+raise the same error, or synchronise the gradients (the only other collective, see
+`batchgrad._distributed`). Only a failure or a mismatch costs more, one
+`all_gather_object` for the messages. Nothing waits on a rank that stopped early;
+a rank that died breaks the connection, which gloo and NCCL report at once
+(`DistributedError`).
+"""
+
+from __future__ import annotations
+
+import weakref
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ._errors import BatchError, ConfigError, DistributedError
+
+_HEADER = 5  # loss sum, count, micro-batches, clipped samples, samples: summed
+_BLOCK = 8  # values per rank, below
+_FAILED, _WHERE, _SETTINGS, _LAYOUT, _WORKS, _UNUSED, _SQ_NORM, _SAMPLES = range(_BLOCK)
+_HASH_BITS = 24  # a float64 holds the hash exactly, also summed over many ranks
+
+
+@dataclass(slots=True)
+class Local:
+    """What this rank brings to the agreement."""
+
+    settings: dict[str, object]
+    layout_hash: int
+    layout_entries: list[str]  # "name:shape:dtype" per parameter, to name a mismatch
+    failure: BaseException | None = None
+    failed_at: int | None = None  # the micro-batch that failed; None: outside the loop
+    works: bool = False  # holds at least one micro-batch
+    unused: bool = False  # a parameter got no gradient from its micro-batches
+    loss_sum: float = 0.0
+    count: float = 0.0
+    micro_batches: int = 0
+    clipped: int = 0  # samples whose gradient was clipped, with clip_per_sample
+    clip_samples: int = 0  # samples clipped or not, with clip_per_sample
+    sq_norm: float = 0.0  # ‖local gradient‖², with noise=
+    samples: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Agreement:
+    """What every rank knows after `agree`."""
+
+    loss_sum: float
+    count: float
+    micro_batches: int
+    clipped: float | None  # the fraction of samples clipped, with clip_per_sample
+    idle: list[int]  # ranks without a micro-batch
+    some_unused: bool  # a working rank left a parameter without a gradient
+    sq_norms: list[float]  # of each working rank's local gradient
+    samples: list[int]  # of each working rank
+
+
+def settings_hash(settings: dict[str, object]) -> int:
+    return zlib.crc32(repr(sorted(settings.items())).encode()) % (1 << _HASH_BITS)
+
+
+_LAYOUTS: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[object, ...], int, list[str]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def layout(model: nn.Module, params: Sequence[nn.Parameter]) -> tuple[int, list[str]]:
+    """A hash of the trainable parameters' names, shapes and dtypes, and their list.
+
+    The names are looked up once per model and set of parameters (remembered while
+    the model lives); shapes and dtypes are read on every call.
+    """
+    key = tuple((id(p), p.shape, p.dtype) for p in params)
+    known = _LAYOUTS.get(model)
+    if known is not None and known[0] == key:
+        return known[1], known[2]
+    names = {id(p): name for name, p in model.named_parameters()}
+    entries = [f"{names.get(id(p), '?')}:{tuple(p.shape)}:{p.dtype}" for p in params]
+    value = zlib.crc32(";".join(entries).encode()) % (1 << _HASH_BITS)
+    _LAYOUTS[model] = (key, value, entries)
+    return value, entries
+
+
+def agree(
+    group: dist.ProcessGroup | None, rank: int, world_size: int, device: torch.device, mine: Local
+) -> Agreement:
+    """The one control collective; raises the same `BatchError` on every rank if any
+    rank failed or the ranks' settings or layouts differ."""
+    values = [0.0] * (_HEADER + _BLOCK * world_size)
+    values[0:_HEADER] = [
+        mine.loss_sum,
+        mine.count,
+        float(mine.micro_batches),
+        float(mine.clipped),
+        float(mine.clip_samples),
+    ]
+    block = _HEADER + _BLOCK * rank
+    values[block : block + _BLOCK] = [
+        float(mine.failure is not None),
+        -1.0 if mine.failed_at is None else float(mine.failed_at),
+        float(settings_hash(mine.settings)),
+        float(mine.layout_hash),
+        float(mine.works),
+        float(mine.unused),
+        mine.sq_norm,
+        float(mine.samples),
+    ]
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    try:
+        dist.all_reduce(tensor, group=group)
+    except RuntimeError as error:  # a rank died or the connection broke
+        raise DistributedError(
+            f"Rank {rank} could not reach the other ranks to agree on the logical batch "
+            f"({error}). A rank has probably died or hangs; the process group cannot be "
+            f"used any more. Restart the job (torchrun --max-restarts resumes from your "
+            f"last checkpoint)."
+        ) from mine.failure
+    got: list[float] = tensor.tolist()
+    blocks = [got[_HEADER + _BLOCK * r : _HEADER + _BLOCK * (r + 1)] for r in range(world_size)]
+    failed = [r for r, b in enumerate(blocks) if b[_FAILED]]
+    if failed:
+        where = {r: int(blocks[r][_WHERE]) for r in failed}
+        raise_failures(group, rank, world_size, mine.failure, mine.failed_at, where)
+    if len({b[_SETTINGS] for b in blocks}) > 1 or len({b[_LAYOUT] for b in blocks}) > 1:
+        _raise_mismatch(group, world_size, mine)
+    working = [b for b in blocks if b[_WORKS]]
+    return Agreement(
+        loss_sum=got[0],
+        count=got[1],
+        micro_batches=int(got[2]),
+        clipped=got[3] / got[4] if got[4] else None,
+        idle=[r for r, b in enumerate(blocks) if not b[_WORKS]],
+        some_unused=any(b[_UNUSED] for b in working),
+        sq_norms=[b[_SQ_NORM] for b in working],
+        samples=[int(b[_SAMPLES]) for b in working],
+    )
+
+
+def raise_failures(
+    group: dist.ProcessGroup | None,
+    rank: int,
+    world_size: int,
+    local: BaseException | None,
+    local_at: int | None = None,
+    where: dict[int, int] | None = None,
+) -> None:
+    """Every rank raises if any rank failed; each names the first rank that did.
+
+    One `all_gather_object` of the failures' descriptions; call it on every rank.
+    A `BatchError` keeps its type on every rank; anything else (the user's own
+    exception, a ``KeyboardInterrupt`` in ``loss_fn``) becomes a `DistributedError`,
+    raised from the original on the rank where it happened.
+    """
+    mine = None if local is None else (type(local).__name__, str(local), local_at)
+    gathered: list[tuple[str, str, int | None] | None] = [None] * world_size
+    dist.all_gather_object(gathered, mine, group=group)
+    failures = [(r, f) for r, f in enumerate(gathered) if f is not None]
+    if not failures:
+        return
+    first, (kind, message, at) = failures[0]
+    others = [r for r, _ in failures[1:]]
+    also = f" (ranks {others} failed too)" if others else ""
+    if where is not None and first in where and where[first] >= 0:
+        at = where[first]
+    place = f"On rank {first}" if at is None else f"On rank {first}, micro-batch {at}"
+    error_type = _batch_error_types().get(kind, DistributedError)
+    if error_type is DistributedError:
+        message = (
+            f"{kind}: {message}. Every rank stops so that none is left waiting in a "
+            f"collective; look at rank {first}'s traceback"
+        )
+        if first == rank:
+            message += " (raised from it here)"
+    error = error_type(f"{place}: {message}{also}")
+    raise error from local
+
+
+def _raise_mismatch(group: dist.ProcessGroup | None, world_size: int, mine: Local) -> None:
+    """The ranks' settings or layouts differ: gather them and name the difference."""
+    gathered: list[tuple[dict[str, object], list[str]] | None] = [None] * world_size
+    dist.all_gather_object(gathered, (mine.settings, mine.layout_entries), group=group)
+    theirs = [g for g in gathered if g is not None]
+    lines = []
+    for key in theirs[0][0]:
+        seen = [s.get(key) for s, _ in theirs]
+        if len({repr(v) for v in seen}) > 1:
+            lines.append(f"{key}: " + ", ".join(f"rank {r}: {v!r}" for r, v in enumerate(seen)))
+    layouts = [e for _, e in theirs]
+    if any(e != layouts[0] for e in layouts):
+        lines.append(_layout_difference(layouts))
+    raise ConfigError(
+        "The ranks disagree on "
+        + "; ".join(lines)
+        + ". Every rank must call bg.accumulate with the same settings on the same model "
+        "(the same trainable parameters, names and shapes); each passes only its own data."
+    )
+
+
+def _layout_difference(layouts: list[list[str]]) -> str:
+    reference = layouts[0]
+    for r, entries in enumerate(layouts[1:], start=1):
+        if entries != reference:
+            only_0 = [e for e in reference if e not in entries][:3]
+            only_r = [e for e in entries if e not in reference][:3]
+            if len(entries) != len(reference):
+                return (
+                    f"the trainable parameters: rank 0 has {len(reference)}, rank {r} has "
+                    f"{len(entries)} (rank 0 only: {only_0}, rank {r} only: {only_r})"
+                )
+            return (
+                f"the trainable parameters (name:shape:dtype): rank 0 has {only_0}, rank {r} "
+                f"has {only_r}"
+            )
+    return "the trainable parameters"
+
+
+def _batch_error_types() -> dict[str, type[BatchError]]:
+    types: dict[str, type[BatchError]] = {}
+    pending: list[type[BatchError]] = [BatchError]
+    while pending:
+        cls = pending.pop()
+        types[cls.__name__] = cls
+        pending.extend(cls.__subclasses__())
+    return types
