@@ -248,7 +248,11 @@ def _report(
     if estimate is not None and isinstance(noise, NoiseScale):
         noise.update(estimate)
         estimate = noise.estimate()
-    grad_norm = _add_back(stash) if existing_grad == "add" else done.grad_norm
+    if existing_grad == "add":
+        grad_norm = _add_back(stash)
+    else:
+        _into_stashed(stash)
+        grad_norm = done.grad_norm
     return AccumulateReport(
         loss=done.loss_sum / done.divisor,
         count=_as_number(done.count),
@@ -786,6 +790,29 @@ def _norms(grads: list[Tensor]) -> list[Tensor]:
 def _total_norm(grads: list[Tensor]) -> float:
     """The global L2 norm (the one pass over the gradients that checking them costs)."""
     return math.hypot(*_as_floats(_norms(grads)))
+
+
+def _into_stashed(stash: GradStash) -> None:
+    """Write each new gradient into the tensor ``p.grad`` held before the call, where
+    there was one (cleared with ``zero_grad(set_to_none=False)``, or replaced).
+
+    Autograd accumulates into an existing ``p.grad`` in place, and code may rely on
+    it: gradients that are views of one flat buffer (DDP's ``gradient_as_bucket_view``,
+    optimizers over contiguous gradient buffers) would otherwise keep reading zeros.
+    """
+    for p, old in zip(stash.params, stash.grads, strict=True):
+        new = p.grad
+        if (
+            old is not None
+            and new is not None
+            and old.layout == new.layout == torch.strided
+            and old.shape == new.shape
+            and old.dtype == new.dtype
+            and old.device == new.device
+        ):
+            with torch.no_grad():
+                old.copy_(new)
+            p.grad = old
 
 
 def _add_back(stash: GradStash) -> float:

@@ -42,6 +42,7 @@ from ._accumulate import (
     _as_number,
     _divisor,
     _grads,
+    _into_stashed,
     _normalise,
     _refuse_existing_grads,
     _total_norm,
@@ -197,6 +198,8 @@ def bptt(
         grad_norm = _finite_norm(model, params)
     if existing_grad == "add":
         grad_norm = _add_back(stash)
+    else:
+        _into_stashed(stash)
     return BPTTReport(
         loss=loss_sum / divisor,
         count=_as_number(count),
@@ -377,6 +380,8 @@ def tbptt(
             grad_norm = _finite_norm(model, params)
     if existing_grad == "add" and optimizer is None:
         grad_norm = _add_back(stash)
+    elif optimizer is None:
+        _into_stashed(stash)
     return BPTTReport(
         loss=loss_sum / divisor,
         count=_as_number(count_all),

@@ -565,3 +565,30 @@ def test_values_off_the_cpu_are_fetched_with_one_stack_per_dtype(monkeypatch):
     assert floats == [1.5, 2.0, 3.25, 4.0, 5.5, 6.75, 7.5]
     assert all(type(number) is float for number in floats)
     assert sorted(stacks) == [1, 1, 2]  # float32 (two values), int64, float64
+
+
+@pytest.mark.parametrize("existing_grad", ["error", "replace", "add"])
+def test_gradients_land_in_the_tensors_held_before_the_call(existing_grad):
+    # Autograd accumulates into an existing p.grad in place; code that keeps the
+    # gradients as views of one flat buffer must find the result there.
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    expected = torch.autograd.grad(F.mse_loss(model(x), y), list(model.parameters()))
+    flat = torch.zeros(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    views = list(torch.split(flat, [p.numel() for p in model.parameters()]))
+    for p, view in zip(model.parameters(), views, strict=True):
+        p.grad = view.view_as(p)
+    held = [p.grad for p in model.parameters()]
+
+    bg.accumulate(
+        model,
+        lambda m, b: bg.Loss.from_criterion(nn.MSELoss(), m(b[0]), b[1]),
+        (x, y),
+        micro_batch_size=2,
+        existing_grad=existing_grad,
+    )
+
+    assert all(p.grad is g for p, g in zip(model.parameters(), held, strict=True))
+    for view, grad in zip(views, expected, strict=True):
+        torch.testing.assert_close(view, grad.flatten(), rtol=1e-12, atol=0)

@@ -560,3 +560,18 @@ def test_a_state_that_changes_structure_is_refused():
     ):
         bg.bptt(model, shifting_step, make_sequence(2, 6, seed=15), chunk=2)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_bptt_writes_into_the_gradient_tensors_held_before_the_call():
+    torch.manual_seed(0)
+    model = Net("gru").double()
+    sequence = make_sequence(3, 6, seed=5)
+    bg.bptt(model, step_fn, sequence, chunk=6)
+    expected = [p.grad.clone() for p in model.parameters()]
+    held = [torch.zeros_like(p) for p in model.parameters()]
+    for p, grad in zip(model.parameters(), held, strict=True):
+        p.grad = grad
+    bg.bptt(model, step_fn, sequence, chunk=2)
+    for p, grad, want in zip(model.parameters(), held, expected, strict=True):
+        assert p.grad is grad
+        torch.testing.assert_close(grad, want, rtol=1e-10, atol=1e-14)
