@@ -17,6 +17,7 @@ from ._errors import (
     ExistingGradError,
     LossTypeError,
     NonFiniteError,
+    PerSampleError,
     StateError,
     ZeroCountError,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "NoiseEstimate",
     "NoiseScale",
     "NonFiniteError",
+    "PerSampleError",
     "Reduction",
     "StateError",
     "StepFn",

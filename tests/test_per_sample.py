@@ -5,7 +5,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
-from torch.nn import functional as F
 
 import batchgrad as bg
 from batchgrad._models import TinyLM
@@ -326,12 +325,8 @@ BATCH = (torch.randn(4, 3), torch.randint(0, 2, (4,)))
             r"Module '1' \(BatchNorm1d\) is in training mode.*eval mode.*GroupNorm",
         ),
         (
-            nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=True), nn.Linear(4, 2)),
-            r"output of module '0' \(Linear\) was modified in place",
-        ),
-        (
             nn.Sequential(nn.Flatten(0), nn.Unflatten(0, (2, 6)), nn.Linear(6, 2)),
-            r"module '2' has shape \(2, 6\), but dimension 0 must be the batch of 4",
+            r"run the model on 2 rows of micro-batch 0.*must run on any number of samples",
         ),
     ],
 )
@@ -388,20 +383,81 @@ def test_a_nan_sample_gradient_is_named():
     assert model.weight.grad is None
 
 
-class NoisyScale(Scale):
-    """Random numbers inside a module with parameters of its own: not per-sample-able
-    by the generic rule (torch.func would draw them anew)."""
+class Hidden(nn.Module):
+    """A layer whose use of its weight no trace can see (as a compiled kernel would)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3))
 
     def forward(self, x):
-        return F.dropout(super().forward(x), 0.5, training=True)
+        with torch._C.DisableTorchFunction():
+            return torch.tanh(x * self.weight)
 
 
-def test_the_generic_rule_names_the_module_it_cannot_handle():
-    model = nn.Sequential(NoisyScale(3))
+class BatchCentred(nn.Module):
+    """Subtracts the batch mean: a sample's output depends on the other samples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return h - h.mean(0)
+
+
+def _squares(model, x):
+    return bg.Loss.from_values(torch.tanh(model(x)).pow(2).sum(1))
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        (Hidden(), r"parameter 'weight' .* do not add up to its batch gradient"),
+        (BatchCentred(), r"sample 3 in micro-batch 0 \(parameter 'lin\.weight'\) differs"),
+    ],
+)
+def test_the_guard_catches_layers_no_rule_can_read(model, message):
+    """Nothing silently wrong: what slips past every rule raises, in all three entries."""
+    x = torch.randn(4, 3)
+    with pytest.raises(bg.PerSampleError, match=message):
+        bg.per_sample_grads(model, _squares, x)
+    with pytest.raises(bg.PerSampleError):
+        bg.per_sample_norms(model, _squares, x)
+    with pytest.raises(bg.PerSampleError):
+        bg.accumulate(model, _squares, x, clip_per_sample=1.0)
+    assert all(p.grad is None for p in model.parameters())
+    bg.accumulate(model, _squares, x)  # the model is left usable
+
+
+def test_without_the_guard_a_hidden_use_is_wrong():
+    """What the guard is for: ``verify=False`` trusts the trace, which misses this use."""
+    model = Hidden().double()
+    x = torch.randn(4, 3).double()
+    grads = bg.per_sample_grads(model, _squares, x, verify=False)
+    (expected,) = torch.autograd.grad(_squares(model, x).total, [model.weight])
+    assert not torch.allclose(grads["weight"].sum(0), expected)
+
+
+def test_a_shared_use_outside_any_module_is_refused():
+    """A regulariser inside each sample's value: no module holds its samples."""
+    model = nn.Sequential(nn.Linear(3, 2))
 
     def loss_fn(model, x):
-        return bg.Loss.from_values(model(x).pow(2).sum(1))
+        return bg.Loss.from_values(model(x).pow(2).sum(1) + model[0].weight.pow(2).sum())
 
-    with pytest.raises(bg.ConfigError, match=r"module '0' \(NoisyScale\) go through torch.func"):
+    with pytest.raises(bg.PerSampleError, match=r"parameter '0\.weight'.*outside any module"):
         bg.per_sample_grads(model, loss_fn, torch.randn(4, 3))
-    assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_packed_sequence_is_refused_naming_the_module():
+    lstm = nn.LSTM(3, 4, batch_first=True)
+    model = nn.ModuleDict({"lstm": lstm})
+
+    def loss_fn(model, x):
+        packed = nn.utils.rnn.pack_padded_sequence(x, [x.shape[1]] * len(x), batch_first=True)
+        return bg.Loss.from_values(model["lstm"](packed)[1][0].pow(2).sum((0, 2)))
+
+    with pytest.raises(bg.PerSampleError, match=r"module 'lstm' \(LSTM\).*mixed"):
+        bg.per_sample_grads(model, loss_fn, torch.randn(4, 5, 3))

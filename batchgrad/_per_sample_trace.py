@@ -1,0 +1,309 @@
+"""Which tensors of a forward hold the samples, and where each parameter is used.
+
+Per-sample gradients need two facts about every operation that touches a parameter:
+in which dimension of each of its inputs and outputs the samples lie, and whether
+anything else uses the same parameter. Both are read from the forward itself, never
+guessed from sizes:
+
+- **Uses.** A `torch.overrides.TorchFunctionMode` sees every torch function called
+  during the forward; each call with a trainable parameter among its arguments is a
+  *use* of that parameter (``F.linear`` inside ``nn.Linear``, but as well
+  ``F.linear(h, emb.weight)`` in a loss function, ``x * self.scale`` in a custom
+  layer, the flat weights of ``nn.LSTM``). Forward hooks on every module record the
+  module calls around the uses, so a use that no rule can handle is handled by the
+  innermost module call enclosing all uses of its parameter.
+- **Sample dimensions.** The forward also runs on a *probe*: ``P`` rows of the same
+  batch (``P ≠ B``). A dimension of a recorded tensor is the sample dimension when its
+  size is ``B`` in the real forward and ``P`` in the probe; a tensor whose shape does not
+  change is shared by all samples (position ids ``[1, T]``, an attention mask ``[T, T]``,
+  the weights); any other change (samples flattened into another dimension, packed
+  sequences) marks it *mixed*, and no rule reads samples out of it.
+
+An operation with a rule whose inputs are all shared (a position embedding looked up
+with ids ``[T]`` or ``[1, T]``) gets its output expanded over the batch, ``[B, T, D]``, a
+view that broadcasts exactly like the original; the gradient reaching that view is then
+each sample's own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
+
+from ._errors import ConfigError, PerSampleError
+
+MIXED = -1
+"""Sample dimension of a tensor whose samples are not one of its dimensions."""
+
+Dim = int | None  # the sample dimension, None when shared by all samples, or MIXED
+
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+# Functions whose rule can take an input shared by all samples (its output expanded).
+EXPANDABLE: set[Callable[..., Any]] = {F.embedding, F.linear, F.layer_norm}
+
+
+@dataclass(eq=False)
+class ModuleCall:
+    """One call of a module during the forward."""
+
+    module: nn.Module
+    name: str
+    parent: ModuleCall | None
+    inputs: list[Any] = field(default_factory=list)  # leaves of (args, kwargs)
+    spec: Any = None
+    outputs: list[Any] = field(default_factory=list)
+    in_versions: list[int | None] = field(default_factory=list)
+    out_versions: list[int | None] = field(default_factory=list)
+    in_dims: list[Dim] = field(default_factory=list)
+    out_dims: list[Dim] = field(default_factory=list)
+    rng: Tensor | None = None  # the CPU generator's state before the call, if it drew
+    grads: list[Tensor | None] = field(default_factory=list)
+
+    def enclosing(self) -> Iterator[ModuleCall]:
+        call: ModuleCall | None = self
+        while call is not None:
+            yield call
+            call = call.parent
+
+
+@dataclass(eq=False)
+class OpCall:
+    """One torch function call with trainable parameters among its arguments."""
+
+    func: Callable[..., Any]
+    inputs: list[Any]
+    spec: Any
+    outputs: list[Any]
+    scope: ModuleCall | None
+    params: list[nn.Parameter]
+    in_versions: list[int | None]
+    out_versions: list[int | None] = field(default_factory=list)
+    in_dims: list[Dim] = field(default_factory=list)
+    out_dims: list[Dim] = field(default_factory=list)
+    grads: list[Tensor | None] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return getattr(self.func, "__name__", repr(self.func))
+
+    def where(self) -> str:
+        if self.scope is None:
+            return f"{self.name} called outside any module (in the loss function)"
+        module = self.scope.module
+        return f"{self.name} in module {self.scope.name!r} ({type(module).__name__})"
+
+    def args(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        args, kwargs = pytree.tree_unflatten(self.inputs, self.spec)
+        return args, kwargs
+
+
+def _versions(leaves: list[Any]) -> list[int | None]:
+    return [t._version if isinstance(t, Tensor) else None for t in leaves]
+
+
+def stale(leaves: list[Any], versions: list[int | None]) -> bool:
+    """Whether a recorded tensor was modified in place after it was recorded."""
+    return any(
+        isinstance(t, Tensor) and t._version != v for t, v in zip(leaves, versions, strict=True)
+    )
+
+
+def _shapes(leaves: list[Any]) -> list[Any]:
+    """Each tensor's shape; each other leaf itself (a size passed as a number)."""
+    return [tuple(t.shape) if isinstance(t, Tensor) else t for t in leaves]
+
+
+def _sample_dim(real: Any, probe: Any, rows: int, probe_rows: int) -> Dim:
+    if not isinstance(real, Tensor):
+        if isinstance(real, int) and not isinstance(real, bool) and real != probe:
+            return MIXED  # a number that follows the batch size (x.expand(B, …))
+        return None
+    if not isinstance(probe, tuple) or len(probe) != real.ndim:
+        return MIXED
+    changed = [d for d in range(real.ndim) if real.shape[d] != probe[d]]
+    if not changed:
+        return None
+    if len(changed) == 1 and real.shape[changed[0]] == rows and probe[changed[0]] == probe_rows:
+        return changed[0]
+    return MIXED
+
+
+def _has_param(args: tuple[Any, ...], kwargs: dict[str, Any] | None, ids: set[int]) -> bool:
+    for value in (*args, *(kwargs.values() if kwargs else ())):
+        if id(value) in ids:
+            return True
+        if type(value) in (list, tuple) and any(id(v) in ids for v in value):
+            return True
+    return False
+
+
+class Tracer(TorchFunctionMode):
+    """Records module calls and parameter uses of one forward (probe or real)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        rows: int,
+        probe: Tracer | None = None,
+    ) -> None:
+        super().__init__()
+        self.rows = rows
+        self.probe = probe
+        self.params = {id(p): p for p in model.parameters() if p.requires_grad}
+        self.names = {m: n for n, m in model.named_modules(remove_duplicate=False)}
+        self.ops: list[OpCall] = []
+        self.calls: list[ModuleCall] = []
+        self.op_shapes: list[tuple[Callable[..., Any], list[Any], list[Any]]] = []
+        self.call_shapes: list[tuple[nn.Module, list[Any], list[Any]]] = []
+        self.stack: list[ModuleCall] = []
+        self.handles: list[Any] = []
+        modules = list(dict.fromkeys(self.names))
+        for module in modules:
+            _refuse_mixing(module, self.names[module])
+        for module in modules:
+            self.handles.append(module.register_forward_pre_hook(self._enter, with_kwargs=True))
+            self.handles.append(module.register_forward_hook(self._leave, with_kwargs=True))
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    # -- module calls -------------------------------------------------------------
+
+    def _enter(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        parent = self.stack[-1] if self.stack else None
+        call = ModuleCall(module, self.names[module], parent)
+        call.inputs, call.spec = pytree.tree_flatten((args, kwargs))
+        call.in_versions = _versions(call.inputs)
+        call.rng = torch.get_rng_state()
+        self.stack.append(call)
+
+    def _leave(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> None:
+        if not self.stack or self.stack[-1].module is not module:
+            return  # the forward raised inside a nested call; the error propagates
+        call = self.stack.pop()
+        call.outputs = pytree.tree_leaves(output)
+        call.out_versions = _versions(call.outputs)
+        if call.rng is not None and torch.equal(call.rng, torch.get_rng_state()):
+            call.rng = None  # it drew no random numbers: nothing to replay
+        index = len(self.calls)
+        self.calls.append(call)
+        if self.probe is None:
+            self.call_shapes.append((module, _shapes(call.inputs), _shapes(call.outputs)))
+            return
+        if index >= len(self.probe.call_shapes) or self.probe.call_shapes[index][0] is not module:
+            raise _diverged(f"module {call.name!r} ({type(module).__name__})")
+        _, in_shapes, out_shapes = self.probe.call_shapes[index]
+        call.in_dims = self._dims(call.inputs, in_shapes)
+        call.out_dims = self._dims(call.outputs, out_shapes)
+
+    def _dims(self, leaves: list[Any], shapes: list[Any]) -> list[Dim]:
+        assert self.probe is not None
+        if len(leaves) != len(shapes):
+            return [MIXED] * len(leaves)
+        return [
+            _sample_dim(t, s, self.rows, self.probe.rows)
+            for t, s in zip(leaves, shapes, strict=True)
+        ]
+
+    # -- parameter uses -----------------------------------------------------------
+
+    def __torch_function__(
+        self,
+        func: Callable[..., Any],
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        output = func(*args, **kwargs)
+        if not _has_param(args, kwargs, set(self.params)):
+            return output
+        outputs = pytree.tree_leaves(output)
+        if not any(isinstance(t, Tensor) for t in outputs):
+            return output  # a size, a dtype: no gradient flows through it
+        inputs, spec = pytree.tree_flatten((args, kwargs))
+        params = [self.params[id(t)] for t in inputs if id(t) in self.params]
+        scope = self.stack[-1] if self.stack else None
+        index = len(self.ops)
+        if self.probe is None:
+            self.op_shapes.append((func, _shapes(inputs), _shapes(outputs)))
+            self.ops.append(OpCall(func, inputs, spec, [output], scope, params, []))
+            return output
+        if index >= len(self.probe.op_shapes) or self.probe.op_shapes[index][0] is not func:
+            raise _diverged(f"the call of {getattr(func, '__name__', func)}")
+        _, in_shapes, out_shapes = self.probe.op_shapes[index]
+        in_dims = self._dims(inputs, in_shapes)
+        out_dims = self._dims(outputs, out_shapes)
+        if (
+            func in EXPANDABLE
+            and isinstance(output, Tensor)
+            and all(d is None for d in in_dims)
+            and out_dims == [None]
+        ):
+            new = output.ndim == 0 or output.shape[0] != 1
+            output = _expand(output, self.rows, new)
+            outputs, out_dims = [output], [0]
+            inputs = [_expand(inputs[0], self.rows, new), *inputs[1:]]
+            in_dims = [0, *in_dims[1:]]
+        call = OpCall(func, inputs, spec, outputs, scope, params, _versions(inputs))
+        call.in_dims, call.out_dims = in_dims, out_dims
+        call.out_versions = _versions(outputs)
+        self.ops.append(call)
+        return output
+
+
+def _expand(t: Any, rows: int, new: bool) -> Any:
+    """``t`` expanded over the samples: ``[…] → [B, …]`` (new) or ``[1, …] → [B, …]``."""
+    if not isinstance(t, Tensor):
+        return t
+    if new:
+        return t.unsqueeze(0).expand(rows, *t.shape)
+    return t.expand(rows, *t.shape[1:])
+
+
+def _diverged(what: str) -> PerSampleError:
+    return PerSampleError(
+        f"The forward runs differently on a batch of a different size: {what} happens at "
+        f"another point than in a forward on a few rows of the same batch. Per-sample "
+        f"gradients need the same computation for any number of samples; make control "
+        f"flow independent of the batch size."
+    )
+
+
+def _refuse_mixing(module: nn.Module, name: str) -> None:
+    """Modules whose output for one sample depends on the other samples."""
+    if isinstance(module, _BATCH_NORMS) and module.training:
+        raise ConfigError(
+            f"Module {name!r} ({type(module).__name__}) is in training mode: it "
+            f"normalises with statistics of the whole batch, so a sample's output "
+            f"depends on the other samples and has no gradient of its own. Put it "
+            f"in eval mode (module.eval()) or replace it with nn.GroupNorm or "
+            f"nn.LayerNorm."
+        )
+    if isinstance(module, nn.Embedding | nn.EmbeddingBag) and module.scale_grad_by_freq:
+        raise ConfigError(
+            f"Embedding {name!r} has scale_grad_by_freq=True: it scales gradients by "
+            f"how often each id occurs in the whole batch, which couples the "
+            f"samples. Build it with scale_grad_by_freq=False."
+        )
+
+
+def rng_states(model: nn.Module) -> list[Tensor]:
+    """The states of the generators a forward of ``model`` may draw from."""
+    states = [torch.get_rng_state()]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        devices = {p.device for p in model.parameters() if p.device.type == "cuda"}
+        states += [torch.cuda.get_rng_state(d) for d in sorted(devices, key=str)]
+    return states
