@@ -1,7 +1,11 @@
 """Every case of the layer zoo against the per-sample loop, in float64."""
 
+import dataclasses
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import batchgrad as bg
 from batchgrad._split import slice_batch
@@ -57,3 +61,21 @@ def test_zoo_case_equals_the_per_sample_loop(case):
     norms = bg.per_sample_norms(model, sample_loss, batch)
     expected = torch.cat([r.flatten(1) for r in reference.values()], 1).norm(dim=1)
     assert rel_err(norms, expected) <= 1e-10
+
+
+@given(
+    case=st.sampled_from([c for c in CASES if not c.random]),
+    rows=st.integers(1, 6),
+    micro_batch_size=st.sampled_from([None, 1, 2, 4]),
+    seed=st.integers(0, 1000),
+)
+@settings(max_examples=60, deadline=None)
+def test_zoo_over_batch_sizes_and_splits(case, rows, micro_batch_size, seed):
+    """Any number of samples, split any way: batch sizes meet the cases' other sizes."""
+    case = dataclasses.replace(case, batch=rows)
+    model, batch = make(case, seed)
+    reference = loop_grads(model, sample_loss, batch, rows)
+    grads = bg.per_sample_grads(model, sample_loss, batch, micro_batch_size=micro_batch_size)
+    whole = sum(float(r.norm()) for r in reference.values())
+    for name, r in reference.items():
+        assert float((grads[name] - r).norm()) <= 1e-10 * float(r.norm()) + 1e-13 * whole, name
