@@ -25,6 +25,7 @@ from ._fit import EvalRecord, History, StepRecord, fit
 from ._loss import Loss, LossFn
 from ._noise import NoiseEstimate, NoiseScale
 from ._per_sample import per_sample_grads, per_sample_norms
+from ._per_sample_rules import register_per_sample_rule
 from ._reduction import Reduction, detect_reduction
 
 try:
@@ -67,6 +68,7 @@ __all__ = [
     "fit",
     "per_sample_grads",
     "per_sample_norms",
+    "register_per_sample_rule",
     "tbptt",
     "time_contributions",
 ]

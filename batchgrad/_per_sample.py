@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from ._errors import BatchError, ConfigError, NonFiniteError, PerSampleError
 from ._loss import Loss, LossFn, unpack_loss
-from ._per_sample_rules import RULES, OpRule, Unit, VmapModule, VmapOp
+from ._per_sample_rules import RULES, OpRule, Unit, UserModule, VmapModule, VmapOp, user_rule
 from ._per_sample_trace import ModuleCall, OpCall, Tracer, rng_states
 from ._split import (
     Batch,
@@ -119,12 +119,31 @@ def _trace(model: nn.Module, loss_fn: LossFn, micro_batch: Batch, index: int) ->
 def _plan(traced: _Traced) -> list[Unit]:
     """The rule for every use of every trainable parameter, each counted once."""
     tracer, names = traced.tracer, traced.names
+    units: list[Unit] = []
+    covered: dict[ModuleCall, set[nn.Parameter]] = {}  # calls with a registered rule
+    for call in tracer.calls:
+        if user_rule(call.module) is None or any(c in covered for c in call.enclosing()):
+            continue
+        problem = UserModule.unsupported(call)
+        if problem is not None:
+            raise PerSampleError(
+                f"Module {call.name!r} ({type(call.module).__name__}) has a registered "
+                f"per-sample rule, but {problem}."
+            )
+        params = [p for p in call.module.parameters() if p.requires_grad]
+        covered[call] = set(params)
+        units.append(UserModule(call, params, tracer.rows))
     uses: dict[nn.Parameter, list[OpCall]] = {}
     live: list[tuple[OpCall, list[nn.Parameter]]] = []
     for op in tracer.ops:
         if not any(isinstance(t, Tensor) and t.requires_grad for t in op.outputs):
             continue  # under no_grad, or detached: no gradient flows through this use
         params = list(dict.fromkeys(op.params))
+        if covered and op.scope is not None:
+            done = set().union(*(covered.get(c, set()) for c in op.scope.enclosing()))
+            params = [p for p in params if p not in done]
+        if not params:
+            continue
         live.append((op, params))
         for p in params:
             uses.setdefault(p, []).append(op)
@@ -141,7 +160,6 @@ def _plan(traced: _Traced) -> list[Unit]:
             continue
         for p in params:
             escalated.setdefault(p, f"{op.where()}: {reason}")
-    units: list[Unit] = []
     for op, params in live:
         kept = [p for p in params if p not in escalated]
         if kept:

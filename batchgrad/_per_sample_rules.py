@@ -543,6 +543,12 @@ class VmapOp(OpRule):
 
     @classmethod
     def unsupported(cls, site: OpCall, params: list[nn.Parameter]) -> str | None:
+        if site.rng is not None and site.func in _RECURRENT:
+            raise PerSampleError(
+                f"{site.where()} draws dropout masks between its layers inside one fused "
+                f"kernel, which cannot be drawn again per sample. Build it with dropout=0 "
+                f"(or stack one-layer modules with nn.Dropout between them)."
+            )
         return _site_unsupported(site)
 
     def grads(self) -> dict[nn.Parameter, Tensor]:
@@ -559,7 +565,10 @@ class VmapOp(OpRule):
             args, kwargs = pytree.tree_unflatten(leaves, site.spec)
             return site.func(*args, **kwargs)
 
-        return _vmap_grads(function, names, site, self.rows, self, site.where())
+        return _vmap_grads(function, names, site, self.rows, self, site.where(), site.rng)
+
+
+_RECURRENT = (torch.lstm, torch.gru, torch.rnn_tanh, torch.rnn_relu)
 
 
 def _site_unsupported(site: Site) -> str | None:
@@ -611,6 +620,104 @@ class VmapModule(Unit):
 
         where = f"module {site.name!r} ({type(module).__name__})"
         return _vmap_grads(function, params, site, self.rows, self, where, site.rng)
+
+
+UserRule = Callable[[nn.Module, tuple[Any, ...], tuple[Tensor, ...]], dict[str, Tensor]]
+"""``rule(module, args, grad_outputs) -> {name: [B, *p.shape]}``, samples in dimension 0."""
+
+MODULE_RULES: dict[type[nn.Module], UserRule] = {}
+
+
+def register_per_sample_rule(module_type: type[nn.Module]) -> Callable[[UserRule], UserRule]:
+    """Register ``rule`` for the per-sample gradients of every ``module_type`` layer.
+
+    ``rule(module, args, grad_outputs)`` gets the positional arguments of one call of
+    the module and the gradient of the batch's total reaching each tensor it returned
+    (in order, zeros where none arrives), all with the samples in dimension 0, and
+    returns ``{name: [B, *p.shape]}`` for the module's trainable parameters (names as
+    in ``module.named_parameters()``). Their uses inside the call are then left to the
+    rule; the guard (``verify=``) checks its results like any other rule's.
+
+    Example:
+        >>> import torch, batchgrad as bg
+        >>> class Scale(torch.nn.Module):
+        ...     def __init__(self, n):
+        ...         super().__init__()
+        ...         self.weight = torch.nn.Parameter(torch.ones(n))
+        ...     def forward(self, x):
+        ...         return x * self.weight
+        >>> @bg.register_per_sample_rule(Scale)
+        ... def scale_rule(module, args, grad_outputs):
+        ...     (x,), (g,) = args, grad_outputs  # [B, ..., n] each
+        ...     return {"weight": (x * g).flatten(1, -2).sum(1) if x.ndim > 2 else x * g}
+        >>> def loss_fn(model, x):
+        ...     return bg.Loss.from_values(model(x).pow(2).sum(1))
+        >>> bg.per_sample_grads(Scale(3), loss_fn, torch.ones(4, 3))["weight"].shape
+        torch.Size([4, 3])
+    """
+
+    def register(rule: UserRule) -> UserRule:
+        if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
+            raise ConfigError(
+                f"register_per_sample_rule takes an nn.Module class, got {module_type!r}."
+            )
+        MODULE_RULES[module_type] = rule
+        return rule
+
+    return register
+
+
+def user_rule(module: nn.Module) -> UserRule | None:
+    for cls in type(module).__mro__:
+        if cls in MODULE_RULES:
+            return MODULE_RULES[cls]
+    return None
+
+
+class UserModule(Unit):
+    """A module call with a registered rule."""
+
+    site: ModuleCall
+
+    @classmethod
+    def unsupported(cls, site: ModuleCall) -> str | None:
+        problem = _site_unsupported(site)
+        if problem is not None:
+            return problem
+        dims = [*site.in_dims, *site.out_dims]
+        leaves = [*site.inputs, *site.outputs]
+        if any(
+            isinstance(t, Tensor) and d not in (None, 0) for t, d in zip(leaves, dims, strict=True)
+        ):
+            return "its registered rule needs the samples in dimension 0"
+        return None
+
+    def grads(self) -> dict[nn.Parameter, Tensor]:
+        site, module = self.site, self.site.module
+        rule = user_rule(module)
+        assert rule is not None
+        args, _ = pytree.tree_unflatten(site.inputs, site.spec)
+        grads = tuple(
+            self.grad_of(t) if t.requires_grad else torch.zeros_like(t)
+            for t in site.outputs
+            if isinstance(t, Tensor)
+        )
+        result = rule(module, tuple(args), grads)
+        named = dict(module.named_parameters(remove_duplicate=False))
+        wanted = {id(p) for p in self.params}
+        out: dict[nn.Parameter, Tensor] = {}
+        for name, grad in result.items():
+            p = named.get(name)
+            if p is None or not isinstance(grad, Tensor) or grad.shape != (self.rows, *p.shape):
+                raise PerSampleError(
+                    f"The per-sample rule registered for {type(module).__name__} returned "
+                    f"{name!r} with {'no such parameter' if p is None else 'a wrong shape'} "
+                    f"for module {site.name!r}: it must return {{name: [B, *p.shape]}} for "
+                    f"the module's parameters."
+                )
+            if id(p) in wanted:
+                out[p] = grad
+        return out
 
 
 RULES: dict[Callable[..., Any], type[OpRule]] = {

@@ -89,6 +89,7 @@ class OpCall:
     in_dims: list[Dim] = field(default_factory=list)
     out_dims: list[Dim] = field(default_factory=list)
     grads: list[Tensor | None] = field(default_factory=list)
+    rng: Tensor | None = None  # the CPU generator's state before the call, if it drew
 
     @property
     def name(self) -> str:
@@ -227,9 +228,12 @@ class Tracer(TorchFunctionMode):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         kwargs = kwargs or {}
-        output = func(*args, **kwargs)
         if not _has_param(args, kwargs, set(self.params)):
-            return output
+            return func(*args, **kwargs)
+        rng: Tensor | None = torch.get_rng_state()
+        output = func(*args, **kwargs)
+        if torch.equal(rng, torch.get_rng_state()):  # type: ignore[arg-type]
+            rng = None  # it drew no random numbers: nothing to replay
         outputs = pytree.tree_leaves(output)
         if not any(isinstance(t, Tensor) for t in outputs):
             return output  # a size, a dtype: no gradient flows through it
@@ -258,7 +262,7 @@ class Tracer(TorchFunctionMode):
             inputs = [_expand(inputs[0], self.rows, new), *inputs[1:]]
             in_dims = [0, *in_dims[1:]]
         call = OpCall(func, inputs, spec, outputs, scope, params, _versions(inputs))
-        call.in_dims, call.out_dims = in_dims, out_dims
+        call.in_dims, call.out_dims, call.rng = in_dims, out_dims, rng
         call.out_versions = _versions(outputs)
         self.ops.append(call)
         return output

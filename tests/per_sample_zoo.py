@@ -35,6 +35,7 @@ class Case:
     inputs: Callable[[int, torch.Generator], object]
     batch: int = 4
     random: bool = False  # draws random numbers: compared through the batch gradient
+    raises: str | None = None  # no exact per-sample gradients: a PerSampleError matching this
 
 
 def randn(*shape):
@@ -332,6 +333,18 @@ CASES = [
     Case("inplace-relu", _seq(nn.Linear(3, 4), nn.ReLU(inplace=True), nn.Linear(4, 2)), randn(3)),
     Case("flattened-samples", Flattened, randn(4, 3), batch=4),
     Case("dropout-in-custom-layer", NoisyScale, randn(2, 3), random=True),
+    Case(
+        "dropout-in-transformer-layer",
+        lambda: nn.TransformerEncoderLayer(4, 2, 8, dropout=0.3, batch_first=True),
+        randn(3, 4),
+        random=True,
+    ),
+    Case(
+        "dropout-in-lstm",
+        _rnn(nn.LSTM, num_layers=2, dropout=0.3),
+        randn(3, 3),
+        raises=r"lstm in module 'rnn' \(LSTM\) draws dropout masks between its layers",
+    ),
     Case(
         "dropout-between-layers",
         _seq(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 2)),

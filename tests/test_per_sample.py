@@ -461,3 +461,72 @@ def test_a_packed_sequence_is_refused_naming_the_module():
 
     with pytest.raises(bg.PerSampleError, match=r"module 'lstm' \(LSTM\).*mixed"):
         bg.per_sample_grads(model, loss_fn, torch.randn(4, 5, 3))
+
+
+# -- registered rules ---------------------------------------------------------------
+
+
+class Gain(nn.Module):
+    """A user layer with a rule of its own: ``y = x · w`` over the last dimension."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(features))
+
+    def forward(self, x):
+        return x * self.weight
+
+
+@pytest.fixture
+def gain_rule():
+    from batchgrad._per_sample_rules import MODULE_RULES
+
+    def register(rule):
+        bg.register_per_sample_rule(Gain)(rule)
+
+    yield register
+    MODULE_RULES.pop(Gain, None)
+
+
+def _gain_loss(model, x):
+    return bg.Loss.from_values(torch.tanh(model(x)).pow(2).flatten(1).sum(1))
+
+
+def test_a_registered_rule_is_used_and_checked(gain_rule):
+    calls = []
+
+    def rule(module, args, grad_outputs):
+        calls.append(module)
+        (x,), (g,) = args, grad_outputs
+        return {"weight": (x * g).reshape(len(x), -1, x.shape[-1]).sum(1)}
+
+    gain_rule(rule)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), Gain(4)).double()
+    x = torch.randn(5, 2, 3).double()
+
+    def loss_fn(model, batch):
+        return _gain_loss(model, batch[0])
+
+    reference = single_sample_grads(model, loss_fn, (x, torch.zeros(5)), 5)
+    grads = bg.per_sample_grads(model, loss_fn, (x, torch.zeros(5)))
+
+    assert calls  # the rule ran, not the generic one
+    for name in reference:
+        assert_close_rel(grads[name], reference[name])
+
+
+def test_a_wrong_registered_rule_is_caught_by_the_guard(gain_rule):
+    gain_rule(lambda module, args, grads: {"weight": args[0] * grads[0] * 0.5})
+    model = Gain(3)
+    with pytest.raises(bg.PerSampleError, match=r"parameter 'weight' .* do not add up"):
+        bg.per_sample_grads(model, _gain_loss, torch.randn(4, 3))
+    with pytest.raises(bg.PerSampleError, match=r"parameter 'weight' .* do not add up"):
+        bg.accumulate(model, _gain_loss, torch.randn(4, 3), clip_per_sample=1.0)
+    assert model.weight.grad is None
+
+
+def test_a_registered_rule_of_the_wrong_shape_is_named(gain_rule):
+    gain_rule(lambda module, args, grads: {"weight": torch.zeros(3)})
+    with pytest.raises(bg.PerSampleError, match=r"rule registered for Gain returned 'weight'"):
+        bg.per_sample_grads(Gain(3), _gain_loss, torch.randn(4, 3))
