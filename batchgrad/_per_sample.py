@@ -230,22 +230,22 @@ def _tolerance(dtype: torch.dtype) -> float:
 def _check_sums(
     sums: dict[nn.Parameter, Tensor],
     batch: dict[nn.Parameter, Tensor | None],
-    scales: dict[nn.Parameter, float],
     traced: _Traced,
     index: int,
 ) -> None:
-    """``Σ_i g_i = ∇ total`` per parameter, to ``√ε`` of the magnitudes summed; below
-    ``64 ε`` of the whole gradient's size a difference is rounding (a gradient that is 0
-    in exact arithmetic, as a key bias before softmax, is rounding noise both ways)."""
+    """``Σ_i g_i = ∇ total`` per parameter, to ``√ε`` of their norms; below ``64 ε`` of
+    the whole gradient's size a difference is rounding (a gradient that is 0 in exact
+    arithmetic, as a key bias before softmax, is rounding noise both ways)."""
     zeros = {p: torch.zeros_like(p) for p, g in batch.items() if g is None}
     expected = {p: zeros[p] if g is None else g for p, g in batch.items()}
     norms = {p: float(g.norm()) for p, g in expected.items()}
-    whole = sum(norms.values()) + sum(scales.values())
+    found = {p: float(g.norm()) for p, g in sums.items()}
+    whole = sum(norms.values()) + sum(found.values())
     for p, want in expected.items():
         got = sums.get(p)
         error = float(((torch.zeros_like(p) if got is None else got.to(want.dtype)) - want).norm())
         eps = float(torch.finfo(p.dtype).eps) if p.dtype.is_floating_point else 1e-12
-        bound = _tolerance(p.dtype) * (norms[p] + scales.get(p, 0.0)) + 64 * eps * whole
+        bound = _tolerance(p.dtype) * (norms[p] + found.get(p, 0.0)) + 64 * eps * whole
         if not error <= bound:
             raise PerSampleError(
                 f"The per-sample gradients of parameter {traced.names.get(p, '?')!r} in "
@@ -378,12 +378,9 @@ def per_sample_grads(
             for unit in units:
                 for p, grad in unit.per_sample().items():
                     found[p] = found[p] + grad if p in found else grad
-        complete = {p: found.get(p, p.new_zeros(size, *p.shape)) for p in trainable}
+        complete = {p: found[p] if p in found else p.new_zeros(size, *p.shape) for p in trainable}
         if verify:
-            with torch.no_grad():
-                sums = {p: g.sum(0) for p, g in found.items()}
-                scales = {p: float(g.flatten(1).norm(dim=1).sum()) for p, g in found.items()}
-            _check_sums(sums, batch_grads, scales, traced, index)
+            _verify_sums(units, batch_grads, traced, index)
             if not traced.random and trainable:
                 _check_sample_grads(model, loss_fn, micro_batch, traced, index, complete)
         for p in trainable:
@@ -416,7 +413,7 @@ def per_sample_norms(
         with torch.no_grad():
             norm = _sq_norms(units, traced.tracer.rows).sqrt()
         if verify:
-            _verify_weighted(units, batch_grads, traced, index, norm)
+            _verify_sums(units, batch_grads, traced, index)
             if not traced.random and trainable:
                 row = traced.tracer.rows - 1
                 _check_sample_norm(model, loss_fn, micro_batch, traced, index, norm[row], trainable)
@@ -424,22 +421,22 @@ def per_sample_norms(
     return norms[0] if len(norms) == 1 else torch.cat(norms)
 
 
-def _verify_weighted(
+def _verify_sums(
     units: list[Unit],
     batch_grads: dict[nn.Parameter, Tensor | None],
     traced: _Traced,
     index: int,
-    norms: Tensor,
 ) -> None:
-    """The guard for norms and clipping: the per-use sums with all weights 1."""
+    """The first half of the guard: ``Σ_i g_i`` per parameter, formed by each rule as
+    its weighted sum with all weights 1 (for linear, convolution and embedding rules
+    one matrix product, no pass over per-sample tensors), against the batch gradient."""
     with torch.no_grad():
         sums: dict[nn.Parameter, Tensor] = {}
         for unit in units:
-            ones = torch.ones(traced.tracer.rows, dtype=norms.dtype, device=norms.device)
+            ones = torch.ones(traced.tracer.rows, dtype=torch.float64)
             for p, g in unit.weighted(ones).items():
                 sums[p] = sums[p] + g if p in sums else g
-        scale = float(norms.sum())
-    _check_sums(sums, batch_grads, dict.fromkeys(sums, scale), traced, index)
+    _check_sums(sums, batch_grads, traced, index)
 
 
 def _sq_norms(units: list[Unit], size: int) -> Tensor:
@@ -497,7 +494,7 @@ def clipped_sum(
             f"cannot be clipped. Look at that sample's data and at the loss for it."
         )
     if check:
-        _verify_weighted(units, batch_grads, traced, index, norms)
+        _verify_sums(units, batch_grads, traced, index)
         if not traced.random and trainable:
             _check_sample_norm(
                 model, loss_fn, micro_batch, traced, index, norms[size - 1], trainable
