@@ -86,7 +86,7 @@ def _trace(model: nn.Module, loss_fn: LossFn, micro_batch: Batch, index: int) ->
         return leaf
 
     buffers = [(b, b.clone()) for b in model.buffers()]
-    probe = Tracer(model, probe_rows)
+    probe = Tracer(model, probe_rows, expand=False)
     try:
         with torch.random.fork_rng(devices=_devices(model)), probe:
             loss_fn(model, _map_leaves(pick, micro_batch))
@@ -103,17 +103,44 @@ def _trace(model: nn.Module, loss_fn: LossFn, micro_batch: Batch, index: int) ->
         with torch.no_grad():
             for buffer, saved in buffers:
                 buffer.copy_(saved)
-    tracer = Tracer(model, rows, probe)
     before = rng_states(model)
+    tracer = Tracer(model, rows, probe)
     try:
         with tracer:
             loss = loss_fn(model, micro_batch)
+        failed = False
+    except BatchError:
+        raise
+    except Exception:
+        if not tracer.expanded:
+            raise  # the model's own error, as a plain forward would raise it
+        failed = True
     finally:
         tracer.remove()
+    if failed or tracer.opaque:
+        # A shared output expanded over the batch was used other than by broadcasting
+        # (permuted, reduced, dropped out): run again as is, leaving those uses to the
+        # module calls around them.
+        _restore(model, before, buffers)
+        tracer = Tracer(model, rows, probe, expand=False)
+        try:
+            with tracer:
+                loss = loss_fn(model, micro_batch)
+        finally:
+            tracer.remove()
     random = any(not torch.equal(a, b) for a, b in zip(before, rng_states(model), strict=True))
     total, count = unpack_loss(loss, index)
     names = {p: n for n, p in reversed(list(model.named_parameters()))}
     return _Traced(tracer, Loss(total, count), random, names)
+
+
+def _restore(model: nn.Module, rng: list[Tensor], buffers: list[tuple[Tensor, Tensor]]) -> None:
+    torch.set_rng_state(rng[0])
+    for device, state in zip(_devices(model), rng[1:], strict=False):
+        torch.cuda.set_rng_state(state, device)
+    with torch.no_grad():
+        for buffer, saved in buffers:
+            buffer.copy_(saved)
 
 
 def _plan(traced: _Traced) -> list[Unit]:

@@ -49,6 +49,17 @@ _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm
 # Functions whose rule can take an input shared by all samples (its output expanded).
 EXPANDABLE: set[Callable[..., Any]] = {F.embedding, F.linear, F.layer_norm}
 
+# What may be done with such an expanded output without changing any number: broadcast
+# it in an elementwise operation (checked by shape), convert it, read its dtype.
+_BROADCASTING = {
+    *("add", "sub", "mul", "div", "rsub", "true_divide"),
+    *("add_", "sub_", "mul_", "div_"),
+    *("__add__", "__radd__", "__iadd__", "__sub__", "__rsub__", "__mul__", "__rmul__"),
+    *("__truediv__",),
+}
+_CONVERSIONS = {"to", "contiguous", "float", "double", "half", "bfloat16", "type_as"}
+_PROPERTIES = {"device", "dtype", "requires_grad", "is_leaf", "grad_fn", "layout", "is_cuda"}
+
 
 @dataclass(eq=False)
 class ModuleCall:
@@ -154,10 +165,15 @@ class Tracer(TorchFunctionMode):
         model: nn.Module,
         rows: int,
         probe: Tracer | None = None,
+        expand: bool = True,
     ) -> None:
         super().__init__()
         self.rows = rows
         self.probe = probe
+        self.expand, self.expanded = expand, False
+        self.shared: dict[int, tuple[Tensor, tuple[int, ...]]] = {}  # expanded → shape
+        self.opaque = False  # an expanded output was used other than by broadcasting
+        self.busy = False
         self.params = {id(p): p for p in model.parameters() if p.requires_grad}
         self.names = {m: n for n, m in model.named_modules(remove_duplicate=False)}
         self.ops: list[OpCall] = []
@@ -181,6 +197,22 @@ class Tracer(TorchFunctionMode):
     # -- module calls -------------------------------------------------------------
 
     def _enter(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        self.busy = True
+        try:
+            self._push(module, args, kwargs)
+        finally:
+            self.busy = False
+
+    def _leave(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> None:
+        self.busy = True
+        try:
+            self._pop(module, output)
+        finally:
+            self.busy = False
+
+    def _push(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         parent = self.stack[-1] if self.stack else None
         call = ModuleCall(module, self.names[module], parent)
         call.inputs, call.spec = pytree.tree_flatten((args, kwargs))
@@ -188,9 +220,7 @@ class Tracer(TorchFunctionMode):
         call.rng = torch.get_rng_state()
         self.stack.append(call)
 
-    def _leave(
-        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
-    ) -> None:
+    def _pop(self, module: nn.Module, output: Any) -> None:
         if not self.stack or self.stack[-1].module is not module:
             return  # the forward raised inside a nested call; the error propagates
         call = self.stack.pop()
@@ -228,6 +258,10 @@ class Tracer(TorchFunctionMode):
         kwargs: dict[str, Any] | None = None,
     ) -> Any:
         kwargs = kwargs or {}
+        if self.busy:  # the tracer's own hooks reading what they record
+            return func(*args, **kwargs)
+        if self.shared and _has_param(args, kwargs, set(self.shared)):
+            return self._consume(func, args, kwargs)
         if not _has_param(args, kwargs, set(self.params)):
             return func(*args, **kwargs)
         rng: Tensor | None = torch.get_rng_state()
@@ -251,13 +285,17 @@ class Tracer(TorchFunctionMode):
         in_dims = self._dims(inputs, in_shapes)
         out_dims = self._dims(outputs, out_shapes)
         if (
-            func in EXPANDABLE
+            self.expand
+            and func in EXPANDABLE
             and isinstance(output, Tensor)
             and all(d is None for d in in_dims)
             and out_dims == [None]
         ):
+            self.expanded = True
             new = output.ndim == 0 or output.shape[0] != 1
+            shape = tuple(output.shape)
             output = _expand(output, self.rows, new)
+            self.shared[id(output)] = (output, shape)
             outputs, out_dims = [output], [0]
             inputs = [_expand(inputs[0], self.rows, new), *inputs[1:]]
             in_dims = [0, *in_dims[1:]]
@@ -265,6 +303,36 @@ class Tracer(TorchFunctionMode):
         call.in_dims, call.out_dims, call.rng = in_dims, out_dims, rng
         call.out_versions = _versions(outputs)
         self.ops.append(call)
+        return output
+
+    def _consume(
+        self, func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """Follow an expanded output: it must act exactly as the shared tensor would."""
+        output = func(*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        if name == "__get__":
+            owner = getattr(getattr(func, "__self__", None), "__name__", "")
+            self.opaque |= owner not in _PROPERTIES
+        elif name in _CONVERSIONS and isinstance(output, Tensor):
+            source = self.shared.get(id(args[0]))
+            if source is not None and output is not args[0]:
+                self.shared[id(output)] = (output, source[1])
+            self.opaque |= source is None
+        elif name in _BROADCASTING and isinstance(output, Tensor) and not kwargs:
+            inplace = (name.endswith("_") and not name.startswith("__")) or name == "__iadd__"
+            shapes = [
+                self.shared[id(a)][1] if id(a) in self.shared else tuple(a.shape)
+                for a in args
+                if isinstance(a, Tensor)
+            ]
+            try:
+                same = torch.broadcast_shapes(*shapes) == output.shape
+            except RuntimeError:
+                same = False
+            self.opaque |= not same or (inplace and id(args[0]) in self.shared)
+        else:
+            self.opaque = True
         return output
 
 

@@ -129,6 +129,36 @@ class PositionEmbedding(nn.Module):
         return self.tokens(ids) + self.positions(pos)
 
 
+class ReducedPositions(nn.Module):
+    """A shared lookup reduced over its first dimension: only broadcasting may see it
+    expanded over the batch, so this one must not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens, self.positions = nn.Embedding(7, 3), nn.Embedding(9, 3)
+
+    def forward(self, ids):
+        pos = self.positions(torch.arange(ids.shape[1]))
+        return F.dropout(self.tokens(ids), 0.0) + pos.sum(0) + pos
+
+
+class RelativeBias(nn.Module):
+    """T5's pattern: a bias looked up with shared ids ``[T, T]``, permuted to ``[H, T, T]``
+    (no broadcast of a batch-expanded lookup could do that)."""
+
+    def __init__(self, heads: int = 2, length: int = 6) -> None:
+        super().__init__()
+        self.bias = nn.Embedding(2 * length - 1, heads)
+        self.q = nn.Linear(3, 3)
+        self.length = length
+
+    def forward(self, x):
+        t = x.shape[1]
+        rel = torch.arange(t)[:, None] - torch.arange(t)[None, :] + self.length - 1
+        scores = (self.q(x) @ x.transpose(1, 2)).unsqueeze(1)
+        return torch.tanh(scores + self.bias(rel).permute(2, 0, 1)).flatten(1)
+
+
 class SharedArgument(nn.Module):
     """A layer called with a per-sample and a shared ``[T, D]`` argument."""
 
@@ -324,6 +354,8 @@ CASES = [
     Case("lstm-initial-state", _rnn(nn.LSTM, batch_first=True, initial=True), randn(3, 3)),
     Case("position-ids-T-B-equals-T", lambda: PositionEmbedding(False), ids(7, 4), batch=4),
     Case("position-ids-1-T", lambda: PositionEmbedding(True), ids(7, 5)),
+    Case("shared-lookup-reduced", ReducedPositions, ids(7, 4), batch=4),
+    Case("relative-bias-T-equals-B", RelativeBias, randn(4, 3), batch=4),
     Case("shared-argument-T-equals-B", SharedArgument, randn(4, 3), batch=4),
     Case("time-first-layer-T-equals-B", lambda: TimeFirst(TimeFirstLayer()), randn(4, 3), batch=4),
     Case("parent-holds-child-bias", ParentHoldsChildBias, randn(2, 3)),
