@@ -33,10 +33,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.grad import conv2d_weight
-from torch.utils import _pytree as pytree
 
 from ._errors import ConfigError, PerSampleError
-from ._per_sample_trace import MIXED, Dim, ModuleCall, OpCall, stale
+from ._per_sample_trace import MIXED, Dim, ModuleCall, OpCall, leaves_of, stale, unflatten
 
 Site = OpCall | ModuleCall
 
@@ -507,7 +506,7 @@ def _vmap_grads(
         inputs = list(base)
         for i, d, x in zip(per_sample, dims, xs, strict=True):
             inputs[i] = x.unsqueeze(d)
-        leaves = pytree.tree_leaves(function(p, inputs))
+        leaves = leaves_of(function(p, inputs))
         total = torch.zeros((), dtype=cs[0].dtype if cs else torch.float32)
         for (i, d), c in zip(outs, cs, strict=True):
             total = total + (leaves[i] * c.unsqueeze(d)).sum()
@@ -562,7 +561,7 @@ class VmapOp(OpRule):
                 p[slots[id(orig)]] if id(orig) in slots else leaf
                 for orig, leaf in zip(site.inputs, leaves, strict=True)
             ]
-            args, kwargs = pytree.tree_unflatten(leaves, site.spec)
+            args, kwargs = unflatten(leaves, site.spec)
             return site.func(*args, **kwargs)
 
         return _vmap_grads(function, names, site, self.rows, self, site.where(), site.rng)
@@ -615,7 +614,7 @@ class VmapModule(Unit):
         params = {names[id(p)]: p for p in self.params}
 
         def function(p: dict[str, Tensor], inputs: list[Any]) -> Any:
-            args, kwargs = pytree.tree_unflatten(inputs, site.spec)
+            args, kwargs = unflatten(inputs, site.spec)
             return torch.func.functional_call(module, p, tuple(args), kwargs)
 
         where = f"module {site.name!r} ({type(module).__name__})"
@@ -696,7 +695,7 @@ class UserModule(Unit):
         site, module = self.site, self.site.module
         rule = user_rule(module)
         assert rule is not None
-        args, _ = pytree.tree_unflatten(site.inputs, site.spec)
+        args, _ = unflatten(site.inputs, site.spec)
         grads = tuple(
             self.grad_of(t) if t.requires_grad else torch.zeros_like(t)
             for t in site.outputs

@@ -28,6 +28,7 @@ each sample's own.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,8 +114,32 @@ class OpCall:
         return f"{self.name} in module {self.scope.name!r} ({type(module).__name__})"
 
     def args(self) -> tuple[tuple[Any, ...], dict[str, Any]]:
-        args, kwargs = pytree.tree_unflatten(self.inputs, self.spec)
-        return args, kwargs
+        return unflatten(self.inputs, self.spec)
+
+
+_FLAT = object()  # the spec of arguments that are all leaves already (the usual case)
+
+
+def flatten(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[Any], Any]:
+    """The leaves of ``(args, kwargs)`` and what `unflatten` needs to rebuild them."""
+    nested = (tuple, list, dict)
+    if not any(isinstance(a, nested) for a in args) and not any(
+        isinstance(v, nested) for v in kwargs.values()
+    ):
+        return [*args, *kwargs.values()], (_FLAT, len(args), tuple(kwargs))
+    return pytree.tree_flatten((args, kwargs))
+
+
+def unflatten(leaves: list[Any], spec: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if isinstance(spec, tuple) and spec and spec[0] is _FLAT:
+        _, positional, names = spec
+        return tuple(leaves[:positional]), dict(zip(names, leaves[positional:], strict=True))
+    args, kwargs = pytree.tree_unflatten(leaves, spec)
+    return tuple(args), dict(kwargs)
+
+
+def leaves_of(output: Any) -> list[Any]:
+    return [output] if isinstance(output, Tensor) else pytree.tree_leaves(output)
 
 
 def _versions(leaves: list[Any]) -> list[int | None]:
@@ -148,7 +173,7 @@ def _sample_dim(real: Any, probe: Any, rows: int, probe_rows: int) -> Dim:
     return MIXED
 
 
-def _has_param(args: tuple[Any, ...], kwargs: dict[str, Any] | None, ids: set[int]) -> bool:
+def _has_param(args: tuple[Any, ...], kwargs: dict[str, Any] | None, ids: AbstractSet[int]) -> bool:
     for value in (*args, *(kwargs.values() if kwargs else ())):
         if id(value) in ids:
             return True
@@ -215,7 +240,7 @@ class Tracer(TorchFunctionMode):
     def _push(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         parent = self.stack[-1] if self.stack else None
         call = ModuleCall(module, self.names[module], parent)
-        call.inputs, call.spec = pytree.tree_flatten((args, kwargs))
+        call.inputs, call.spec = flatten(args, kwargs)
         call.in_versions = _versions(call.inputs)
         call.rng = torch.get_rng_state()
         self.stack.append(call)
@@ -224,7 +249,7 @@ class Tracer(TorchFunctionMode):
         if not self.stack or self.stack[-1].module is not module:
             return  # the forward raised inside a nested call; the error propagates
         call = self.stack.pop()
-        call.outputs = pytree.tree_leaves(output)
+        call.outputs = leaves_of(output)
         call.out_versions = _versions(call.outputs)
         if call.rng is not None and torch.equal(call.rng, torch.get_rng_state()):
             call.rng = None  # it drew no random numbers: nothing to replay
@@ -260,18 +285,18 @@ class Tracer(TorchFunctionMode):
         kwargs = kwargs or {}
         if self.busy:  # the tracer's own hooks reading what they record
             return func(*args, **kwargs)
-        if self.shared and _has_param(args, kwargs, set(self.shared)):
+        if self.shared and _has_param(args, kwargs, self.shared.keys()):
             return self._consume(func, args, kwargs)
-        if not _has_param(args, kwargs, set(self.params)):
+        if not _has_param(args, kwargs, self.params.keys()):
             return func(*args, **kwargs)
         rng: Tensor | None = torch.get_rng_state()
         output = func(*args, **kwargs)
         if torch.equal(rng, torch.get_rng_state()):  # type: ignore[arg-type]
             rng = None  # it drew no random numbers: nothing to replay
-        outputs = pytree.tree_leaves(output)
+        outputs = leaves_of(output)
         if not any(isinstance(t, Tensor) for t in outputs):
             return output  # a size, a dtype: no gradient flows through it
-        inputs, spec = pytree.tree_flatten((args, kwargs))
+        inputs, spec = flatten(args, kwargs)
         params = [self.params[id(t)] for t in inputs if id(t) in self.params]
         scope = self.stack[-1] if self.stack else None
         index = len(self.ops)
