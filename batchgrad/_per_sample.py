@@ -255,29 +255,21 @@ def _tolerance(dtype: torch.dtype) -> float:
 
 
 def _check_sums(
-    sums: dict[nn.Parameter, Tensor],
-    batch: dict[nn.Parameter, Tensor | None],
-    traced: _Traced,
-    index: int,
+    stats: dict[nn.Parameter, tuple[float, float, float]], traced: _Traced, index: int
 ) -> None:
-    """``Σ_i g_i = ∇ total`` per parameter, to ``√ε`` of their norms; below ``64 ε`` of
-    the whole gradient's size a difference is rounding (a gradient that is 0 in exact
+    """``Σ_i g_i = ∇ total`` per parameter (``stats``: the error, ``‖∇ total‖`` and
+    ``‖Σ_i g_i‖`` or a bound on it), to ``√ε`` of their norms; below ``64 ε`` of the
+    whole gradient's size a difference is rounding (a gradient that is 0 in exact
     arithmetic, as a key bias before softmax, is rounding noise both ways)."""
-    zeros = {p: torch.zeros_like(p) for p, g in batch.items() if g is None}
-    expected = {p: zeros[p] if g is None else g for p, g in batch.items()}
-    norms = {p: float(g.norm()) for p, g in expected.items()}
-    found = {p: float(g.norm()) for p, g in sums.items()}
-    whole = sum(norms.values()) + sum(found.values())
-    for p, want in expected.items():
-        got = sums.get(p)
-        error = float(((torch.zeros_like(p) if got is None else got.to(want.dtype)) - want).norm())
+    whole = sum(w + g for _, w, g in stats.values())
+    for p, (error, want_norm, got_norm) in stats.items():
         eps = float(torch.finfo(p.dtype).eps) if p.dtype.is_floating_point else 1e-12
-        bound = _tolerance(p.dtype) * (norms[p] + found.get(p, 0.0)) + 64 * eps * whole
+        bound = _tolerance(p.dtype) * (want_norm + got_norm) + 64 * eps * whole
         if not error <= bound:
             raise PerSampleError(
                 f"The per-sample gradients of parameter {traced.names.get(p, '?')!r} in "
                 f"micro-batch {index} do not add up to its batch gradient (error "
-                f"{error:.3g} against a norm of {norms[p]:.3g}): some use of it has no "
+                f"{error:.3g} against a norm of {want_norm:.3g}): some use of it has no "
                 f"exact per-sample rule. Register one (batchgrad.register_per_sample_rule) "
                 f"for the layer that uses it."
             )
@@ -332,6 +324,41 @@ def _check_sample_grads(
             raise _disagrees(f"parameter {traced.names.get(p, '?')!r}", traced, index, row)
 
 
+def _single_sample_sq_norm(
+    model: nn.Module, loss_fn: LossFn, micro_batch: Batch, row: int, params: list[nn.Parameter]
+) -> Tensor:
+    """``‖∇ total_row‖²`` from a forward and backward on that sample alone, each
+    parameter's gradient dropped as soon as it is formed (a hook after accumulation),
+    so at most one parameter's gradient is held; ``p.grad`` is restored after."""
+    saved = [p.grad for p in params]
+    buffers = [(b, b.clone()) for b in model.buffers()]
+    squares: list[Tensor] = []
+
+    def take(p: Tensor) -> None:
+        if p.grad is not None:
+            flat = p.grad.reshape(-1)  # no copy of the gradient, in its own dtype
+            squares.append(flat.dot(flat).double())
+            p.grad = None
+
+    handles = [p.register_post_accumulate_grad_hook(take) for p in params]
+    try:
+        for p in params:
+            p.grad = None
+        loss = loss_fn(model, slice_batch(micro_batch, row, row + 1))
+        total, _ = unpack_loss(loss, 0)
+        if total.requires_grad:
+            torch.autograd.backward(total, inputs=params)
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, grad in zip(params, saved, strict=True):
+            p.grad = grad
+        with torch.no_grad():
+            for buffer, kept in buffers:
+                buffer.copy_(kept)
+    return torch.stack(squares).sum() if squares else torch.zeros((), dtype=torch.float64)
+
+
 def _check_sample_norm(
     model: nn.Module,
     loss_fn: LossFn,
@@ -342,8 +369,7 @@ def _check_sample_norm(
     params: list[nn.Parameter],
 ) -> None:
     row = traced.tracer.rows - 1
-    reference = _single_sample(model, loss_fn, micro_batch, row, params)
-    expected = torch.stack([g.double().pow(2).sum() for g in reference]).sum().sqrt()
+    expected = _single_sample_sq_norm(model, loss_fn, micro_batch, row, params).sqrt()
     got = norm.double()
     dtype = params[0].dtype if params else torch.float64
     if not float((got - expected).abs()) <= _tolerance(dtype) * float(expected + got) + 1e-30:
@@ -456,14 +482,62 @@ def _verify_sums(
 ) -> None:
     """The first half of the guard: ``Σ_i g_i`` per parameter, formed by each rule as
     its weighted sum with all weights 1 (for linear, convolution and embedding rules
-    one matrix product, no pass over per-sample tensors), against the batch gradient."""
+    one matrix product, no pass over per-sample tensors), against the batch gradient.
+
+    The guard holds no second copy of the gradients: a parameter with one use has its
+    sum subtracted in place from its batch gradient (`Unit.subtract_sum`, which for
+    `nn.Linear` writes the product straight into it); one with several uses is summed
+    and compared after its last; ``batch_grads`` is emptied on the way, only three
+    numbers per parameter kept until the verdict (`_check_sums`)."""
+    left: dict[nn.Parameter, int] = {}
+    for unit in units:
+        for p in unit.params:
+            left[p] = left.get(p, 0) + 1
+    alone = {p for p, n in left.items() if n == 1}
+    stats: dict[nn.Parameter, tuple[float, float, float]] = {}
+    partial: dict[nn.Parameter, Tensor] = {}
+
+    def compare(p: nn.Parameter, got: Tensor) -> None:
+        want = batch_grads.pop(p, None)
+        got_norm = float(got.norm())
+        if want is None:  # the loss does not reach it: every sample's gradient is 0
+            stats[p] = (got_norm, 0.0, got_norm)
+            return
+        want_norm = float(want.norm())
+        stats[p] = (float(want.sub_(got.to(want.dtype)).norm()), want_norm, got_norm)
+
     with torch.no_grad():
-        sums: dict[nn.Parameter, Tensor] = {}
         for unit in units:
+            targets: dict[nn.Parameter, Tensor] = {}
+            for p in unit.params:
+                want = batch_grads.get(p) if p in alone else None
+                if want is not None:
+                    targets[p] = want
+            if targets and len(targets) == len(unit.params):
+                for p in targets:
+                    del batch_grads[p]
+                norms = {p: float(t.norm()) for p, t in targets.items()}
+                unit.subtract_sum(targets)  # now each holds ∇ total - Σ_i g_i
+                for p, t in targets.items():
+                    error = float(t.norm())
+                    stats[p] = (error, norms[p], norms[p] + error)  # ‖Σ g_i‖ ≤ ‖∇‖ + error
+                del targets
+                continue
             ones = torch.ones(traced.tracer.rows, dtype=torch.float64)
             for p, g in unit.weighted(ones).items():
-                sums[p] = sums[p] + g if p in sums else g
-    _check_sums(sums, batch_grads, traced, index)
+                g = partial.pop(p) + g if p in partial else g
+                left[p] = left.get(p, 1) - 1
+                if left[p] > 0:
+                    partial[p] = g
+                else:
+                    compare(p, g)
+        for p, g in partial.items():  # a rule that did not return a parameter it listed
+            compare(p, g)
+        for p in list(batch_grads):  # parameters no rule reached: per-sample gradients 0
+            want = batch_grads.pop(p)
+            norm = 0.0 if want is None else float(want.norm())
+            stats[p] = (norm, norm, 0.0)
+    _check_sums(stats, traced, index)
 
 
 def _sq_norms(units: list[Unit], size: int) -> Tensor:

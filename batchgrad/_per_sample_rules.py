@@ -76,6 +76,12 @@ class Unit:
             for p, g in self.per_sample().items()
         }
 
+    def subtract_sum(self, targets: dict[nn.Parameter, Tensor]) -> None:
+        """``targets[p] -= Σ_i g_i`` in place, for every one of ``params`` (the guard)."""
+        ones = torch.ones(self.rows, dtype=torch.float64)
+        for p, g in self.weighted(ones).items():
+            targets[p].sub_(g.to(targets[p].dtype))
+
     def grad_of(self, output: Tensor) -> Tensor:
         """The gradient reaching ``output`` (zeros when the loss does not reach it)."""
         site = self.site
@@ -199,6 +205,17 @@ class _Linear(OpRule):
         if self.has("bias"):
             total = total + g.sum(1).pow(2).sum(1)
         return total
+
+    def subtract_sum(self, targets: dict[nn.Parameter, Tensor]) -> None:
+        """One ``addmm_`` into the batch gradient: no temporary of the weight's size."""
+        a, g = self._pair()
+        if self.has("weight"):
+            target = targets[self.param("weight")]
+            grads = g.reshape(-1, g.shape[-1]).T.to(target.dtype)
+            target.addmm_(grads, a.reshape(-1, a.shape[-1]).to(target.dtype), alpha=-1)
+        if self.has("bias"):
+            target = targets[self.param("bias")]
+            target.sub_(g.sum((0, 1)).to(target.dtype))
 
     def weighted(self, weights: Tensor) -> dict[nn.Parameter, Tensor]:
         a, g = self._pair()

@@ -431,6 +431,31 @@ def test_the_guard_catches_layers_no_rule_can_read(model, message):
     bg.accumulate(model, _squares, x)  # the model is left usable
 
 
+def test_the_guard_leaves_existing_gradients_and_adds_to_them_exactly():
+    """The guard's single-sample backward borrows ``p.grad``; it gives it back whether
+    the check fails (untouched) or passes (the clipped sum added to it)."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3).double()
+    model = BatchCentred().double()
+    bg.accumulate(model, _squares, x)
+    before = [p.grad.clone() for p in model.parameters()]
+    with pytest.raises(bg.PerSampleError):
+        bg.accumulate(model, _squares, x, clip_per_sample=1.0, existing_grad="add")
+    assert all(torch.equal(p.grad, b) for p, b in zip(model.parameters(), before, strict=True))
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+
+    def squares(model, batch):
+        return _squares(model, batch[0])
+
+    batch = (x, torch.zeros(4))
+    expected, _ = reference_clipped(model, squares, batch, 4, 0.5, "sum")
+    bg.accumulate(model, squares, batch)
+    before = [p.grad.clone() for p in model.parameters()]
+    bg.accumulate(model, squares, batch, reduction="sum", clip_per_sample=0.5, existing_grad="add")
+    for (name, p), b in zip(model.named_parameters(), before, strict=True):
+        assert_close_rel(p.grad, b + expected[name])
+
+
 def test_without_the_guard_a_hidden_use_is_wrong():
     """What the guard is for: ``verify=False`` trusts the trace, which misses this use."""
     model = Hidden().double()
