@@ -243,6 +243,17 @@ def _backward(
     for unit in units:
         site = unit.site
         site.grads = [found.get(id(t)) for t in site.outputs]
+    del found
+    # What the tracer recorded beyond the units' needs (every module call's inputs and
+    # outputs, the outputs of the layer rules) would outlive the activations a plain
+    # backward frees: let it go.
+    sites = {id(unit.site) for unit in units}
+    records: list[ModuleCall | OpCall] = [*traced.tracer.calls, *traced.tracer.ops]
+    for record in records:
+        if id(record) not in sites:
+            record.inputs, record.outputs, record.grads = [], [], []
+    for unit in units:
+        unit.release()
     return batch
 
 

@@ -58,6 +58,9 @@ class Unit:
     def grads(self) -> dict[nn.Parameter, Tensor]:
         raise NotImplementedError
 
+    def release(self) -> None:
+        """After the backward: drop what the rule will not read again."""
+
     def per_sample(self) -> dict[nn.Parameter, Tensor]:
         """`grads`, formed once (norms and clipping may both need them)."""
         if self._per_sample is None:
@@ -129,6 +132,14 @@ class OpRule(Unit):
     def __init__(self, site: OpCall, params: list[nn.Parameter], rows: int) -> None:
         super().__init__(site, params, rows)
         self.bound = _bind(site, self.names, self.defaults)
+        self._grad: Tensor | None = None
+
+    def release(self) -> None:
+        """Keep the output's gradient and let go of the output itself (which autograd
+        no longer needs): the rule reads its input and the gradient, never the output."""
+        self._grad = self.grad()
+        self.site.outputs = [None]
+        self.site.grads = [None]
 
     @classmethod
     def unsupported(cls, site: OpCall, params: list[nn.Parameter]) -> str | None:
@@ -162,6 +173,8 @@ class OpRule(Unit):
         return d
 
     def grad(self) -> Tensor:
+        if self._grad is not None:
+            return self._grad
         return self.grad_of(self.site.outputs[0])
 
 
@@ -574,6 +587,9 @@ class VmapOp(OpRule):
     """Any torch function of parameters whose inputs and outputs hold the samples."""
 
     param_names = ()
+
+    def release(self) -> None:
+        pass  # the function is run again on its outputs' gradients: keep the site whole
 
     @classmethod
     def unsupported(cls, site: OpCall, params: list[nn.Parameter]) -> str | None:
