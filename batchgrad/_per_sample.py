@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
 
 from ._errors import BatchError, ConfigError, NonFiniteError, PerSampleError
 from ._loss import Loss, LossFn, unpack_loss
@@ -231,22 +232,18 @@ def _backward(
     traced: _Traced, units: list[Unit], params: list[nn.Parameter]
 ) -> dict[nn.Parameter, Tensor | None]:
     """One ``autograd.grad``: the gradient reaching every unit's outputs, and (for the
-    guard) the batch gradient of ``params``."""
+    guard) the batch gradient of ``params``.
+
+    The outputs are asked for by their gradient edges, so that the tensors themselves
+    can go before the backward: what the tracer recorded beyond the units' needs (every
+    module call's inputs and outputs) and the outputs of the layer rules (which read
+    only their inputs and output gradients) would otherwise outlive the activations a
+    plain backward frees as it goes."""
     outputs = list({id(t): t for u in units for t in u.outputs()}.values())
-    total = traced.loss.total
-    found: dict[int, Tensor | None] = {}
-    batch: dict[nn.Parameter, Tensor | None] = dict.fromkeys(params)
-    if total.requires_grad and (outputs or params):
-        grads = torch.autograd.grad(total, [*outputs, *params], allow_unused=True)
-        found = {id(t): g for t, g in zip(outputs, grads, strict=False)}
-        batch = dict(zip(params, grads[len(outputs) :], strict=True))
-    for unit in units:
-        site = unit.site
-        site.grads = [found.get(id(t)) for t in site.outputs]
-    del found
-    # What the tracer recorded beyond the units' needs (every module call's inputs and
-    # outputs, the outputs of the layer rules) would outlive the activations a plain
-    # backward frees: let it go.
+    slot = {id(t): k for k, t in enumerate(outputs)}
+    slots = [[slot.get(id(t)) for t in unit.site.outputs] for unit in units]
+    edges = [get_gradient_edge(t) for t in outputs]
+    del outputs, slot
     sites = {id(unit.site) for unit in units}
     records: list[ModuleCall | OpCall] = [*traced.tracer.calls, *traced.tracer.ops]
     for record in records:
@@ -254,6 +251,17 @@ def _backward(
             record.inputs, record.outputs, record.grads = [], [], []
     for unit in units:
         unit.release()
+    total = traced.loss.total
+    found: tuple[Tensor | None, ...] = (None,) * len(edges)
+    batch: dict[nn.Parameter, Tensor | None] = dict.fromkeys(params)
+    if total.requires_grad and (edges or params):
+        wanted: list[Any] = [*edges, *params]  # edges and tensors may be mixed
+        grads = torch.autograd.grad(total, wanted, allow_unused=True)
+        found = grads[: len(edges)]
+        batch = dict(zip(params, grads[len(edges) :], strict=True))
+        del grads
+    for unit, ks in zip(units, slots, strict=True):
+        unit.site.grads = [None if k is None else found[k] for k in ks]
     return batch
 
 

@@ -59,7 +59,7 @@ class Unit:
         raise NotImplementedError
 
     def release(self) -> None:
-        """After the backward: drop what the rule will not read again."""
+        """Before the backward: drop what the rule will not read."""
 
     def per_sample(self) -> dict[nn.Parameter, Tensor]:
         """`grads`, formed once (norms and clipping may both need them)."""
@@ -132,14 +132,14 @@ class OpRule(Unit):
     def __init__(self, site: OpCall, params: list[nn.Parameter], rows: int) -> None:
         super().__init__(site, params, rows)
         self.bound = _bind(site, self.names, self.defaults)
-        self._grad: Tensor | None = None
+        self._like: tuple[torch.Size, torch.dtype, torch.device] | None = None
 
     def release(self) -> None:
-        """Keep the output's gradient and let go of the output itself (which autograd
-        no longer needs): the rule reads its input and the gradient, never the output."""
-        self._grad = self.grad()
+        """Let go of the output (its shape kept): the rule reads its input and the
+        output's gradient, never the output."""
+        t = self.site.outputs[0]
+        self._like = (t.shape, t.dtype, t.device)
         self.site.outputs = [None]
-        self.site.grads = [None]
 
     @classmethod
     def unsupported(cls, site: OpCall, params: list[nn.Parameter]) -> str | None:
@@ -173,9 +173,13 @@ class OpRule(Unit):
         return d
 
     def grad(self) -> Tensor:
-        if self._grad is not None:
-            return self._grad
-        return self.grad_of(self.site.outputs[0])
+        if self._like is None:
+            return self.grad_of(self.site.outputs[0])
+        g = self.site.grads[0]
+        if g is None:  # the loss does not reach this use
+            shape, dtype, device = self._like
+            return torch.zeros(shape, dtype=dtype, device=device)
+        return g
 
 
 class _Linear(OpRule):
@@ -309,6 +313,25 @@ class _Conv(OpRule):
         if self.has("bias"):
             out[self.param("bias")] = grad.flatten(2).sum(2)
         return out
+
+    def sq_norms(self) -> Tensor:
+        """Whichever needs less memory: the ghost norm on unfolded patches ``p`` (``C·k``
+        by ``L`` positions), ``Σ_{l,m} (p_l·p_m)(g_l·g_m)``, or per-sample gradients
+        (``O·C·k`` per sample), formed and dropped here (`weighted` needs none)."""
+        if self.has("weight"):
+            x, grad, shape = self._geometry()
+            weight = self.param("weight")
+            g = grad.flatten(2)  # [B, O, L]
+            positions, fan_in = g.shape[2], weight[0].numel()
+            if fan_in * positions + 2 * positions * positions < weight.numel():
+                patches = F.unfold(x.to(g.dtype), **shape)  # [B, C·k, L]
+                gram = torch.bmm(patches.transpose(1, 2), patches)
+                total = (gram * torch.bmm(g.transpose(1, 2), g)).sum((1, 2))
+                if self.has("bias"):
+                    total = total + g.sum(2).pow(2).sum(1)
+                return total
+        squares = [g.flatten(1).pow(2).sum(1) for g in self.grads().values()]
+        return torch.stack(squares).sum(0)
 
     def weighted(self, weights: Tensor) -> dict[nn.Parameter, Tensor]:
         """The weight gradient kernel of a plain backward, on weighted output gradients."""

@@ -299,6 +299,9 @@ CASES = [
     Case("conv1d", lambda: nn.Conv1d(2, 3, 3, padding=1), randn(2, 6)),
     Case("conv2d-stride-dilation", lambda: nn.Conv2d(2, 3, 3, 2, 1, 2), randn(2, 7, 6)),
     Case("conv2d-groups", lambda: nn.Conv2d(4, 6, 3, groups=2), randn(4, 5, 5)),
+    # few output positions, many channels: the norms by the ghost norm on patches
+    Case("conv2d-ghost-norm", lambda: nn.Conv2d(4, 6, 3), randn(4, 4, 4)),
+    Case("conv1d-ghost-norm", lambda: nn.Conv1d(5, 6, 3, dilation=2), randn(5, 6)),
     Case(
         "conv2d-same-reflect",
         lambda: nn.Conv2d(2, 2, 3, padding="same", padding_mode="reflect"),
