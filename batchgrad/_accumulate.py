@@ -151,8 +151,9 @@ def accumulate(
             norm ``C`` before summing, as DP-SGD does; the sum is then normalised as
             ``reduction`` says. Norms come from the ghost-norm identities where the
             layer allows and the clipped sum is formed per use; linear and embedding
-            layers never hold samples × parameters, other layers hold their
-            per-sample gradients (see `batchgrad.per_sample_grads`). The first
+            layers never hold samples × parameters, convolutions only one layer's
+            for its norms, other layers hold their per-sample gradients (see
+            `batchgrad.per_sample_grads`). The first
             micro-batch is checked by the per-sample guard. Not supported under
             `torch.distributed` yet.
         noise_multiplier: ``σ``: with ``clip_per_sample``, add Gaussian noise of

@@ -19,11 +19,13 @@ and one backward, without the parameters' own gradients:
    Every parameter is counted once per use, however many modules register it.
 
 Norms use the Goodfellow / ghost-norm identities where they are cheaper than the
-gradients (`nn.Linear`, `nn.Embedding`): ``‖Σ_t g_t a_tᵀ‖² = Σ_{t,s} (a_t·a_s)(g_t·g_s)``.
-Clipping weighs each sample's output gradients by ``min(1, C / ‖g_i‖)`` and forms the
-weighted sum per use directly (one matrix product, as a plain backward does) where the
-rule allows (`nn.Linear`, convolutions, `nn.Embedding`); other rules form their
-per-sample gradients.
+gradients (`nn.Linear`, `nn.Embedding`, convolutions on unfolded patches when their
+Gram matrices are smaller than the per-sample kernels):
+``‖Σ_t g_t a_tᵀ‖² = Σ_{t,s} (a_t·a_s)(g_t·g_s)``; a convolution's per-sample gradients
+otherwise, formed for its norms and dropped. Clipping weighs each sample's output
+gradients by ``min(1, C / ‖g_i‖)`` and forms the weighted sum per use directly (one
+matrix product, as a plain backward does) where the rule allows (`nn.Linear`,
+convolutions, `nn.Embedding`); other rules form their per-sample gradients.
 
 **The guard** (``verify=True``): the per-sample gradients must add up to the batch
 gradient (from the same backward), per parameter; and, when the forward drew no random
@@ -471,9 +473,10 @@ def per_sample_norms(
     """``[B]``: the L2 norm of each sample's gradient over all trainable parameters.
 
     Equal to the norms of `per_sample_grads`, but `nn.Linear` and `nn.Embedding`
-    layers used once use the Goodfellow and ghost-norm identities, so their per-sample
-    gradients are never formed. ``verify`` as in `per_sample_grads` (the sum is checked
-    through the per-use weighted sums, one sample through its norm).
+    layers used once (and convolutions with few output positions) use the Goodfellow
+    and ghost-norm identities, so their per-sample gradients are never formed.
+    ``verify`` as in `per_sample_grads` (the sum is checked through the per-use
+    weighted sums, one sample through its norm).
     """
     check_micro_batch_size(micro_batch_size)
     trainable = [p for _, p in _trainable(model)]

@@ -235,13 +235,21 @@ class _Linear(OpRule):
             target.sub_(g.sum((0, 1)).to(target.dtype))
 
     def weighted(self, weights: Tensor) -> dict[nn.Parameter, Tensor]:
+        """``Σ_i w_i g_iᵀ a_i`` as one product, the weights on the narrower of the two
+        (the only temporary of the activations' size)."""
         a, g = self._pair()
-        g = g * weights.to(g.dtype)[:, None, None]
+        w = weights.to(g.dtype)[:, None, None]
         out: dict[nn.Parameter, Tensor] = {}
         if self.has("weight"):
-            out[self.param("weight")] = g.reshape(-1, g.shape[-1]).T @ a.reshape(-1, a.shape[-1])
+            if a.shape[-1] < g.shape[-1]:
+                a, scaled = (a.to(g.dtype) * w), g
+            else:
+                a, scaled = a.to(g.dtype), g * w
+            out[self.param("weight")] = scaled.reshape(-1, g.shape[-1]).T @ a.reshape(
+                -1, a.shape[-1]
+            )
         if self.has("bias"):
-            out[self.param("bias")] = g.sum((0, 1))
+            out[self.param("bias")] = (g.sum(1) * w[:, 0]).sum(0)
         return out
 
 
