@@ -349,31 +349,27 @@ def _single_sample_sq_norm(
     model: nn.Module, loss_fn: LossFn, micro_batch: Batch, row: int, params: list[nn.Parameter]
 ) -> Tensor:
     """``‖∇ total_row‖²`` from a forward and backward on that sample alone, each
-    parameter's gradient dropped as soon as it is formed (a hook after accumulation),
-    so at most one parameter's gradient is held; ``p.grad`` is restored after."""
-    saved = [p.grad for p in params]
+    parameter's gradient reduced to its squared norm as soon as it is formed (a hook
+    that hands autograd a zero-size stand-in), so at most one is held. ``autograd.grad``,
+    not ``backward``: ``p.grad`` and the hooks that run after accumulation are not
+    touched."""
     buffers = [(b, b.clone()) for b in model.buffers()]
     squares: list[Tensor] = []
 
-    def take(p: Tensor) -> None:
-        if p.grad is not None:
-            flat = p.grad.reshape(-1)  # no copy of the gradient, in its own dtype
-            squares.append(flat.dot(flat).double())
-            p.grad = None
+    def take(grad: Tensor) -> Tensor:
+        flat = grad.reshape(-1)  # no copy of the gradient, in its own dtype
+        squares.append(flat.dot(flat).double())
+        return grad.new_zeros(()).expand(grad.shape)
 
-    handles = [p.register_post_accumulate_grad_hook(take) for p in params]
+    handles = [p.register_hook(take) for p in params]
     try:
-        for p in params:
-            p.grad = None
         loss = loss_fn(model, slice_batch(micro_batch, row, row + 1))
         total, _ = unpack_loss(loss, 0)
         if total.requires_grad:
-            torch.autograd.backward(total, inputs=params)
+            torch.autograd.grad(total, params, allow_unused=True)
     finally:
         for handle in handles:
             handle.remove()
-        for p, grad in zip(params, saved, strict=True):
-            p.grad = grad
         with torch.no_grad():
             for buffer, kept in buffers:
                 buffer.copy_(kept)

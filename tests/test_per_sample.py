@@ -432,8 +432,9 @@ def test_the_guard_catches_layers_no_rule_can_read(model, message):
 
 
 def test_the_guard_leaves_existing_gradients_and_adds_to_them_exactly():
-    """The guard's single-sample backward borrows ``p.grad``; it gives it back whether
-    the check fails (untouched) or passes (the clipped sum added to it)."""
+    """The guard's single-sample backward leaves ``p.grad`` alone whether the check
+    fails (untouched) or passes (the clipped sum added to it), and runs no hook that
+    follows gradient accumulation."""
     torch.manual_seed(0)
     x = torch.randn(4, 3).double()
     model = BatchCentred().double()
@@ -451,7 +452,11 @@ def test_the_guard_leaves_existing_gradients_and_adds_to_them_exactly():
     expected, _ = reference_clipped(model, squares, batch, 4, 0.5, "sum")
     bg.accumulate(model, squares, batch)
     before = [p.grad.clone() for p in model.parameters()]
+    accumulated = []
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(accumulated.append)
     bg.accumulate(model, squares, batch, reduction="sum", clip_per_sample=0.5, existing_grad="add")
+    assert accumulated == []
     for (name, p), b in zip(model.named_parameters(), before, strict=True):
         assert_close_rel(p.grad, b + expected[name])
 
