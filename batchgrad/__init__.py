@@ -22,6 +22,7 @@ if TYPE_CHECKING:
         ExistingGradError,
         LossTypeError,
         NonFiniteError,
+        PerSampleError,
         StateError,
         ZeroCountError,
     )
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from ._loss import Loss, LossFn
     from ._noise import NoiseEstimate, NoiseScale
     from ._per_sample import per_sample_grads, per_sample_norms
+    from ._per_sample_rules import register_per_sample_rule
     from ._reduction import Reduction, detect_reduction
 
 _WHERE = {
@@ -52,6 +54,7 @@ _WHERE = {
     "ExistingGradError": "._errors",
     "LossTypeError": "._errors",
     "NonFiniteError": "._errors",
+    "PerSampleError": "._errors",
     "StateError": "._errors",
     "ZeroCountError": "._errors",
     "EvalRecord": "._fit",
@@ -64,6 +67,7 @@ _WHERE = {
     "NoiseScale": "._noise",
     "per_sample_grads": "._per_sample",
     "per_sample_norms": "._per_sample",
+    "register_per_sample_rule": "._per_sample_rules",
     "Reduction": "._reduction",
     "detect_reduction": "._reduction",
 }
@@ -112,6 +116,7 @@ __all__ = [
     "NoiseEstimate",
     "NoiseScale",
     "NonFiniteError",
+    "PerSampleError",
     "Reduction",
     "StateError",
     "StepFn",
@@ -126,6 +131,7 @@ __all__ = [
     "fit",
     "per_sample_grads",
     "per_sample_norms",
+    "register_per_sample_rule",
     "tbptt",
     "time_contributions",
 ]

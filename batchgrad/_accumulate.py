@@ -156,9 +156,11 @@ def accumulate(
         clip_per_sample: ``C``: clip each sample's gradient (of its own ``total``) to
             norm ``C`` before summing, as DP-SGD does; the sum is then normalised as
             ``reduction`` says. Norms come from the ghost-norm identities where the
-            layer allows and the clipped sum is formed per layer, so memory does not
-            grow with samples × parameters (see `batchgrad.per_sample_grads`). Under
-            `torch.distributed` each rank clips its own samples.
+            layer allows and the clipped sum is formed per use; linear and embedding
+            layers never hold samples × parameters, convolutions only one layer's
+            for its norms, other layers hold their per-sample gradients (see
+            `batchgrad.per_sample_grads`). The first micro-batch is checked by the
+            per-sample guard. Under `torch.distributed` each rank clips its own samples.
         noise_multiplier: ``σ``: with ``clip_per_sample``, add Gaussian noise of
             standard deviation ``σ·C`` to the clipped sum, once per call (under
             `torch.distributed`, drawn on rank 0 and carried to every rank by the

@@ -47,3 +47,12 @@ class DistributedError(BatchError):
 
 class StateError(BatchError):
     """A recurrent state that batchgrad cannot carry between time chunks."""
+
+
+class PerSampleError(BatchError):
+    """A model whose per-sample gradients batchgrad cannot form exactly.
+
+    Raised for a use of a parameter no rule can read the samples' gradients from, and
+    by the consistency check (``verify=``) when per-sample gradients disagree with the
+    batch gradient; the message names the module or parameter and the reason.
+    """

@@ -3,461 +3,394 @@
 The gradient of a batch's ``total`` is the sum of the gradients of its samples'
 own totals (a sample may hold many units, e.g. tokens); under ``"mean"`` it is that
 sum divided by ``N(B)``. batchgrad gets each sample's gradient from one forward
-and one backward, without the parameters' own gradients: forward hooks keep what
-enters each module with parameters, one ``autograd.grad`` call returns the gradient
-reaching each module's output, and per layer:
+and one backward, without the parameters' own gradients:
 
-- `nn.Linear` (any number of middle dimensions): ``Σ_t g_t a_tᵀ`` per sample;
-- `nn.Conv1d` / `nn.Conv2d`: the same on unfolded input patches;
-- `nn.Embedding`: the output gradients added into the rows of the sample's ids;
-- `nn.LayerNorm`, `nn.GroupNorm`: the normalised input times the output gradient;
-- any other module with parameters: ``torch.func.vmap`` over the samples of the
-  module's own vector-Jacobian product (the module alone is recomputed).
+1. the forward is traced (`batchgrad._per_sample_trace`): every use of a trainable
+   parameter by a torch function, wherever it happens (inside its module, in another
+   module, in the loss function), with the dimension that holds the samples in each
+   of its inputs and outputs, read from how shapes follow the number of rows (a
+   second forward on a few rows of the batch), never from a size that happens to
+   equal the batch size;
+2. one ``autograd.grad`` call returns the gradient of the batch's total reaching
+   each use's output; row ``i`` of it is sample ``i``'s own;
+3. a rule per use forms each sample's gradient (`batchgrad._per_sample_rules`); a
+   parameter some use of which no rule can read is handled by the innermost module
+   call enclosing all its uses, by ``torch.func.vmap`` over that call's samples.
+   Every parameter is counted once per use, however many modules register it.
 
 Norms use the Goodfellow / ghost-norm identities where they are cheaper than the
-gradients (`nn.Linear`, `nn.Embedding`): ``‖Σ_t g_t a_tᵀ‖² = Σ_{t,s} (a_t·a_s)(g_t·g_s)``.
-Clipping weighs each sample's output gradients by ``min(1, C / ‖g_i‖)`` and forms the
-weighted sum per layer directly (one matrix product, as a plain backward does), so
-memory never holds ``B × parameters``.
+gradients (`nn.Linear`, `nn.Embedding`, convolutions on unfolded patches when their
+Gram matrices are smaller than the per-sample kernels):
+``‖Σ_t g_t a_tᵀ‖² = Σ_{t,s} (a_t·a_s)(g_t·g_s)``; a convolution's per-sample gradients
+otherwise, formed for its norms and dropped. Clipping weighs each sample's output
+gradients by ``min(1, C / ‖g_i‖)`` and forms the weighted sum per use directly (one
+matrix product, as a plain backward does) where the rule allows (`nn.Linear`,
+convolutions, `nn.Embedding`); other rules form their per-sample gradients.
 
-A sample is a row of dimension 0 of the batch, and every module with parameters
-must keep it in dimension 0 of its inputs and outputs (dimension 1 for modules built
-with ``batch_first=False``). Modules that mix samples (BatchNorm in training mode)
-have no per-sample gradients and are refused.
+**The guard** (``verify=True``): the per-sample gradients must add up to the batch
+gradient (from the same backward), per parameter; and, when the forward drew no random
+numbers, one sample's gradient (the last) must equal the gradient of a forward and
+backward on that sample alone. Any disagreement beyond rounding raises
+`PerSampleError` naming the parameter, so a pattern no rule anticipated raises
+instead of returning wrong numbers.
+
+Modules that mix samples (BatchNorm in training mode) have no per-sample gradients
+and are refused.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
-from typing import Any, cast
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn import functional as F
-from torch.nn.grad import conv2d_weight
+from torch.autograd.graph import get_gradient_edge
 
-from ._errors import BatchShapeError, ConfigError, NonFiniteError
+from ._errors import BatchError, ConfigError, NonFiniteError, PerSampleError
 from ._loss import Loss, LossFn, unpack_loss
-from ._split import Batch, batch_length, check_micro_batch_size, micro_batches
+from ._per_sample_rules import RULES, OpRule, Unit, UserModule, VmapModule, VmapOp, user_rule
+from ._per_sample_trace import ModuleCall, OpCall, Tracer, rng_states
+from ._split import (
+    Batch,
+    _map_leaves,
+    batch_length,
+    check_micro_batch_size,
+    micro_batches,
+    slice_batch,
+)
 
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
-_FAST = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.GroupNorm)
+# -- tracing one micro-batch ----------------------------------------------------------
 
 
 @dataclass
-class _Call:
-    """One call of a module with parameters during the forward."""
-
-    module: nn.Module
-    name: str
-    args: tuple[Any, ...]
-    kwargs: dict[str, Any]
-    outputs: list[Tensor]  # the tensors it returned that require grad
-    versions: list[int]
-    grads: list[Tensor | None] = field(default_factory=list)
+class _Traced:
+    tracer: Tracer
+    loss: Loss
+    random: bool  # the forward drew random numbers (dropout): no single-sample check
+    names: dict[nn.Parameter, str]
 
 
-class _Recorder:
-    """Forward hooks on every module with trainable parameters of its own."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.calls: list[_Call] = []
-        self.active = True
-        self.modules = {
-            module: name
-            for name, module in model.named_modules()
-            if any(p.requires_grad for p in module.parameters(recurse=False))
-        }
-        for module, name in self.modules.items():
-            if isinstance(module, _BATCH_NORMS) and module.training:
-                raise ConfigError(
-                    f"Module {name!r} ({type(module).__name__}) is in training mode: it "
-                    f"normalises with statistics of the whole batch, so a sample's output "
-                    f"depends on the other samples and has no gradient of its own. Put it "
-                    f"in eval mode (module.eval()) or replace it with nn.GroupNorm or "
-                    f"nn.LayerNorm."
-                )
-            if isinstance(module, nn.Embedding) and module.scale_grad_by_freq:
-                raise ConfigError(
-                    f"Embedding {name!r} has scale_grad_by_freq=True: it scales gradients by "
-                    f"how often each id occurs in the whole batch, which couples the "
-                    f"samples. Build it with scale_grad_by_freq=False."
-                )
-        self.handles = [
-            module.register_forward_hook(self._hook, with_kwargs=True) for module in self.modules
-        ]
-
-    def _hook(
-        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
-    ) -> None:
-        if not self.active:
-            return
-        outputs = [t for t in _tensors(output) if t.requires_grad]
-        self.calls.append(
-            _Call(
-                module,
-                self.modules[module],
-                args,
-                kwargs,
-                outputs,
-                [t._version for t in outputs],
-            )
-        )
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
+def _devices(model: nn.Module) -> list[torch.device]:
+    return sorted({p.device for p in model.parameters() if p.device.type == "cuda"}, key=str)
 
 
-def _tensors(value: Any) -> Iterator[Tensor]:
-    if isinstance(value, Tensor):
-        yield value
-    elif isinstance(value, tuple | list):
-        for item in value:
-            yield from _tensors(item)
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _tensors(item)
+def _trace(model: nn.Module, loss_fn: LossFn, micro_batch: Batch, index: int) -> _Traced:
+    """The probe forward (a few rows), then the real forward, both traced."""
+    rows = batch_length(micro_batch, f"micro-batch {index}")
+    probe_rows = 3 if rows == 2 else 2
+    picked = torch.tensor([i % rows for i in range(probe_rows)])
 
+    def pick(leaf: Any) -> Any:
+        if isinstance(leaf, Tensor) and leaf.ndim > 0:
+            return leaf.index_select(0, picked.to(leaf.device))
+        return leaf
 
-def _record(
-    model: nn.Module, loss_fn: LossFn, micro_batch: Batch, index: int
-) -> tuple[list[_Call], Loss]:
-    """Forward ``micro_batch`` and backpropagate its total to every recorded output."""
-    recorder = _Recorder(model)
+    buffers = [(b, b.clone()) for b in model.buffers()]
+    probe = Tracer(model, probe_rows, expand=False)
     try:
-        loss = loss_fn(model, micro_batch)
+        with torch.random.fork_rng(devices=_devices(model)), probe:
+            loss_fn(model, _map_leaves(pick, micro_batch))
+    except BatchError:
+        raise
+    except Exception as error:
+        raise PerSampleError(
+            f"Per-sample gradients run the model on {probe_rows} rows of micro-batch "
+            f"{index} to find which dimension holds the samples, and that forward failed: "
+            f"{type(error).__name__}: {error}. The model must run on any number of samples."
+        ) from error
     finally:
-        recorder.remove()
-    total, count = unpack_loss(loss, index)
-    calls = [call for call in recorder.calls if call.outputs]
-    for call in calls:
-        if [t._version for t in call.outputs] != call.versions:
-            raise ConfigError(
-                f"The output of module {call.name!r} ({type(call.module).__name__}) was "
-                f"modified in place after it returned (e.g. by nn.ReLU(inplace=True)), which "
-                f"hides the gradient reaching it. Use the out-of-place version of that "
-                f"operation."
-            )
-    outputs = [t for call in calls for t in call.outputs]
-    retain = any(not isinstance(call.module, _FAST) for call in calls)
-    grads = torch.autograd.grad(total, outputs, allow_unused=True, retain_graph=retain)
-    position = 0
-    for call in calls:
-        call.grads = list(grads[position : position + len(call.outputs)])
-        position += len(call.outputs)
-    return calls, Loss(total, count)
-
-
-# -- per layer: per-sample gradients, their squared norms, and weighted sums ----------
-
-
-def _as_rows(t: Tensor, batch: int, name: str, what: str) -> Tensor:
-    """``[B, -1, features]`` view of ``t``, checking that dimension 0 is the batch."""
-    if t.ndim < 2 or t.shape[0] != batch:
-        raise BatchShapeError(
-            f"The {what} of module {name!r} has shape {tuple(t.shape)}, but dimension 0 must "
-            f"be the batch of {batch} samples for per-sample gradients. Keep the batch in "
-            f"dimension 0 (do not flatten it into other dimensions before this layer)."
-        )
-    return t.reshape(batch, -1, t.shape[-1])
-
-
-class _Layer:
-    """Per-sample gradients of one module call: ``[B, *p.shape]`` per parameter."""
-
-    def __init__(self, call: _Call, batch: int, params: dict[str, nn.Parameter]) -> None:
-        self.call, self.batch, self.params = call, batch, params
-        self._per_sample: dict[str, Tensor] | None = None
-
-    def grads(self) -> dict[str, Tensor]:
-        raise NotImplementedError
-
-    def per_sample(self) -> dict[str, Tensor]:
-        """`grads`, formed once (norms and clipping may both need them)."""
-        if self._per_sample is None:
-            self._per_sample = self.grads()
-        return self._per_sample
-
-    def sq_norms(self) -> Tensor:
-        """``[B]``: the squared norm of each sample's gradient over this module's params."""
-        squares = [g.flatten(1).pow(2).sum(1) for g in self.per_sample().values()]
-        return torch.stack(squares).sum(0)
-
-    def weighted(self, weights: Tensor) -> dict[str, Tensor]:
-        """``Σ_i weights[i] · g_i`` per parameter."""
-        return {
-            n: torch.einsum("b,b...->...", weights.to(g.dtype), g)
-            for n, g in self.per_sample().items()
-        }
-
-
-class _Linear(_Layer):
-    def _rows(self) -> tuple[Tensor, Tensor]:
-        x, grad = self.call.args[0], self.call.grads[0]
-        assert grad is not None
-        return (
-            _as_rows(x, self.batch, self.call.name, "input"),
-            _as_rows(grad, self.batch, self.call.name, "output gradient"),
-        )
-
-    def grads(self) -> dict[str, Tensor]:
-        a, g = self._rows()
-        out: dict[str, Tensor] = {}
-        if "weight" in self.params:
-            out["weight"] = torch.bmm(g.transpose(1, 2), a)
-        if "bias" in self.params:
-            out["bias"] = g.sum(1)
-        return out
-
-    def sq_norms(self) -> Tensor:
-        a, g = self._rows()
-        total = torch.zeros(self.batch, dtype=a.dtype, device=a.device)
-        if "weight" in self.params:
-            steps, fan_in, fan_out = a.shape[1], a.shape[2], g.shape[2]
-            if steps == 1:  # Goodfellow: ‖g aᵀ‖ = ‖g‖ ‖a‖
-                total = total + a.pow(2).sum((1, 2)) * g.pow(2).sum((1, 2))
-            elif steps * steps <= fan_in * fan_out:  # ghost norm: no [B, out, in] tensor
-                total = total + (
-                    torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))
-                ).sum((1, 2))
-            else:
-                total = total + torch.bmm(g.transpose(1, 2), a).pow(2).sum((1, 2))
-        if "bias" in self.params:
-            total = total + g.sum(1).pow(2).sum(1)
-        return total
-
-    def weighted(self, weights: Tensor) -> dict[str, Tensor]:
-        a, g = self._rows()
-        g = g * weights.to(g.dtype)[:, None, None]
-        out: dict[str, Tensor] = {}
-        if "weight" in self.params:
-            out["weight"] = g.reshape(-1, g.shape[-1]).T @ a.reshape(-1, a.shape[-1])
-        if "bias" in self.params:
-            out["bias"] = g.sum((0, 1))
-        return out
-
-
-class _Conv(_Layer):
-    def _geometry(self) -> tuple[Tensor, Tensor, dict[str, tuple[int, ...]]]:
-        """Input and output gradient as a 2-D convolution's (height 1 for Conv1d)."""
-        module = self.call.module
-        assert isinstance(module, nn.Conv1d | nn.Conv2d)
-        x, grad = self.call.args[0], self.call.grads[0]
-        assert grad is not None
-        padding = cast(tuple[int, ...], module.padding)  # not a string: see `_fast_rule`
-        kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
-        if isinstance(module, nn.Conv1d):
-            x, grad = x.unsqueeze(2), grad.unsqueeze(2)
-            kernel, padding = (1, kernel[0]), (0, padding[0])
-            stride, dilation = (1, stride[0]), (1, dilation[0])
-        shape = {"kernel_size": kernel, "padding": padding, "stride": stride, "dilation": dilation}
-        return x, grad, shape
-
-    def grads(self) -> dict[str, Tensor]:
-        x, grad, shape = self._geometry()
-        g = grad.flatten(2)
-        out: dict[str, Tensor] = {}
-        if "weight" in self.params:
-            patches = F.unfold(x, **shape)  # [B, C·k, L]
-            weight_shape = self.params["weight"].shape
-            out["weight"] = torch.bmm(g, patches.transpose(1, 2)).view(self.batch, *weight_shape)
-        if "bias" in self.params:
-            out["bias"] = g.sum(2)
-        return out
-
-    def weighted(self, weights: Tensor) -> dict[str, Tensor]:
-        """The weight gradient kernel of a plain backward, on weighted output gradients."""
-        x, grad, shape = self._geometry()
-        grad = grad * weights.to(grad.dtype).view(-1, 1, 1, 1)
-        out: dict[str, Tensor] = {}
-        if "weight" in self.params:
-            weight = self.params["weight"]
-            size = (*weight.shape[:2], *shape["kernel_size"])
-            flat = conv2d_weight(
-                x, size, grad, shape["stride"], shape["padding"], shape["dilation"]
-            )
-            out["weight"] = flat.view(weight.shape)
-        if "bias" in self.params:
-            out["bias"] = grad.sum((0, 2, 3))
-        return out
-
-
-class _Embedding(_Layer):
-    def _rows(self) -> tuple[Tensor, Tensor]:
-        module = self.call.module
-        assert isinstance(module, nn.Embedding)
-        ids, grad = self.call.args[0], self.call.grads[0]
-        assert grad is not None
-        if ids.ndim < 1 or ids.shape[0] != self.batch:
-            _as_rows(ids.unsqueeze(-1), self.batch, self.call.name, "input")
-        ids, g = ids.reshape(self.batch, -1), grad.reshape(self.batch, -1, grad.shape[-1])
-        if module.padding_idx is not None:  # its row never receives a gradient
-            g = g * (ids != module.padding_idx).unsqueeze(-1).to(g.dtype)
-        return ids, g
-
-    def grads(self) -> dict[str, Tensor]:
-        ids, g = self._rows()
-        out = g.new_zeros(self.batch, *self.params["weight"].shape)
-        out.scatter_add_(1, ids.unsqueeze(-1).expand(-1, -1, g.shape[-1]), g)
-        return {"weight": out}
-
-    def sq_norms(self) -> Tensor:
-        ids, g = self._rows()
-        same = ids.unsqueeze(2) == ids.unsqueeze(1)  # tokens that share a row add up
-        return (torch.bmm(g, g.transpose(1, 2)) * same.to(g.dtype)).sum((1, 2))
-
-    def weighted(self, weights: Tensor) -> dict[str, Tensor]:
-        ids, g = self._rows()
-        g = g * weights.to(g.dtype)[:, None, None]
-        out = g.new_zeros(self.params["weight"].shape)
-        out.index_add_(0, ids.reshape(-1), g.reshape(-1, g.shape[-1]))
-        return {"weight": out}
-
-
-class _Norm(_Layer):
-    """LayerNorm and GroupNorm: ``g ⊙ x̂`` and ``g``, summed over each sample's positions."""
-
-    def grads(self) -> dict[str, Tensor]:
-        module = self.call.module
-        x, grad = self.call.args[0], self.call.grads[0]
-        assert grad is not None
-        with torch.no_grad():  # x̂: the normalisation without its affine part
-            if isinstance(module, nn.LayerNorm):
-                shape = module.normalized_shape
-                normalised = F.layer_norm(x, shape, None, None, module.eps)
-                reduce = tuple(range(1, x.ndim - len(shape)))
-            else:
-                assert isinstance(module, nn.GroupNorm)
-                normalised = F.group_norm(x, module.num_groups, None, None, module.eps)
-                reduce = tuple(range(2, x.ndim))
-        if x.shape[0] != self.batch:
-            _as_rows(x, self.batch, self.call.name, "input")
-        out: dict[str, Tensor] = {}
-        if "weight" in self.params:
-            out["weight"] = (grad * normalised).sum(reduce) if reduce else grad * normalised
-        if "bias" in self.params:
-            out["bias"] = grad.sum(reduce) if reduce else grad
-        return out
-
-
-class _Fallback(_Layer):
-    """Any other module: ``vmap`` over samples of the module's own vector-Jacobian product."""
-
-    def grads(self) -> dict[str, Tensor]:
-        call, module = self.call, self.call.module
-        dim = 1 if getattr(module, "batch_first", True) is False else 0
-        params = {n: p.detach() for n, p in self.params.items()}
-
-        def per_sample(x: Any) -> int | None:
-            return (
-                dim
-                if isinstance(x, Tensor) and x.ndim > dim and x.shape[dim] == self.batch
-                else None
-            )
-
-        flat_args = [*call.args, *call.kwargs.values()]
-        dims = [per_sample(x) for x in flat_args]
-        grads = [
-            g if g is not None else torch.zeros_like(t)
-            for g, t in zip(call.grads, call.outputs, strict=True)
-        ]
-        grad_dims = [per_sample(g) for g in grads]
-        names = list(call.kwargs)
-        positional = len(call.args)
-
-        def sample_loss(
-            p: dict[str, Tensor], values: list[Any], cotangents: list[Tensor]
-        ) -> Tensor:
-            def one(x: Any, d: int | None) -> Any:
-                return x.unsqueeze(d) if d is not None else x
-
-            inputs = [one(x, d) for x, d in zip(values, dims, strict=True)]
-            args, kwargs = inputs[:positional], dict(zip(names, inputs[positional:], strict=True))
-            output = torch.func.functional_call(module, p, tuple(args), kwargs)
-            outputs = [t for t in _tensors(output) if t.is_floating_point()]
-            return sum(
-                (
-                    (o * one(c, d)).sum()
-                    for o, c, d in zip(outputs, cotangents, grad_dims, strict=False)
-                ),
-                torch.zeros(()),
-            )
-
+        probe.remove()
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+    before = rng_states(model)
+    tracer = Tracer(model, rows, probe)
+    try:
+        with tracer:
+            loss = loss_fn(model, micro_batch)
+        failed = False
+    except BatchError:
+        raise
+    except Exception:
+        if not tracer.expanded:
+            raise  # the model's own error, as a plain forward would raise it
+        failed = True
+    finally:
+        tracer.remove()
+    if failed or tracer.opaque:
+        # A shared output expanded over the batch was used other than by broadcasting
+        # (permuted, reduced, dropped out): run again as is, leaving those uses to the
+        # module calls around them.
+        _restore(model, before, buffers)
+        tracer = Tracer(model, rows, probe, expand=False)
         try:
-            with warnings.catch_warnings():  # vmap's note that it loops over some kernels
-                warnings.filterwarnings("ignore", message="There is a performance drop")
-                result: dict[str, Tensor] = torch.func.vmap(
-                    torch.func.grad(sample_loss),
-                    in_dims=(None, dims, grad_dims),
-                    randomness="error",
-                )(params, flat_args, grads)
-            return result
-        except RuntimeError as error:
-            raise ConfigError(
-                f"Per-sample gradients of module {call.name!r} ({type(module).__name__}) go "
-                f"through torch.func, which failed: {error}. Random operations (dropout) "
-                f"inside a module with its own parameters, and data-dependent control flow, "
-                f"are not supported there; move them into a submodule of their own."
-            ) from error
+            with tracer:
+                loss = loss_fn(model, micro_batch)
+        finally:
+            tracer.remove()
+    random = any(not torch.equal(a, b) for a, b in zip(before, rng_states(model), strict=True))
+    total, count = unpack_loss(loss, index)
+    names = {p: n for n, p in reversed(list(model.named_parameters()))}
+    return _Traced(tracer, Loss(total, count), random, names)
 
 
-def _layers(calls: list[_Call], batch: int) -> Iterator[_Layer]:
-    """The per-layer rule for each call.
+def _restore(model: nn.Module, rng: list[Tensor], buffers: list[tuple[Tensor, Tensor]]) -> None:
+    torch.set_rng_state(rng[0])
+    for device, state in zip(_devices(model), rng[1:], strict=False):
+        torch.cuda.set_rng_state(state, device)
+    with torch.no_grad():
+        for buffer, saved in buffers:
+            buffer.copy_(saved)
 
-    A module run by the generic rule also owns the parameters of its submodules that
-    were not called as modules (`nn.MultiheadAttention` uses ``out_proj.weight``
-    through a function, not through ``out_proj``).
-    """
-    called = {call.module for call in calls}
-    for call in calls:
-        module = call.module
-        own = {n: p for n, p in module.named_parameters(recurse=False) if p.requires_grad}
-        fast = _fast_rule(call)
-        if fast is not None:
-            yield fast(call, batch, own)
+
+def _plan(traced: _Traced) -> list[Unit]:
+    """The rule for every use of every trainable parameter, each counted once."""
+    tracer, names = traced.tracer, traced.names
+    units: list[Unit] = []
+    covered: dict[ModuleCall, set[nn.Parameter]] = {}  # calls with a registered rule
+    for call in tracer.calls:
+        if user_rule(call.module) is None or any(c in covered for c in call.enclosing()):
             continue
-        own.update(_uncalled(module, called))
-        yield _Fallback(call, batch, own)
-
-
-def _uncalled(
-    module: nn.Module, called: set[nn.Module], prefix: str = ""
-) -> dict[str, nn.Parameter]:
-    """Trainable parameters of submodules not called as modules, down to called ones
-    (which own theirs)."""
-    found: dict[str, nn.Parameter] = {}
-    for name, child in module.named_children():
-        if child in called:
+        problem = UserModule.unsupported(call)
+        if problem is not None:
+            raise PerSampleError(
+                f"Module {call.name!r} ({type(call.module).__name__}) has a registered "
+                f"per-sample rule, but {problem}."
+            )
+        params = [p for p in call.module.parameters() if p.requires_grad]
+        covered[call] = set(params)
+        units.append(UserModule(call, params, tracer.rows))
+    uses: dict[nn.Parameter, list[OpCall]] = {}
+    live: list[tuple[OpCall, list[nn.Parameter]]] = []
+    for op in tracer.ops:
+        if not any(isinstance(t, Tensor) and t.requires_grad for t in op.outputs):
+            continue  # under no_grad, or detached: no gradient flows through this use
+        params = list(dict.fromkeys(op.params))
+        if covered and op.scope is not None:
+            done = set().union(*(covered.get(c, set()) for c in op.scope.enclosing()))
+            params = [p for p in params if p not in done]
+        if not params:
             continue
-        for n, p in child.named_parameters(recurse=False):
-            if p.requires_grad:
-                found[f"{prefix}{name}.{n}"] = p
-        found.update(_uncalled(child, called, f"{prefix}{name}."))
-    return found
+        live.append((op, params))
+        for p in params:
+            uses.setdefault(p, []).append(op)
+    escalated: dict[nn.Parameter, str] = {}
+    rules: dict[OpCall, type[OpRule]] = {}
+    for op, params in live:
+        rule = _registered_op_rule(op)
+        if rule is not None and rule.unsupported(op, params) is None:
+            rules[op] = rule
+            continue
+        reason = VmapOp.unsupported(op, params)
+        if reason is None:
+            rules[op] = VmapOp
+            continue
+        for p in params:
+            escalated.setdefault(p, f"{op.where()}: {reason}")
+    for op, params in live:
+        kept = [p for p in params if p not in escalated]
+        if kept:
+            units.append(rules[op](op, kept, tracer.rows))
+    scopes: dict[ModuleCall, list[nn.Parameter]] = {}
+    for p, reason in escalated.items():
+        scope = _enclosing(uses[p])
+        why = reason
+        while scope is not None:
+            problem = VmapModule.unsupported(scope)
+            if problem is None:
+                break
+            why = f"{why}; and in module {scope.name!r} ({type(scope.module).__name__}): {problem}"
+            scope = scope.parent
+        if scope is None:
+            raise PerSampleError(
+                f"No per-sample gradient of parameter {names.get(p, '?')!r}: it is used by "
+                f"{why}, and no module call encloses all its uses with the samples in a "
+                f"dimension of their own. Keep the samples in a dimension of their own "
+                f"there, or register a per-sample rule (batchgrad.register_per_sample_rule)."
+            )
+        scopes.setdefault(scope, []).append(p)
+    units += [VmapModule(scope, params, tracer.rows) for scope, params in scopes.items()]
+    return units
 
 
-def _fast_rule(call: _Call) -> type[_Layer] | None:
-    module = call.module
-    if not call.grads or call.grads[0] is None or len(call.outputs) != 1:
+def _enclosing(uses: list[OpCall]) -> ModuleCall | None:
+    """The innermost module call around every one of ``uses``."""
+    if any(op.scope is None for op in uses):
         return None
-    if isinstance(module, nn.Linear):
-        return _Linear
-    if (
-        isinstance(module, nn.Conv1d | nn.Conv2d)
-        and module.groups == 1
-        and module.padding_mode == "zeros"
-        and not isinstance(module.padding, str)
-    ):
-        return _Conv
-    if isinstance(module, nn.Embedding) and module.max_norm is None:
-        return _Embedding
-    if isinstance(module, nn.LayerNorm | nn.GroupNorm):
-        return _Norm
-    return None
+    first = uses[0].scope
+    assert first is not None
+    others = [set(op.scope.enclosing()) for op in uses[1:] if op.scope is not None]
+    return next((c for c in first.enclosing() if all(c in o for o in others)), None)
+
+
+def _registered_op_rule(op: OpCall) -> type[OpRule] | None:
+    return RULES.get(op.func)
+
+
+def _backward(
+    traced: _Traced, units: list[Unit], params: list[nn.Parameter]
+) -> dict[nn.Parameter, Tensor | None]:
+    """One ``autograd.grad``: the gradient reaching every unit's outputs, and (for the
+    guard) the batch gradient of ``params``.
+
+    The outputs are asked for by their gradient edges, so that the tensors themselves
+    can go before the backward: what the tracer recorded beyond the units' needs (every
+    module call's inputs and outputs) and the outputs of the layer rules (which read
+    only their inputs and output gradients) would otherwise outlive the activations a
+    plain backward frees as it goes."""
+    outputs = list({id(t): t for u in units for t in u.outputs()}.values())
+    slot = {id(t): k for k, t in enumerate(outputs)}
+    slots = [[slot.get(id(t)) for t in unit.site.outputs] for unit in units]
+    edges = [get_gradient_edge(t) for t in outputs]
+    del outputs, slot
+    sites = {id(unit.site) for unit in units}
+    records: list[ModuleCall | OpCall] = [*traced.tracer.calls, *traced.tracer.ops]
+    for record in records:
+        if id(record) not in sites:
+            record.inputs, record.outputs, record.grads = [], [], []
+    for unit in units:
+        unit.release()
+    total = traced.loss.total
+    found: tuple[Tensor | None, ...] = (None,) * len(edges)
+    batch: dict[nn.Parameter, Tensor | None] = dict.fromkeys(params)
+    if total.requires_grad and (edges or params):
+        wanted: list[Any] = [*edges, *params]  # edges and tensors may be mixed
+        grads = torch.autograd.grad(total, wanted, allow_unused=True)
+        found = grads[: len(edges)]
+        batch = dict(zip(params, grads[len(edges) :], strict=True))
+        del grads
+    for unit, ks in zip(units, slots, strict=True):
+        unit.site.grads = [None if k is None else found[k] for k in ks]
+    return batch
+
+
+# -- the guard ------------------------------------------------------------------------
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    """Far above rounding, far below any real error: ``√ε`` of the dtype."""
+    return float(torch.finfo(dtype).eps) ** 0.5 if dtype.is_floating_point else 1e-6
+
+
+def _check_sums(
+    stats: dict[nn.Parameter, tuple[float, float, float]], traced: _Traced, index: int
+) -> None:
+    """``Σ_i g_i = ∇ total`` per parameter (``stats``: the error, ``‖∇ total‖`` and
+    ``‖Σ_i g_i‖`` or a bound on it), to ``√ε`` of their norms; below ``64 ε`` of the
+    whole gradient's size a difference is rounding (a gradient that is 0 in exact
+    arithmetic, as a key bias before softmax, is rounding noise both ways)."""
+    whole = sum(w + g for _, w, g in stats.values())
+    for p, (error, want_norm, got_norm) in stats.items():
+        eps = float(torch.finfo(p.dtype).eps) if p.dtype.is_floating_point else 1e-12
+        bound = _tolerance(p.dtype) * (want_norm + got_norm) + 64 * eps * whole
+        if not error <= bound:
+            raise PerSampleError(
+                f"The per-sample gradients of parameter {traced.names.get(p, '?')!r} in "
+                f"micro-batch {index} do not add up to its batch gradient (error "
+                f"{error:.3g} against a norm of {want_norm:.3g}): some use of it has no "
+                f"exact per-sample rule. Register one (batchgrad.register_per_sample_rule) "
+                f"for the layer that uses it."
+            )
+
+
+def _single_sample(
+    model: nn.Module, loss_fn: LossFn, micro_batch: Batch, row: int, params: list[nn.Parameter]
+) -> list[Tensor]:
+    """The gradient of one sample's total from a forward on that sample alone."""
+    buffers = [(b, b.clone()) for b in model.buffers()]
+    try:
+        loss = loss_fn(model, slice_batch(micro_batch, row, row + 1))
+        total, _ = unpack_loss(loss, 0)
+        if not total.requires_grad:
+            return [torch.zeros_like(p) for p in params]
+        grads = torch.autograd.grad(total, params, allow_unused=True)
+    finally:
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+
+
+def _disagrees(what: str, traced: _Traced, index: int, row: int) -> PerSampleError:
+    return PerSampleError(
+        f"The per-sample gradient of sample {row} in micro-batch {index} ({what}) differs "
+        f"from the gradient of a forward and backward on that sample alone: some layer "
+        f"lets samples interact (a batch statistic, a reshape across samples) or has no "
+        f"exact per-sample rule. Find it by bisecting the model, or register a rule "
+        f"(batchgrad.register_per_sample_rule)."
+    )
+
+
+def _check_sample_grads(
+    model: nn.Module,
+    loss_fn: LossFn,
+    micro_batch: Batch,
+    traced: _Traced,
+    index: int,
+    found: dict[nn.Parameter, Tensor],
+) -> None:
+    params = list(found)
+    row = traced.tracer.rows - 1
+    reference = _single_sample(model, loss_fn, micro_batch, row, params)
+    whole = sum(float(g.norm()) for g in reference)
+    for p, expected in zip(params, reference, strict=True):
+        got = found[p][row].to(expected.dtype)
+        error = float((got - expected).norm())
+        eps = float(torch.finfo(p.dtype).eps) if p.dtype.is_floating_point else 1e-12
+        bound = _tolerance(p.dtype) * float(expected.norm() + got.norm()) + 64 * eps * whole
+        if not error <= bound:
+            raise _disagrees(f"parameter {traced.names.get(p, '?')!r}", traced, index, row)
+
+
+def _single_sample_sq_norm(
+    model: nn.Module, loss_fn: LossFn, micro_batch: Batch, row: int, params: list[nn.Parameter]
+) -> Tensor:
+    """``‖∇ total_row‖²`` from a forward and backward on that sample alone, each
+    parameter's gradient reduced to its squared norm as soon as it is formed (a hook
+    that hands autograd a zero-size stand-in), so at most one is held. ``autograd.grad``,
+    not ``backward``: ``p.grad`` and the hooks that run after accumulation are not
+    touched."""
+    buffers = [(b, b.clone()) for b in model.buffers()]
+    squares: list[Tensor] = []
+
+    def take(grad: Tensor) -> Tensor:
+        flat = grad.reshape(-1)  # no copy of the gradient, in its own dtype
+        squares.append(flat.dot(flat).double())
+        return grad.new_zeros(()).expand(grad.shape)
+
+    handles = [p.register_hook(take) for p in params]
+    try:
+        loss = loss_fn(model, slice_batch(micro_batch, row, row + 1))
+        total, _ = unpack_loss(loss, 0)
+        if total.requires_grad:
+            torch.autograd.grad(total, params, allow_unused=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+        with torch.no_grad():
+            for buffer, kept in buffers:
+                buffer.copy_(kept)
+    return torch.stack(squares).sum() if squares else torch.zeros((), dtype=torch.float64)
+
+
+def _check_sample_norm(
+    model: nn.Module,
+    loss_fn: LossFn,
+    micro_batch: Batch,
+    traced: _Traced,
+    index: int,
+    norm: Tensor,
+    params: list[nn.Parameter],
+) -> None:
+    row = traced.tracer.rows - 1
+    expected = _single_sample_sq_norm(model, loss_fn, micro_batch, row, params).sqrt()
+    got = norm.double()
+    dtype = params[0].dtype if params else torch.float64
+    if not float((got - expected).abs()) <= _tolerance(dtype) * float(expected + got) + 1e-30:
+        raise _disagrees("its norm", traced, index, row)
 
 
 # -- the public functions -----------------------------------------------------------
@@ -469,6 +402,7 @@ def per_sample_grads(
     batch: Batch | Iterable[Batch],
     *,
     micro_batch_size: int | None = None,
+    verify: bool = True,
 ) -> dict[str, Tensor]:
     """The gradient of each sample's own ``total``, per parameter: ``[B, *p.shape]``.
 
@@ -477,8 +411,17 @@ def per_sample_grads(
     loss. ``p.grad`` is not touched. Frozen parameters are left out; parameters the
     loss does not reach get zeros.
 
-    Dropout is allowed: each sample's gradient is that of the masks drawn in this
-    forward. Modules that mix samples (BatchNorm in training mode) are refused.
+    Dropout is allowed anywhere: each sample's gradient is that of the masks drawn in
+    this forward. Modules that mix samples (BatchNorm in training mode) are refused.
+
+    Args:
+        verify: check every micro-batch's result against its batch gradient (and, when
+            its forward draws no random numbers, one sample against a forward and
+            backward on that sample alone); costs about one more backward.
+
+    Raises:
+        PerSampleError: a use of a parameter has no exact rule, or ``verify`` found the
+            result inconsistent. ConfigError: a layer that couples samples.
 
     Example:
         >>> import torch, batchgrad as bg
@@ -493,18 +436,25 @@ def per_sample_grads(
     """
     check_micro_batch_size(micro_batch_size)
     named = _trainable(model)
-    parts: dict[nn.Parameter, list[Tensor]] = {p: [] for _, p in named}
+    trainable = [p for _, p in named]
+    parts: dict[nn.Parameter, list[Tensor]] = {p: [] for p in trainable}
     for index, micro_batch in enumerate(micro_batches(batch, micro_batch_size)):
-        size = batch_length(micro_batch, f"micro-batch {index}")
-        calls, _ = _record(model, loss_fn, micro_batch, index)
+        traced = _trace(model, loss_fn, micro_batch, index)
+        size = traced.tracer.rows
+        units = _plan(traced)
+        batch_grads = _backward(traced, units, trainable if verify else [])
         found: dict[nn.Parameter, Tensor] = {}
         with torch.no_grad():
-            for layer in _layers(calls, size):
-                for name, grad in layer.grads().items():
-                    p = layer.params[name]
+            for unit in units:
+                for p, grad in unit.per_sample().items():
                     found[p] = found[p] + grad if p in found else grad
-        for _, p in named:
-            parts[p].append(found[p] if p in found else p.new_zeros(size, *p.shape))
+        complete = {p: found[p] if p in found else p.new_zeros(size, *p.shape) for p in trainable}
+        if verify:
+            _verify_sums(units, batch_grads, traced, index)
+            if not traced.random and trainable:
+                _check_sample_grads(model, loss_fn, micro_batch, traced, index, complete)
+        for p in trainable:
+            parts[p].append(complete[p])
     return {name: parts[p][0] if len(parts[p]) == 1 else torch.cat(parts[p]) for name, p in named}
 
 
@@ -514,39 +464,115 @@ def per_sample_norms(
     batch: Batch | Iterable[Batch],
     *,
     micro_batch_size: int | None = None,
+    verify: bool = True,
 ) -> Tensor:
     """``[B]``: the L2 norm of each sample's gradient over all trainable parameters.
 
     Equal to the norms of `per_sample_grads`, but `nn.Linear` and `nn.Embedding`
-    layers use the Goodfellow and ghost-norm identities, so their per-sample
-    gradients are never formed.
+    layers used once (and convolutions with few output positions) use the Goodfellow
+    and ghost-norm identities, so their per-sample gradients are never formed.
+    ``verify`` as in `per_sample_grads` (the sum is checked through the per-use
+    weighted sums, one sample through its norm).
     """
     check_micro_batch_size(micro_batch_size)
+    trainable = [p for _, p in _trainable(model)]
     norms = []
     for index, micro_batch in enumerate(micro_batches(batch, micro_batch_size)):
-        size = batch_length(micro_batch, f"micro-batch {index}")
-        calls, _ = _record(model, loss_fn, micro_batch, index)
+        traced = _trace(model, loss_fn, micro_batch, index)
+        units = _plan(traced)
+        batch_grads = _backward(traced, units, trainable if verify else [])
         with torch.no_grad():
-            norms.append(_sq_norms(list(_layers(calls, size)), size).sqrt())
+            norm = _sq_norms(units, traced.tracer.rows).sqrt()
+        if verify:
+            _verify_sums(units, batch_grads, traced, index)
+            if not traced.random and trainable:
+                row = traced.tracer.rows - 1
+                _check_sample_norm(model, loss_fn, micro_batch, traced, index, norm[row], trainable)
+        norms.append(norm)
     return norms[0] if len(norms) == 1 else torch.cat(norms)
 
 
-def _sq_norms(layers: list[_Layer], size: int) -> Tensor:
-    """Per-sample squared norms; a parameter used by several calls is formed whole."""
+def _verify_sums(
+    units: list[Unit],
+    batch_grads: dict[nn.Parameter, Tensor | None],
+    traced: _Traced,
+    index: int,
+) -> None:
+    """The first half of the guard: ``Σ_i g_i`` per parameter, formed by each rule as
+    its weighted sum with all weights 1 (for linear, convolution and embedding rules
+    one matrix product, no pass over per-sample tensors), against the batch gradient.
+
+    The guard holds no second copy of the gradients: a parameter with one use has its
+    sum subtracted in place from its batch gradient (`Unit.subtract_sum`, which for
+    `nn.Linear` writes the product straight into it); one with several uses is summed
+    and compared after its last; ``batch_grads`` is emptied on the way, only three
+    numbers per parameter kept until the verdict (`_check_sums`)."""
+    left: dict[nn.Parameter, int] = {}
+    for unit in units:
+        for p in unit.params:
+            left[p] = left.get(p, 0) + 1
+    alone = {p for p, n in left.items() if n == 1}
+    stats: dict[nn.Parameter, tuple[float, float, float]] = {}
+    partial: dict[nn.Parameter, Tensor] = {}
+
+    def compare(p: nn.Parameter, got: Tensor) -> None:
+        want = batch_grads.pop(p, None)
+        got_norm = float(got.norm())
+        if want is None:  # the loss does not reach it: every sample's gradient is 0
+            stats[p] = (got_norm, 0.0, got_norm)
+            return
+        want_norm = float(want.norm())
+        stats[p] = (float(want.sub_(got.to(want.dtype)).norm()), want_norm, got_norm)
+
+    with torch.no_grad():
+        for unit in units:
+            targets: dict[nn.Parameter, Tensor] = {}
+            for p in unit.params:
+                want = batch_grads.get(p) if p in alone else None
+                if want is not None:
+                    targets[p] = want
+            if targets and len(targets) == len(unit.params):
+                for p in targets:
+                    del batch_grads[p]
+                norms = {p: float(t.norm()) for p, t in targets.items()}
+                unit.subtract_sum(targets)  # now each holds ∇ total - Σ_i g_i
+                for p, t in targets.items():
+                    error = float(t.norm())
+                    stats[p] = (error, norms[p], norms[p] + error)  # ‖Σ g_i‖ ≤ ‖∇‖ + error
+                del targets
+                continue
+            ones = torch.ones(traced.tracer.rows, dtype=torch.float64)
+            for p, g in unit.weighted(ones).items():
+                g = partial.pop(p) + g if p in partial else g
+                left[p] = left.get(p, 1) - 1
+                if left[p] > 0:
+                    partial[p] = g
+                else:
+                    compare(p, g)
+        for p, g in partial.items():  # a rule that did not return a parameter it listed
+            compare(p, g)
+        for p in list(batch_grads):  # parameters no rule reached: per-sample gradients 0
+            want = batch_grads.pop(p)
+            norm = 0.0 if want is None else float(want.norm())
+            stats[p] = (norm, norm, 0.0)
+    _check_sums(stats, traced, index)
+
+
+def _sq_norms(units: list[Unit], size: int) -> Tensor:
+    """Per-sample squared norms; a parameter used by several units is formed whole."""
     uses: dict[nn.Parameter, int] = {}
-    for layer in layers:
-        for p in layer.params.values():
+    for unit in units:
+        for p in unit.params:
             uses[p] = uses.get(p, 0) + 1
     shared = {p for p, n in uses.items() if n > 1}
     total: Tensor | None = None
     summed: dict[nn.Parameter, Tensor] = {}
-    for layer in layers:
-        if any(p in shared for p in layer.params.values()):
-            for name, grad in layer.per_sample().items():
-                p = layer.params[name]
+    for unit in units:
+        if any(p in shared for p in unit.params):
+            for p, grad in unit.per_sample().items():
                 summed[p] = summed[p] + grad if p in summed else grad
             continue
-        sq = layer.sq_norms()
+        sq = unit.sq_norms()
         total = sq if total is None else total + sq.to(total.dtype)
     for grad in summed.values():
         sq = grad.flatten(1).pow(2).sum(1)
@@ -560,35 +586,47 @@ def clipped_sum(
     micro_batch: Batch,
     index: int,
     max_norm: float,
+    verify: bool | None = None,
 ) -> tuple[Loss, Tensor]:
     """Add ``Σ_i min(1, C/‖g_i‖) g_i`` of one micro-batch into ``p.grad``.
 
     Returns the micro-batch's `Loss` (detached) and each sample's clipping factor
     ``min(1, C / (‖g_i‖ + 1e-6))`` (the small constant, as Opacus uses, keeps a zero
-    gradient from dividing by 0). The weighted sum is formed per layer from the
+    gradient from dividing by 0). The weighted sum is formed per use from the
     recorded activations and output gradients, so no per-sample gradient is kept
-    (but for layers whose norms needed them: the generic rule, the norms).
+    (but for rules that form them: the generic ones, and a parameter used twice).
+    ``verify`` (default: on the first micro-batch of a call) runs the guard of
+    `per_sample_norms` on this micro-batch.
     """
-    size = batch_length(micro_batch, f"micro-batch {index}")
-    calls, loss = _record(model, loss_fn, micro_batch, index)
-    layers = list(_layers(calls, size))
+    check = index == 0 if verify is None else verify
+    trainable = [p for _, p in _trainable(model)]
+    traced = _trace(model, loss_fn, micro_batch, index)
+    size = traced.tracer.rows
+    units = _plan(traced)
+    batch_grads = _backward(traced, units, trainable if check else [])
     with torch.no_grad():
-        norms = _sq_norms(layers, size).sqrt()
+        norms = _sq_norms(units, size).sqrt()
     if not bool(torch.isfinite(norms).all()):
         bad = int((~torch.isfinite(norms)).nonzero()[0])
         raise NonFiniteError(
             f"The gradient of sample {bad} in micro-batch {index} is NaN or infinite, so it "
             f"cannot be clipped. Look at that sample's data and at the loss for it."
         )
+    if check:
+        _verify_sums(units, batch_grads, traced, index)
+        if not traced.random and trainable:
+            _check_sample_norm(
+                model, loss_fn, micro_batch, traced, index, norms[size - 1], trainable
+            )
     weights = (max_norm / (norms + 1e-6)).clamp(max=1.0)
     with torch.no_grad():
-        for layer in layers:
-            for name, grad in layer.weighted(weights).items():
-                p = layer.params[name]
+        for unit in units:
+            for p, grad in unit.weighted(weights).items():
                 if p.grad is None:
                     p.grad = grad
                 else:
                     p.grad.add_(grad)
+    loss = traced.loss
     return Loss(loss.total.detach(), loss.count), weights
 
 

@@ -111,9 +111,18 @@ from torch.nn import functional as F
 
 import batchgrad as bg
 from batchgrad._models import mlp, small_cnn
+from batchgrad._per_sample import clipped_sum
 
 TASKS = ("grads", "norms", "clipped")
-METHODS = ("plain", "naive", "torch.func", "opacus", "opacus ghost", "batchgrad")
+METHODS = (
+    "plain",
+    "naive",
+    "torch.func",
+    "opacus",
+    "opacus ghost",
+    "batchgrad",
+    "batchgrad unverified",
+)
 OPACUS_METHODS = ("opacus", "opacus ghost")
 REFERENCE = "torch.func"
 
@@ -509,6 +518,23 @@ class Batchgrad(Method):
         return _p_grads(self.model)
 
 
+class BatchgradUnverified(Batchgrad):
+    """The same without the guard (``verify=False``): what the rules alone cost."""
+
+    name = "batchgrad unverified"
+
+    def grads(self, batch: Batch) -> Grads:
+        return bg.per_sample_grads(self.model, classifier_loss, batch, verify=False)
+
+    def norms(self, batch: Batch) -> Tensor:
+        return bg.per_sample_norms(self.model, classifier_loss, batch, verify=False)
+
+    def clipped(self, batch: Batch) -> Grads:
+        self.model.zero_grad(set_to_none=True)  # accumulate's clipped pass, minus the guard
+        clipped_sum(self.model, classifier_loss, batch, 0, CLIP, verify=False)
+        return _p_grads(self.model)
+
+
 METHOD_CLASSES: dict[str, type[Method]] = {
     "plain": Plain,
     "naive": Naive,
@@ -516,12 +542,96 @@ METHOD_CLASSES: dict[str, type[Method]] = {
     "opacus": Opacus,
     "opacus ghost": OpacusGhost,
     "batchgrad": Batchgrad,
+    "batchgrad unverified": BatchgradUnverified,
 }
 
 
 def build_methods(model: nn.Module, names: tuple[str, ...]) -> dict[str, Method]:
     """Each method on its own deep copy of ``model`` (Opacus' hooks stay on its copy)."""
     return {name: METHOD_CLASSES[name](copy.deepcopy(model)) for name in names}
+
+
+# -- memory ---------------------------------------------------------------------------
+
+MEMORY_TARGET = 1.5
+"""batchgrad's clipped step may peak at most at this many times a plain step's memory."""
+
+MEMORY_METHODS = ("plain", "torch.func", "opacus ghost", "batchgrad", "batchgrad unverified")
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def memory_child(model_name: str, method_name: str, quick: bool, seed: int) -> int:
+    """In a fresh process: the bytes one call of ``method_name`` adds to the resident
+    peak (``VmHWM``, reset just before) over what was resident before it."""
+    import ctypes
+
+    sizes = QUICK if quick else FULL
+    (workload,) = (w for w in build_workloads(sizes, seed) if w.name == model_name)
+    method = METHOD_CLASSES[method_name](workload.model)
+    task = "grads" if method_name == "plain" else "clipped"
+    method.run(task, workload.batch)  # first-call caches (thread pools, kernels) aside
+    method.model.zero_grad(set_to_none=True)
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # reset the peak resident size to the current one
+    before = _status_kb("VmRSS")
+    method.run(task, workload.batch)
+    return (_status_kb("VmHWM") - before) * 1024
+
+
+def measure_memory(quick: bool, seed: int, names: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Peak memory of one clipped step per method (plain: one step), each in its own
+    process, as a ratio to the plain step's."""
+    import subprocess
+    import sys
+
+    rows = []
+    for model in ("mlp", "cnn", "transformer"):
+        found = {}
+        for name in (m for m in MEMORY_METHODS if m in names):
+            command = [sys.executable, __file__, "--memory-child", model, name, "--seed", str(seed)]
+            done = subprocess.run(
+                command + (["--quick"] if quick else []),
+                capture_output=True,
+                text=True,
+                timeout=600,
+                check=True,
+            )
+            found[name] = int(done.stdout.strip().splitlines()[-1])
+        for name, peak in found.items():
+            rows.append(
+                {
+                    "model": model,
+                    "method": name,
+                    "peak_bytes": peak,
+                    "ratio": peak / max(found["plain"], 1),
+                }
+            )
+    return rows
+
+
+def memory_table(rows: list[dict[str, Any]]) -> Table:
+    table = Table(title="peak memory of one clipped step / one plain step (resident, MB)")
+    table.add_column("model")
+    for name in dict.fromkeys(row["method"] for row in rows):
+        table.add_column(name.replace(" ", "\n"), justify="right")
+    for model in dict.fromkeys(row["model"] for row in rows):
+        cells = []
+        for row in (r for r in rows if r["model"] == model):
+            text = f"{row['peak_bytes'] / 2**20:.1f}"
+            if row["method"] != "plain":
+                text += f" ({row['ratio']:.2f}×)"
+            cells.append(text)
+        table.add_row(model, *cells)
+    return table
 
 
 # -- checking -------------------------------------------------------------------------
@@ -751,6 +861,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default: 3)")
     parser.add_argument("--no-opacus", action="store_true", help="leave Opacus out")
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="also measure each clipped step's peak memory, one process per method (Linux)",
+    )
+    parser.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     add_run_options(parser, DEFAULT_OUT, "tiny sizes and 2 rounds: a smoke test in seconds")
     args = parser.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
@@ -762,6 +878,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.memory_child:
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            print(memory_child(*args.memory_child, args.quick, args.seed))
+        return 0
     console = Console()
     if not console.is_terminal:  # rich's default of 80 columns squeezes the table
         console = Console(width=max(console.width, 132))
@@ -817,6 +940,17 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - started
 
     console.print(results_table(rows))
+    memory = measure_memory(args.quick, args.seed, names) if args.memory else []
+    if memory:
+        console.print(memory_table(memory))
+        for row in memory:
+            if row["method"] == "batchgrad":
+                met = row["ratio"] <= MEMORY_TARGET
+                verdict = "[green]met[/green]" if met else "[bold red]missed[/bold red]"
+                console.print(
+                    f"  {row['model']}: batchgrad clipped step ≤ {MEMORY_TARGET:g}× a plain "
+                    f"step's memory: {verdict}"
+                )
     found = targets(rows)
     for target in found:
         verdict = {True: "[green]met[/green]", False: "[bold red]missed[/bold red]"}.get(
@@ -849,6 +983,7 @@ def main(argv: list[str] | None = None) -> int:
             "tolerance": TOLERANCE,
             "clipped_target": CLIPPED_TARGET,
         },
+        "memory": memory,
         "elapsed_s": elapsed,
         "load_average_after": load_average(),
         "targets": found,

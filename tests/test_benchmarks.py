@@ -174,7 +174,7 @@ def test_per_sample_quick_run_checks_and_times_every_method(per_sample, tmp_path
         (model, task, method)
         for model in ("mlp", "cnn", "transformer")
         for task in ("grads", "norms", "clipped")
-        for method in ("plain", "naive", "torch.func", "opacus", "opacus ghost", "batchgrad")
+        for method in per_sample.METHODS
         if not (method == "opacus ghost" and task == "grads")
     }
     rows = results["rows"]

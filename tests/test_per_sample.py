@@ -5,7 +5,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
-from torch.nn import functional as F
 
 import batchgrad as bg
 from batchgrad._models import TinyLM
@@ -326,12 +325,8 @@ BATCH = (torch.randn(4, 3), torch.randint(0, 2, (4,)))
             r"Module '1' \(BatchNorm1d\) is in training mode.*eval mode.*GroupNorm",
         ),
         (
-            nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=True), nn.Linear(4, 2)),
-            r"output of module '0' \(Linear\) was modified in place",
-        ),
-        (
             nn.Sequential(nn.Flatten(0), nn.Unflatten(0, (2, 6)), nn.Linear(6, 2)),
-            r"module '2' has shape \(2, 6\), but dimension 0 must be the batch of 4",
+            r"run the model on 2 rows of micro-batch 0.*must run on any number of samples",
         ),
     ],
 )
@@ -388,20 +383,180 @@ def test_a_nan_sample_gradient_is_named():
     assert model.weight.grad is None
 
 
-class NoisyScale(Scale):
-    """Random numbers inside a module with parameters of its own: not per-sample-able
-    by the generic rule (torch.func would draw them anew)."""
+class Hidden(nn.Module):
+    """A layer whose use of its weight no trace can see (as a compiled kernel would)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3))
 
     def forward(self, x):
-        return F.dropout(super().forward(x), 0.5, training=True)
+        with torch._C.DisableTorchFunction():
+            return torch.tanh(x * self.weight)
 
 
-def test_the_generic_rule_names_the_module_it_cannot_handle():
-    model = nn.Sequential(NoisyScale(3))
+class BatchCentred(nn.Module):
+    """Subtracts the batch mean: a sample's output depends on the other samples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return h - h.mean(0)
+
+
+def _squares(model, x):
+    return bg.Loss.from_values(torch.tanh(model(x)).pow(2).sum(1))
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        (Hidden(), r"parameter 'weight' .* do not add up to its batch gradient"),
+        (BatchCentred(), r"sample 3 in micro-batch 0 \(parameter 'lin\.weight'\) differs"),
+    ],
+)
+def test_the_guard_catches_layers_no_rule_can_read(model, message):
+    """Nothing silently wrong: what slips past every rule raises, in all three entries."""
+    x = torch.randn(4, 3)
+    with pytest.raises(bg.PerSampleError, match=message):
+        bg.per_sample_grads(model, _squares, x)
+    with pytest.raises(bg.PerSampleError):
+        bg.per_sample_norms(model, _squares, x)
+    with pytest.raises(bg.PerSampleError):
+        bg.accumulate(model, _squares, x, clip_per_sample=1.0)
+    assert all(p.grad is None for p in model.parameters())
+    bg.accumulate(model, _squares, x)  # the model is left usable
+
+
+def test_the_guard_leaves_existing_gradients_and_adds_to_them_exactly():
+    """The guard's single-sample backward leaves ``p.grad`` alone whether the check
+    fails (untouched) or passes (the clipped sum added to it), and runs no hook that
+    follows gradient accumulation."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3).double()
+    model = BatchCentred().double()
+    bg.accumulate(model, _squares, x)
+    before = [p.grad.clone() for p in model.parameters()]
+    with pytest.raises(bg.PerSampleError):
+        bg.accumulate(model, _squares, x, clip_per_sample=1.0, existing_grad="add")
+    assert all(torch.equal(p.grad, b) for p, b in zip(model.parameters(), before, strict=True))
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+
+    def squares(model, batch):
+        return _squares(model, batch[0])
+
+    batch = (x, torch.zeros(4))
+    expected, _ = reference_clipped(model, squares, batch, 4, 0.5, "sum")
+    bg.accumulate(model, squares, batch)
+    before = [p.grad.clone() for p in model.parameters()]
+    accumulated = []
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(accumulated.append)
+    bg.accumulate(model, squares, batch, reduction="sum", clip_per_sample=0.5, existing_grad="add")
+    assert accumulated == []
+    for (name, p), b in zip(model.named_parameters(), before, strict=True):
+        assert_close_rel(p.grad, b + expected[name])
+
+
+def test_without_the_guard_a_hidden_use_is_wrong():
+    """What the guard is for: ``verify=False`` trusts the trace, which misses this use."""
+    model = Hidden().double()
+    x = torch.randn(4, 3).double()
+    grads = bg.per_sample_grads(model, _squares, x, verify=False)
+    (expected,) = torch.autograd.grad(_squares(model, x).total, [model.weight])
+    assert not torch.allclose(grads["weight"].sum(0), expected)
+
+
+def test_a_shared_use_outside_any_module_is_refused():
+    """A regulariser inside each sample's value: no module holds its samples."""
+    model = nn.Sequential(nn.Linear(3, 2))
 
     def loss_fn(model, x):
-        return bg.Loss.from_values(model(x).pow(2).sum(1))
+        return bg.Loss.from_values(model(x).pow(2).sum(1) + model[0].weight.pow(2).sum())
 
-    with pytest.raises(bg.ConfigError, match=r"module '0' \(NoisyScale\) go through torch.func"):
+    with pytest.raises(bg.PerSampleError, match=r"parameter '0\.weight'.*outside any module"):
         bg.per_sample_grads(model, loss_fn, torch.randn(4, 3))
-    assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_packed_sequence_is_refused_naming_the_module():
+    lstm = nn.LSTM(3, 4, batch_first=True)
+    model = nn.ModuleDict({"lstm": lstm})
+
+    def loss_fn(model, x):
+        packed = nn.utils.rnn.pack_padded_sequence(x, [x.shape[1]] * len(x), batch_first=True)
+        return bg.Loss.from_values(model["lstm"](packed)[1][0].pow(2).sum((0, 2)))
+
+    with pytest.raises(bg.PerSampleError, match=r"module 'lstm' \(LSTM\).*mixed"):
+        bg.per_sample_grads(model, loss_fn, torch.randn(4, 5, 3))
+
+
+# -- registered rules ---------------------------------------------------------------
+
+
+class Gain(nn.Module):
+    """A user layer with a rule of its own: ``y = x · w`` over the last dimension."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(features))
+
+    def forward(self, x):
+        return x * self.weight
+
+
+@pytest.fixture
+def gain_rule():
+    from batchgrad._per_sample_rules import MODULE_RULES
+
+    def register(rule):
+        bg.register_per_sample_rule(Gain)(rule)
+
+    yield register
+    MODULE_RULES.pop(Gain, None)
+
+
+def _gain_loss(model, x):
+    return bg.Loss.from_values(torch.tanh(model(x)).pow(2).flatten(1).sum(1))
+
+
+def test_a_registered_rule_is_used_and_checked(gain_rule):
+    calls = []
+
+    def rule(module, args, grad_outputs):
+        calls.append(module)
+        (x,), (g,) = args, grad_outputs
+        return {"weight": (x * g).reshape(len(x), -1, x.shape[-1]).sum(1)}
+
+    gain_rule(rule)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), Gain(4)).double()
+    x = torch.randn(5, 2, 3).double()
+
+    def loss_fn(model, batch):
+        return _gain_loss(model, batch[0])
+
+    reference = single_sample_grads(model, loss_fn, (x, torch.zeros(5)), 5)
+    grads = bg.per_sample_grads(model, loss_fn, (x, torch.zeros(5)))
+
+    assert calls  # the rule ran, not the generic one
+    for name in reference:
+        assert_close_rel(grads[name], reference[name])
+
+
+def test_a_wrong_registered_rule_is_caught_by_the_guard(gain_rule):
+    gain_rule(lambda module, args, grads: {"weight": args[0] * grads[0] * 0.5})
+    model = Gain(3)
+    with pytest.raises(bg.PerSampleError, match=r"parameter 'weight' .* do not add up"):
+        bg.per_sample_grads(model, _gain_loss, torch.randn(4, 3))
+    with pytest.raises(bg.PerSampleError, match=r"parameter 'weight' .* do not add up"):
+        bg.accumulate(model, _gain_loss, torch.randn(4, 3), clip_per_sample=1.0)
+    assert model.weight.grad is None
+
+
+def test_a_registered_rule_of_the_wrong_shape_is_named(gain_rule):
+    gain_rule(lambda module, args, grads: {"weight": torch.zeros(3)})
+    with pytest.raises(bg.PerSampleError, match=r"rule registered for Gain returned 'weight'"):
+        bg.per_sample_grads(Gain(3), _gain_loss, torch.randn(4, 3))

@@ -1,0 +1,79 @@
+"""Sample dimensions and parameter uses read from the forward, never from sizes."""
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import batchgrad as bg
+from batchgrad._per_sample import _trace
+from batchgrad._per_sample_trace import MIXED
+
+
+def traced(model, loss_fn, batch):
+    return _trace(model, loss_fn, batch, 0).tracer
+
+
+def values(model, x):
+    return bg.Loss.from_values(model(x).flatten(1).sum(1))
+
+
+def test_rnn_states_hold_the_samples_in_dimension_1_whatever_batch_first_says():
+    lstm = nn.LSTM(3, 3, batch_first=True)
+
+    def loss_fn(model, x):
+        out, (h, c) = model(x)
+        return bg.Loss.from_values(out.sum((1, 2)) + h.sum((0, 2)) + c.sum((0, 2)))
+
+    (op,) = traced(lstm, loss_fn, torch.randn(3, 3, 3)).ops  # B = T = features = 3
+    assert op.func is torch.lstm
+    assert op.in_dims[0] == 0  # the input, batch first
+    assert op.in_dims[1:3] == [1, 1]  # the zero states nn.LSTM made, [layers, B, H]
+    assert op.out_dims == [0, 1, 1]  # out [B, T, H]; h_n and c_n [layers, B, H]
+
+
+def test_shared_position_ids_are_not_taken_for_samples_when_t_equals_b():
+    tokens, positions = nn.Embedding(5, 2), nn.Embedding(4, 2)
+    model = nn.ModuleDict({"tokens": tokens, "positions": positions})
+
+    def loss_fn(model, ids):
+        pos = model["positions"](torch.arange(ids.shape[1]))  # [T] ids, T = B = 4
+        return bg.Loss.from_values((model["tokens"](ids) + pos).pow(2).sum((1, 2)))
+
+    tracer = traced(model, loss_fn, torch.randint(0, 5, (4, 4)))
+    lookup = [op for op in tracer.ops if op.params[0] is positions.weight]
+    assert len(lookup) == 1
+    assert tuple(lookup[0].outputs[0].shape) == (4, 4, 2)  # expanded over the batch
+    assert lookup[0].in_dims[0] == 0
+    assert tracer.expanded
+    assert not tracer.opaque
+
+
+def test_a_number_that_follows_the_batch_size_marks_the_call():
+    h0 = nn.Parameter(torch.randn(1, 1, 2))
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.h0 = h0
+
+        def forward(self, x):
+            return self.h0.expand(-1, x.shape[0], -1).transpose(0, 1) * x
+
+    tracer = traced(Model(), values, torch.randn(3, 1, 2))
+    (op,) = tracer.ops
+    assert MIXED in op.in_dims  # the argument x.shape[0]
+
+
+def test_every_use_of_a_parameter_is_recorded_where_it_happens():
+    emb = nn.Embedding(5, 2)
+    model = nn.ModuleDict({"emb": emb})
+
+    def tied(model, ids):
+        h = model["emb"](ids)
+        return bg.Loss.from_values(F.linear(h, model["emb"].weight).sum((1, 2)))
+
+    tracer = traced(model, tied, torch.randint(0, 5, (3, 2)))
+    assert [(op.func, op.scope.name if op.scope else None) for op in tracer.ops] == [
+        (F.embedding, "emb"),
+        (F.linear, None),  # in the loss function, outside any module
+    ]
