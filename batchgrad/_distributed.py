@@ -316,13 +316,16 @@ def launch(
     *args: Any,
     timeout: float = 120.0,
     may_die: tuple[int, ...] = (),
+    init_group: bool = True,
 ) -> list[R]:
     """Run ``fn(*args)`` in ``nproc`` local processes joined in a gloo process group.
 
     The processes talk over 127.0.0.1 only. Returns each rank's result, rank 0
     first. ``fn`` and its arguments must be picklable (a module-level function).
     The ranks in ``may_die`` may end without a result (None): to test what the
-    others do when a rank dies.
+    others do when a rank dies. With ``init_group=False`` only the environment
+    that torchrun would set is set (``MASTER_ADDR``, ``RANK``, ``WORLD_SIZE``, ...),
+    for code that creates its process group itself (trainers).
 
     Raises:
         DistributedError: a process failed (its traceback is in the message) or
@@ -335,7 +338,7 @@ def launch(
     processes = [
         context.Process(
             target=_process_main,
-            args=(rank, nproc, address, timeout, fn, args, results),
+            args=(rank, nproc, address, timeout, init_group, fn, args, results),
             daemon=True,
         )
         for rank in range(nproc)
@@ -382,6 +385,7 @@ def _process_main(
     world_size: int,
     address: tuple[str, int],
     timeout: float,
+    init_group: bool,
     fn: Callable[..., Any],
     args: tuple[Any, ...],
     results: multiprocessing.queues.Queue[tuple[int, bool, Any]],
@@ -389,6 +393,18 @@ def _process_main(
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback only
     torch.set_num_threads(1)
     try:
+        if not init_group:
+            os.environ.update(
+                MASTER_ADDR=address[0],
+                MASTER_PORT=str(address[1]),
+                RANK=str(rank),
+                LOCAL_RANK=str(rank),
+                WORLD_SIZE=str(world_size),
+                LOCAL_WORLD_SIZE=str(world_size),
+                OMP_NUM_THREADS="1",
+            )
+            results.put((rank, True, pickle.dumps(fn(*args))))
+            return
         dist.init_process_group(
             "gloo",
             init_method=f"tcp://{address[0]}:{address[1]}",
