@@ -26,7 +26,7 @@ ranks is `batchgrad._protocol` and whose synchronisation is
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypeVar
 
@@ -39,8 +39,6 @@ from ._distributed import Replica, replica
 from ._errors import (
     ConfigError,
     EmptyBatchError,
-    ExistingGradError,
-    LossTypeError,
     NonFiniteError,
     ZeroCountError,
 )
@@ -49,9 +47,17 @@ from ._noise import NoiseEstimate, NoiseScale
 from ._noise import estimate as noise_estimate
 from ._per_sample import check_clipping, clipped_sum
 from ._protocol import Local, agree, layout
+from ._readout import _as_number, _check_losses, _grads, _norms, _total_norm
 from ._reduction import REDUCTIONS, Reduction
 from ._split import Batch, batch_length, is_structured, micro_batches
-from ._state import GradStash, RngSnapshot, trainable_and_buffers
+from ._state import (
+    GradStash,
+    RngSnapshot,
+    _add_back,
+    _into_stashed,
+    _refuse_existing_grads,
+    trainable_and_buffers,
+)
 
 T = TypeVar("T")
 
@@ -777,125 +783,6 @@ def _backward(total: Tensor, root: Tensor | None) -> None:
     if root is None:
         root = torch.ones_like(total)
     _run_backward((total,), (root,), False, False, (), allow_unreachable=True, accumulate_grad=True)
-
-
-def _grads(params: list[nn.Parameter]) -> list[Tensor]:
-    return [p.grad for p in params if p.grad is not None]
-
-
-def _norms(grads: list[Tensor]) -> list[Tensor]:
-    """The L2 norm of each gradient, as 0-d tensors: one fused kernel per device where
-    the device has one (foreach kernels take mixed devices and dtypes one by one)."""
-    return list(torch._foreach_norm(grads)) if grads else []
-
-
-def _total_norm(grads: list[Tensor]) -> float:
-    """The global L2 norm (the one pass over the gradients that checking them costs)."""
-    return math.hypot(*_as_floats(_norms(grads)))
-
-
-def _into_stashed(stash: GradStash) -> None:
-    """Write each new gradient into the tensor ``p.grad`` held before the call, where
-    there was one (cleared with ``zero_grad(set_to_none=False)``, or replaced).
-
-    Autograd accumulates into an existing ``p.grad`` in place, and code may rely on
-    it: gradients that are views of one flat buffer (DDP's ``gradient_as_bucket_view``,
-    optimizers over contiguous gradient buffers) would otherwise keep reading zeros.
-    """
-    for p, old in zip(stash.params, stash.grads, strict=True):
-        new = p.grad
-        if (
-            old is not None
-            and new is not None
-            and old.layout == new.layout == torch.strided
-            and old.shape == new.shape
-            and old.dtype == new.dtype
-            and old.device == new.device
-        ):
-            with torch.no_grad():
-                old.copy_(new)
-            p.grad = old
-
-
-def _add_back(stash: GradStash) -> float:
-    """Add the new gradients into the stashed ones (in place, like autograd does)."""
-    for p, old in zip(stash.params, stash.grads, strict=True):
-        if old is not None:
-            if p.grad is not None:
-                old.add_(p.grad)
-            p.grad = old
-    return _total_norm(_grads(stash.params))
-
-
-def _check_losses(
-    totals: list[Tensor], counts: list[int | float | Tensor], extra: Sequence[Tensor] = ()
-) -> tuple[float, list[float], list[float]]:
-    """The summed loss and the count of each micro-batch, all checked, and the values
-    of ``extra``: one transfer for all."""
-    k, m = len(totals), len(totals) + len(counts)
-    fetched = _as_floats([*totals, *counts, *extra])
-    values, unit_counts = fetched[:k], fetched[k:m]
-    if all(map(math.isfinite, fetched[:m])) and min(unit_counts, default=0) >= 0:
-        return math.fsum(values), unit_counts, fetched[m:]
-    if not all(map(math.isfinite, values)):
-        bad = [i for i, value in enumerate(values) if not math.isfinite(value)]
-        raise NonFiniteError(
-            f"The loss of micro-batch {bad[0]} is {values[bad[0]]} (non-finite losses in "
-            f"micro-batches {bad[:10]}). Look at that micro-batch's data, and at the "
-            f"model's outputs for it (log of 0, division by 0, overflow in low precision)."
-        )
-    index, count = next((i, c) for i, c in enumerate(unit_counts) if not 0 <= c < math.inf)
-    raise LossTypeError(
-        f"Loss.count of micro-batch {index} is {count}; a count must be a finite "
-        f"number of units >= 0. Look at how loss_fn counts that micro-batch's units "
-        f"(a mask or weights holding NaN, inf or negative values?)."
-    )
-
-
-def _as_floats(values: Sequence[int | float | Tensor]) -> list[float]:
-    """Python floats of numbers and 0-d tensors (exactly: a Python float holds every
-    tensor float and integer count).
-
-    A CPU tensor is read alone, the cheapest there; an accelerator's are stacked and
-    fetched together, one transfer (and one wait for the device) per dtype and device.
-    """
-    numbers: list[float] = []
-    away: dict[tuple[torch.dtype, torch.device], list[int]] = {}
-    for value in values:
-        if not isinstance(value, Tensor):
-            numbers.append(float(value))
-        elif value.is_cpu:
-            numbers.append(float(value.item()))  # item(): no detach() needed
-        else:
-            away.setdefault((value.dtype, value.device), []).append(len(numbers))
-            numbers.append(math.nan)  # fetched below
-    for indices in away.values():
-        fetched = torch.stack([values[i].detach() for i in indices]).tolist()  # type: ignore[union-attr]
-        for index, number in zip(indices, fetched, strict=True):
-            numbers[index] = float(number)
-    return numbers
-
-
-def _as_number(value: float) -> int | float:
-    return int(value) if float(value).is_integer() else value
-
-
-def _refuse_existing_grads(model: nn.Module, stash: GradStash) -> None:
-    """Raise if any gradient found before the call (now in ``stash``) is non-zero."""
-    present = [(p, g) for p, g in zip(stash.params, stash.grads, strict=True) if g is not None]
-    if not present:
-        return
-    nonzero = torch.stack([g.detach().ne(0).any() for _, g in present])
-    if not bool(nonzero.any()):
-        return
-    names = {p: name for name, p in model.named_parameters()}
-    stale = [names[p] for (p, _), flag in zip(present, nonzero.tolist(), strict=True) if flag]
-    raise ExistingGradError(
-        f"{len(stale)} parameter(s) already hold non-zero gradients ({', '.join(stale[:3])}"
-        f"{', ...' if len(stale) > 3 else ''}); accumulate would add the new gradient to "
-        f"stale ones. Call optimizer.zero_grad() first, or pass existing_grad='replace' "
-        f"to overwrite them or existing_grad='add' to add to them on purpose."
-    )
 
 
 def _non_finite_grad_error(

@@ -34,21 +34,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._accumulate import (
-    _EXISTING_GRAD,
-    ExistingGrad,
-    _add_back,
-    _as_floats,
-    _as_number,
-    _divisor,
-    _grads,
-    _into_stashed,
-    _normalise,
-    _refuse_existing_grads,
-    _total_norm,
-)
+from ._accumulate import _EXISTING_GRAD, ExistingGrad, _divisor, _normalise
 from ._errors import BatchShapeError, ConfigError, LossTypeError, NonFiniteError, StateError
 from ._loss import Loss
+from ._readout import _as_floats, _as_number, _grads, _total_norm
 from ._reduction import REDUCTIONS, Reduction
 from ._sequence import (
     State,
@@ -60,7 +49,15 @@ from ._sequence import (
     time_slice,
 )
 from ._split import Batch, check_micro_batch_size, micro_batches
-from ._state import BufferSnapshot, GradStash, RngSnapshot, trainable_and_buffers
+from ._state import (
+    BufferSnapshot,
+    GradStash,
+    RngSnapshot,
+    _add_back,
+    _into_stashed,
+    _refuse_existing_grads,
+    trainable_and_buffers,
+)
 
 StepFn = Callable[[nn.Module, Any, State], tuple[Loss, State]]
 """``step_fn(model, chunk, state) -> (bg.Loss, new_state)``."""

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ._errors import ExistingGradError
+from ._readout import _grads, _total_norm
+
 
 @dataclass
 class GradStash:
@@ -133,3 +136,57 @@ class ModelSnapshot:
         """Back to the state of `take`, gradients included."""
         self.reset()
         self.grads.put_back()
+
+
+# ---- writing the result into the gradients held before a call -----------------------
+
+
+def _into_stashed(stash: GradStash) -> None:
+    """Write each new gradient into the tensor ``p.grad`` held before the call, where
+    there was one (cleared with ``zero_grad(set_to_none=False)``, or replaced).
+
+    Autograd accumulates into an existing ``p.grad`` in place, and code may rely on
+    it: gradients that are views of one flat buffer (DDP's ``gradient_as_bucket_view``,
+    optimizers over contiguous gradient buffers) would otherwise keep reading zeros.
+    """
+    for p, old in zip(stash.params, stash.grads, strict=True):
+        new = p.grad
+        if (
+            old is not None
+            and new is not None
+            and old.layout == new.layout == torch.strided
+            and old.shape == new.shape
+            and old.dtype == new.dtype
+            and old.device == new.device
+        ):
+            with torch.no_grad():
+                old.copy_(new)
+            p.grad = old
+
+
+def _add_back(stash: GradStash) -> float:
+    """Add the new gradients into the stashed ones (in place, like autograd does)."""
+    for p, old in zip(stash.params, stash.grads, strict=True):
+        if old is not None:
+            if p.grad is not None:
+                old.add_(p.grad)
+            p.grad = old
+    return _total_norm(_grads(stash.params))
+
+
+def _refuse_existing_grads(model: nn.Module, stash: GradStash) -> None:
+    """Raise if any gradient found before the call (now in ``stash``) is non-zero."""
+    present = [(p, g) for p, g in zip(stash.params, stash.grads, strict=True) if g is not None]
+    if not present:
+        return
+    nonzero = torch.stack([g.detach().ne(0).any() for _, g in present])
+    if not bool(nonzero.any()):
+        return
+    names = {p: name for name, p in model.named_parameters()}
+    stale = [names[p] for (p, _), flag in zip(present, nonzero.tolist(), strict=True) if flag]
+    raise ExistingGradError(
+        f"{len(stale)} parameter(s) already hold non-zero gradients ({', '.join(stale[:3])}"
+        f"{', ...' if len(stale) > 3 else ''}); accumulate would add the new gradient to "
+        f"stale ones. Call optimizer.zero_grad() first, or pass existing_grad='replace' "
+        f"to overwrite them or existing_grad='add' to add to them on purpose."
+    )
