@@ -496,9 +496,13 @@ class _Norm(OpRule):
     def _normalised(self) -> tuple[Tensor, tuple[int, ...]]:
         raise NotImplementedError
 
+    def _output_grad(self) -> Tensor:
+        """The gradient reaching the output, samples in dimension 0."""
+        return self.grad()
+
     def grads(self) -> dict[nn.Parameter, Tensor]:
         normalised, reduce = self._normalised()
-        g = self.grad()
+        g = self._output_grad()
         out: dict[nn.Parameter, Tensor] = {}
         if self.has("weight"):
             out[self.param("weight")] = (g * normalised).sum(reduce) if reduce else g * normalised
@@ -526,15 +530,8 @@ class _LayerNorm(_Norm):
         moved = normalised.movedim(d, 0)
         return moved, tuple(range(1, x.ndim - len(shape)))
 
-    def grads(self) -> dict[nn.Parameter, Tensor]:
-        normalised, reduce = self._normalised()
-        g = self.grad().movedim(self.out_dim(), 0)
-        out: dict[nn.Parameter, Tensor] = {}
-        if self.has("weight"):
-            out[self.param("weight")] = (g * normalised).sum(reduce) if reduce else g * normalised
-        if self.has("bias"):
-            out[self.param("bias")] = g.sum(reduce) if reduce else g
-        return out
+    def _output_grad(self) -> Tensor:
+        return self.grad().movedim(self.out_dim(), 0)
 
 
 class _GroupNorm(_Norm):
