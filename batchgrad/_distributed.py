@@ -38,6 +38,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch._C._distributed_c10d import TCPStore
 from torch.nn.parallel import DistributedDataParallel
 
 from ._errors import BatchError, ConfigError, DistributedError
@@ -321,9 +322,10 @@ def launch(
     """Run ``fn(*args)`` in ``nproc`` local processes joined in a gloo process group.
 
     The processes talk over 127.0.0.1 only (the rendezvous store included, see
-    `_loopback_store`). Returns each rank's result, rank 0 first. ``fn`` and its arguments must be picklable (a module-level function).
-    The ranks in ``may_die`` may end without a result (None): to test what the
-    others do when a rank dies. With ``init_group=False`` only the environment
+    `_loopback_store`). Returns each rank's result, rank 0 first. ``fn`` and its
+    arguments must be picklable (a module-level function). The ranks in
+    ``may_die`` may end without a result (None): to test what the others do when a
+    rank dies. With ``init_group=False`` only the environment
     that torchrun would set is set (``MASTER_ADDR``, ``RANK``, ``WORLD_SIZE``, ...),
     for code that creates its process group itself (trainers; their rendezvous
     listens where torch's ``env://`` puts it, on every interface).
@@ -427,19 +429,17 @@ def _process_main(
 
 def _loopback_store(
     address: tuple[str, int], rank: int, world_size: int, timeout: datetime.timedelta
-) -> dist.TCPStore:
+) -> TCPStore:
     """The rendezvous store, its server on rank 0 listening on 127.0.0.1 only: given
     a host alone, `TCPStore` listens on every interface, so rank 0 binds the socket
     itself and hands it over."""
     if rank != 0:
-        return dist.TCPStore(*address, world_size, False, timeout=timeout)
+        return TCPStore(*address, world_size, False, timeout=timeout)
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     listener.bind(address)
     listener.listen()
-    return dist.TCPStore(
-        *address, world_size, True, timeout=timeout, master_listen_fd=listener.detach()
-    )
+    return TCPStore(*address, world_size, True, timeout=timeout, master_listen_fd=listener.detach())
 
 
 def _free_port() -> int:
