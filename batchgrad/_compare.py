@@ -180,11 +180,10 @@ class Comparison:
             f"{f' with momentum {self.momentum:g}' if self.momentum else ''} from the same "
             f"initial weights{self._dropped()}; losses and metrics: of the weights averaged "
             f"over the last half epoch (iterates: their median training loss)",
-            ["regime", "B", "lr", "steps", "train", "iterates", "held-out", *names, "time (s)"],
+            ["B", "lr", "steps", "train", "iterates", "held-out", *names, "time (s)"],
             [
                 [
-                    run.regime,
-                    str(run.batch_size),
+                    run.label,
                     f"{run.lr:g}{'*' if run.lr_at_edge else ''}",
                     str(run.final.step),
                     f"{run.final_loss:.4f}",
@@ -230,14 +229,13 @@ class Comparison:
         reached = self.reach()
         seconds = self.seconds_to_common()
         return Table(
-            f"The cost of reaching training loss {self.common_loss:.4f} (the highest final "
-            f"loss, so every run got there); time: steps × seconds per step, median "
+            f"The cost of reaching training loss {self.common_loss:.4f} (the highest of the "
+            f"iterates' medians, so every run got there); time: steps × seconds per step, median "
             f"(quartiles) over the run's steps",
-            ["regime", "B", "epochs", "steps", "samples", "time (s)"],
+            ["B", "epochs", "steps", "samples", "time (s)"],
             [
                 [
-                    run.regime,
-                    str(run.batch_size),
+                    run.label,
                     f"{reached[run.label].epoch:.2f}",
                     str(reached[run.label].step),
                     str(reached[run.label].samples_seen),
