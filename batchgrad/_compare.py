@@ -59,6 +59,8 @@ class RegimeRun:
         curve: the evaluations along the run (step 0 first).
         history: `fit`'s step-by-step history of the run.
         tuning_time: seconds the sweep took.
+        averaged: the average of the weights evaluated over the last half epoch,
+            evaluated (see `final_loss`).
         diverged_lrs: lrs that won the sweep but diverged on the full run.
     """
 
@@ -70,6 +72,7 @@ class RegimeRun:
     curve: tuple[CurvePoint, ...]
     history: History
     tuning_time: float
+    averaged: CurvePoint
     diverged_lrs: tuple[float, ...] = ()
 
     @property
@@ -90,12 +93,17 @@ class RegimeRun:
 
     @property
     def final_loss(self) -> float:
-        """The training loss at the end: the median of the evaluations of the last half
-        epoch (`end`). At a constant lr the loss after a single step fluctuates, by
-        several times at small batches and large lrs; the median ranks the regimes by
-        where they are, not by their last step's luck, and half an epoch keeps a loss
-        still falling from being read too high (the range of the whole last epoch is
-        in `last_epoch_range`)."""
+        """The training loss at the end: that of the average of the weights at the
+        evaluations of the last half epoch (`end`; Polyak–Ruppert tail averaging). At a
+        constant lr the iterates bounce around where the run has got to, the loss after
+        a single step by several times at small batches and large lrs; their average
+        ranks the regimes by where they are, not by their last step's luck (the
+        iterates' own losses are in `iterate_loss` and `last_epoch_range`)."""
+        return self.averaged.train_loss
+
+    @property
+    def iterate_loss(self) -> float:
+        """The median training loss of the iterates evaluated over the last half epoch."""
         return statistics.median(p.train_loss for p in self.end)
 
     @property
@@ -106,18 +114,13 @@ class RegimeRun:
 
     @property
     def final_eval_loss(self) -> float | None:
-        """The held-out loss likewise (median over `end`), None without one."""
-        values = [p.eval_loss for p in self.end if p.eval_loss is not None]
-        return statistics.median(values) if values else None
+        """The held-out loss of the averaged weights (see `final_loss`), None without one."""
+        return self.averaged.eval_loss
 
     @property
     def final_metrics(self) -> dict[str, float]:
-        """The held-out metrics likewise (medians over `end`)."""
-        points = [p for p in self.end if p.metrics]
-        names = sorted({name for p in points for name in p.metrics})
-        return {
-            name: statistics.median(p.metrics.get(name, math.nan) for p in points) for name in names
-        }
+        """The held-out metrics of the averaged weights (see `final_loss`)."""
+        return self.averaged.metrics
 
     @property
     def step_time(self) -> StepTime:
@@ -145,6 +148,7 @@ class RegimeRun:
             "train_loss": self.final_loss,
             "eval_loss": self.final_eval_loss,
             "metrics": self.final_metrics,
+            "iterate_train_loss": self.iterate_loss,
             "last_epoch_range": list(self.last_epoch_range),
             "last_step": vars(self.final),
             "diverged_lrs": list(self.diverged_lrs),
@@ -174,16 +178,16 @@ class Comparison:
         return Table(
             f"{self.epochs} epochs of SGD"
             f"{f' with momentum {self.momentum:g}' if self.momentum else ''} from the same "
-            f"initial weights{self._dropped()}; losses and metrics: medians over the last half "
-            f"epoch",
-            ["regime", "B", "lr", "steps", "train", "held-out", *names, "time (s)"],
+            f"initial weights{self._dropped()}; losses and metrics: of the weights averaged "
+            f"over the last half epoch (iterates: their median training loss)",
+            ["B", "lr", "steps", "train", "iterates", "held-out", *names, "time (s)"],
             [
                 [
-                    run.regime,
-                    str(run.batch_size),
+                    run.label,
                     f"{run.lr:g}{'*' if run.lr_at_edge else ''}",
                     str(run.final.step),
                     f"{run.final_loss:.4f}",
+                    f"{run.iterate_loss:.4f}",
                     "–" if run.final_eval_loss is None else f"{run.final_eval_loss:.4f}",
                     *(f"{run.final_metrics.get(name, math.nan):.3f}" for name in names),
                     f"{run.final.wall_time:.2f}",
@@ -202,9 +206,9 @@ class Comparison:
 
     @property
     def common_loss(self) -> float:
-        """The highest final training loss (`RegimeRun.final_loss`): a level every run
-        reached."""
-        return max(run.final_loss for run in self.runs)
+        """The highest of the runs' iterate losses (`RegimeRun.iterate_loss`): a level
+        every run's iterates reached (the averaged weights are lower still)."""
+        return max(run.iterate_loss for run in self.runs)
 
     def reach(self) -> dict[str, CurvePoint]:
         """Each run's first evaluation at or below `common_loss`, by label."""
@@ -225,14 +229,13 @@ class Comparison:
         reached = self.reach()
         seconds = self.seconds_to_common()
         return Table(
-            f"The cost of reaching training loss {self.common_loss:.4f} (the highest final "
-            f"loss, so every run got there); time: steps × seconds per step, median "
+            f"The cost of reaching training loss {self.common_loss:.4f} (the highest of the "
+            f"iterates' medians, so every run got there); time: steps × seconds per step, median "
             f"(quartiles) over the run's steps",
-            ["regime", "B", "epochs", "steps", "samples", "time (s)"],
+            ["B", "epochs", "steps", "samples", "time (s)"],
             [
                 [
-                    run.regime,
-                    str(run.batch_size),
+                    run.label,
                     f"{reached[run.label].epoch:.2f}",
                     str(reached[run.label].step),
                     str(reached[run.label].samples_seen),
@@ -287,8 +290,8 @@ class Comparison:
         lines = [
             f"- **Per epoch**, that is per sample seen (the same in every regime, "
             f"{samples}), {_name(lowest)} ends lowest after {self.epochs} epochs "
-            f"({lowest.final_loss:.4f}, the median of its last half epoch; {low:.4f} to "
-            f"{high:.4f}), and {_name(fewest('samples_seen'))} reaches "
+            f"({lowest.final_loss:.4f} with its weights averaged over the last half epoch; "
+            f"its iterates {low:.4f} to {high:.4f}), and {_name(fewest('samples_seen'))} reaches "
             f"{self.common_loss:.4f} on the fewest samples.",
             f"- **Per step** {_name(by_steps)} needs the fewest{why}.",
             f"- **Per second** {per_second}. A step took {ms(small)} at B={small.batch_size} "
@@ -435,8 +438,9 @@ def compare(
                 momentum=momentum,
                 seed=seed,
                 drop_last=drop_last,
+                average_from=steps - per_epoch / 2,
             )
-            if not run.diverged and run.history is not None:
+            if not run.diverged and run.history is not None and run.averaged is not None:
                 break
             diverged.append(choice.lr)
         else:
@@ -454,6 +458,7 @@ def compare(
                 tuple(run.curve),
                 run.history,
                 tuning_time,
+                run.averaged,
                 tuple(diverged),
             )
         )

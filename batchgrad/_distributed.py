@@ -38,6 +38,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch._C._distributed_c10d import TCPStore
 from torch.nn.parallel import DistributedDataParallel
 
 from ._errors import BatchError, ConfigError, DistributedError
@@ -320,12 +321,14 @@ def launch(
 ) -> list[R]:
     """Run ``fn(*args)`` in ``nproc`` local processes joined in a gloo process group.
 
-    The processes talk over 127.0.0.1 only. Returns each rank's result, rank 0
-    first. ``fn`` and its arguments must be picklable (a module-level function).
-    The ranks in ``may_die`` may end without a result (None): to test what the
-    others do when a rank dies. With ``init_group=False`` only the environment
+    The processes talk over 127.0.0.1 only (the rendezvous store included, see
+    `_loopback_store`). Returns each rank's result, rank 0 first. ``fn`` and its
+    arguments must be picklable (a module-level function). The ranks in
+    ``may_die`` may end without a result (None): to test what the others do when a
+    rank dies. With ``init_group=False`` only the environment
     that torchrun would set is set (``MASTER_ADDR``, ``RANK``, ``WORLD_SIZE``, ...),
-    for code that creates its process group itself (trainers).
+    for code that creates its process group itself (trainers; their rendezvous
+    listens where torch's ``env://`` puts it, on every interface).
 
     Raises:
         DistributedError: a process failed (its traceback is in the message) or
@@ -405,12 +408,13 @@ def _process_main(
             )
             results.put((rank, True, pickle.dumps(fn(*args))))
             return
+        wait = datetime.timedelta(seconds=timeout)
         dist.init_process_group(
             "gloo",
-            init_method=f"tcp://{address[0]}:{address[1]}",
+            store=_loopback_store(address, rank, world_size, wait),
             rank=rank,
             world_size=world_size,
-            timeout=datetime.timedelta(seconds=timeout),
+            timeout=wait,
         )
         try:
             value = fn(*args)
@@ -421,6 +425,21 @@ def _process_main(
         results.put((rank, True, pickle.dumps(value)))
     except BaseException:
         results.put((rank, False, traceback.format_exc()))
+
+
+def _loopback_store(
+    address: tuple[str, int], rank: int, world_size: int, timeout: datetime.timedelta
+) -> TCPStore:
+    """The rendezvous store, its server on rank 0 listening on 127.0.0.1 only: given
+    a host alone, `TCPStore` listens on every interface, so rank 0 binds the socket
+    itself and hands it over."""
+    if rank != 0:
+        return TCPStore(*address, world_size, False, timeout=timeout)
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(address)
+    listener.listen()
+    return TCPStore(*address, world_size, True, timeout=timeout, master_listen_fd=listener.detach())
 
 
 def _free_port() -> int:

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from ._errors import ConfigError, NonFiniteError
 from ._fit import BatchSize, History, _metric_fns, evaluation_sums, fit
@@ -49,6 +50,7 @@ class _Trained:
     history: History | None
     curve: list[CurvePoint]
     diverged: bool
+    averaged: CurvePoint | None = None  # the tail-averaged weights, with ``average_from``
 
 
 def _train(
@@ -65,17 +67,26 @@ def _train(
     noise: NoiseScale | None = None,
     micro_batch_size: int | None = None,
     drop_last: bool = False,
+    average_from: float | None = None,
 ) -> _Trained:
     """SGD from a copy of ``initial``, evaluated after each of the step counts ``stops``.
 
     The run is one `fit` continued from stop to stop (the same trajectory as one
     call), so the evaluations do not count in its wall time. It ends early once the
     training loss is at most ``target``, or when it diverges (a NaN/inf loss).
+
+    With ``average_from``, the weights at every stop from that step on are averaged
+    (Polyak–Ruppert tail averaging, `torch.optim.swa_utils.AveragedModel`) and the
+    average is evaluated at the end: at a constant lr SGD's iterates bounce around
+    where the run has got to, by more the smaller the batch, and their average is
+    that place, free of the last step's luck. Buffers (BatchNorm's statistics) are
+    the last iterate's.
     """
     model = copy.deepcopy(initial)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
     curve = [_evaluate(model, problem, None, held_out)]
     history: History | None = None
+    tail: AveragedModel | None = None
     for stop in stops:
         try:
             history = fit(
@@ -97,9 +108,18 @@ def _train(
         curve.append(_evaluate(model, problem, history, held_out))
         if not math.isfinite(curve[-1].train_loss):
             return _Trained(history, curve, diverged=True)
+        if average_from is not None and stop >= average_from:
+            if tail is None:
+                tail = AveragedModel(model)
+            tail.update_parameters(model)
         if target is not None and curve[-1].train_loss <= target:
             break
-    return _Trained(history, curve, diverged=False)
+    averaged = None
+    if tail is not None:
+        for mine, last in zip(tail.module.buffers(), model.buffers(), strict=True):
+            mine.copy_(last)
+        averaged = _evaluate(tail.module, problem, history, held_out)
+    return _Trained(history, curve, diverged=False, averaged=averaged)
 
 
 def _evaluate(

@@ -56,6 +56,7 @@ from common import (
     interleaved,
     load_average,
     max_rel_err,
+    use_threads,
     write_results,
 )
 from rich.console import Console
@@ -342,8 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = QUICK if args.quick else FULL
     repeats: int | None = args.repeats if args.repeats is not None else (2 if args.quick else None)
     warmup = 1 if args.quick else args.warmup
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     env = environment()
     console.print(
         describe(env),

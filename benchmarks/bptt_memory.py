@@ -65,6 +65,7 @@ from common import (
     interleaved,
     load_average,
     max_rel_err,
+    use_threads,
     write_results,
 )
 from rich.console import Console
@@ -359,8 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = replace(base, **{name: value for name, value in given.items() if value is not None})
     chunks = args.chunks or default_chunks(sizes.steps)
     target_chunk = max(1, sizes.steps // TARGET_DIVISOR)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     env = environment(mkldnn=torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
     console.print(
         describe(env),

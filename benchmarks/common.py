@@ -209,11 +209,20 @@ def describe(env: dict[str, Any], *also: str) -> str:
     )
 
 
+def use_threads(requested: int | None) -> int:
+    """Set torch's intra-op threads: ``requested``, or one. Every model here is small
+    (see `batchgrad._threads`): more threads only add synchronisation, and on a busy
+    machine they stall each other; both sides of a ratio run on the same count."""
+    count = requested if requested is not None else 1
+    torch.set_num_threads(count)
+    return count
+
+
 def add_run_options(parser: argparse.ArgumentParser, out: Path, quick: str) -> None:
     """``--threads``, ``--seed``, ``--out`` (default ``out``) and ``--quick`` (``quick``
     says what it runs)."""
     parser.add_argument(
-        "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)"
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: 1)"
     )
     parser.add_argument("--seed", type=int, default=0, help="torch.manual_seed (default: 0)")
     parser.add_argument("--out", type=Path, default=out, help=f"JSON results (default: {out})")

@@ -34,7 +34,14 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
-from common import RESULTS, add_run_options, describe, environment, write_results
+from common import (
+    RESULTS,
+    add_run_options,
+    describe,
+    environment,
+    use_threads,
+    write_results,
+)
 from torch import nn
 from torch.nn import functional as F
 
@@ -321,8 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         "--budget", type=float, default=30.0, help="seconds for the direct window timing"
     )
     args = parser.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     torch.manual_seed(args.seed)
     import transformers
 

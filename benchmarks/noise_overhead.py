@@ -38,6 +38,7 @@ from common import (
     interleaved,
     load_average,
     max_rel_err,
+    use_threads,
     write_results,
 )
 from rich.console import Console
@@ -144,12 +145,13 @@ def table(rows: list[dict[str, Any]]) -> Table:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 200)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads (default: 1)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "noise_overhead.json")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test")
     args = parser.parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     rounds = args.rounds or (3 if args.quick else 200)
     console = Console()
     env = environment()

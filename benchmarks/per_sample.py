@@ -101,6 +101,7 @@ from common import (
     environment,
     interleaved,
     load_average,
+    use_threads,
     write_results,
 )
 from rich.console import Console
@@ -879,8 +880,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.memory_child:
-        if args.threads is not None:
-            torch.set_num_threads(args.threads)
+        use_threads(args.threads)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             print(memory_child(*args.memory_child, args.quick, args.seed))
@@ -891,8 +891,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = QUICK if args.quick else FULL
     repeats: int | None = args.repeats if args.repeats is not None else (2 if args.quick else None)
     warmup = 1 if args.quick else args.warmup
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+    use_threads(args.threads)
     opacus_note = "left out (--no-opacus)" if args.no_opacus else opacus_missing()
     names = tuple(m for m in METHODS if opacus_note is None or m not in OPACUS_METHODS)
     env = environment(opacus=_opacus_version())

@@ -1,15 +1,18 @@
 """compare on a tiny problem: every regime from the same weights, bad settings refused."""
 
+import copy
 import dataclasses
 import itertools
 import math
 import statistics
 
 import pytest
+import torch
 
 import batchgrad as bg
 from batchgrad._compare import compare
 from batchgrad._problem import Problem, digits_problem
+from batchgrad._runs import _mean, _train
 
 from .problems import mse, regression, tiny_problem
 
@@ -42,7 +45,7 @@ def test_compare_trains_every_regime_from_the_same_weights():
         assert run.lr == best.lr
     data = result.to_dict()
     assert [r["label"] for r in data["runs"]] == ["1", "8", "full"]
-    assert result.reach_table().rows[2][3] == "2"  # full-batch reaches its own final loss
+    assert result.reach_table().rows[2][2] == "2"  # full-batch reaches its own final loss
     assert "Per step" in result.findings()
 
 
@@ -122,14 +125,55 @@ def test_compare_names_the_fastest_only_beyond_the_spread_of_the_timings():
     assert noisy.to_dict()["fastest"] is None
 
 
-def test_compare_reports_the_median_of_the_last_half_epoch_not_the_last_steps_luck():
+def test_compare_reports_the_tail_averaged_weights_not_the_last_steps_luck():
     result = compare(digits_problem(), (1,), epochs=2, lr_grid=(0.1,), sweep_epochs=0.1)
     (run,) = result.runs  # stochastic descent at a large lr: its loss jumps step to step
     last = [p.train_loss for p in run.curve if p.epoch > 1 - 1e-9]
     half = [p.train_loss for p in run.curve if p.epoch > 1.5 - 1e-9]
     assert len(last) >= 16  # evaluations spread over the last epoch
-    assert run.final_loss == statistics.median(half)
+    assert max(last) > 2 * min(last)  # the iterates bounce
+    assert run.averaged.step == run.final.step
+    assert run.final_loss <= 1.25 * min(last)  # issue: within 1.25× of the epoch's lowest
+    assert run.iterate_loss == statistics.median(half)
     assert run.last_epoch_range == (min(last), max(last))
-    assert result.common_loss == run.final_loss
-    assert result.table().rows[0][4] == f"{run.final_loss:.4f}"
-    assert "the median of its last half epoch" in result.findings()
+    assert result.common_loss == run.iterate_loss  # every run's iterates got there
+    assert result.table().rows[0][:1] + result.table().rows[0][3:5] == [
+        "1",
+        f"{run.final_loss:.4f}",
+        f"{run.iterate_loss:.4f}",
+    ]
+    assert "with its weights averaged over the last half epoch" in result.findings()
+
+
+def test_train_evaluates_the_average_of_the_weights_at_the_stops_from_average_from():
+    problem = tiny_problem()
+    initial = problem.initial_model()
+    run = _train(problem, initial, 4, 0.05, [2, 4, 6, 8], momentum=0.0, seed=0, average_from=4)
+
+    # by hand: the same trajectory, the weights at steps 4, 6 and 8 averaged
+    model = copy.deepcopy(initial)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    history, snapshots = None, []
+    for stop in (2, 4, 6, 8):
+        steps = stop - (history.step if history else 0)
+        history = bg.fit(
+            model,
+            problem.loss_fn,
+            problem.data,
+            optimizer,
+            batch_size=4,
+            steps=steps,
+            seed=0,
+            history=history,
+            progress=False,
+        )
+        if stop >= 4:
+            snapshots.append([p.detach().clone() for p in model.parameters()])
+    with torch.no_grad():
+        for p, *values in zip(model.parameters(), *snapshots, strict=True):
+            p.copy_(sum(values) / len(values))
+    expected = _mean(model, [problem.loss_fn], problem.data)[0]
+    assert run.averaged is not None
+    assert math.isclose(run.averaged.train_loss, expected, rel_tol=1e-12)
+    assert run.averaged.train_loss != run.curve[-1].train_loss  # not the last iterate
+    assert _train(problem, initial, 4, 0.05, [2, 4], momentum=0.0, seed=0).averaged is None

@@ -4,8 +4,10 @@ Each world size is launched once (bounded by a timeout) and runs every scenario;
 the parent compares each rank's gradient with one process on the whole batch.
 """
 
+import datetime
 import itertools
 import math
+import os
 import re
 
 import pytest
@@ -16,7 +18,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.nn.parallel import DistributedDataParallel
 
 import batchgrad as bg
-from batchgrad._distributed import launch
+from batchgrad._distributed import _free_port, _loopback_store, launch
 from tests import distributed_faults as faults
 from tests.cases import CASES, reference_grads, rel_err
 
@@ -494,3 +496,25 @@ def test_a_rank_that_dies_gives_the_others_a_distributed_error_at_once(wrap):
     assert cause
     assert "timed out" not in cause.lower()
     assert "timeout" not in cause.lower()
+
+
+def _listening(port):
+    """The local addresses (hex, as /proc/net/tcp* writes them) listening on ``port``."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as lines:
+            for line in list(lines)[1:]:
+                local, state = line.split()[1], line.split()[3]
+                address, hex_port = local.rsplit(":", 1)
+                if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                    found.append(address)
+    return found
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="reads Linux's socket table")
+def test_the_rendezvous_listens_on_the_loopback_interface_only():
+    port = _free_port()
+    store = _loopback_store(("127.0.0.1", port), 0, 1, datetime.timedelta(seconds=10))
+    store.set("key", "value")
+    assert store.get("key") == b"value"
+    assert _listening(port) == ["0100007F"]  # 127.0.0.1 (a plain TCPStore: 0.0.0.0)

@@ -193,6 +193,7 @@ def _summary(comparison: Comparison, critical: CriticalBatch, advice: Advice) ->
         if advice.conclusive
         else f"inconclusive (the error is large; about {advice.steps_needed} steps would do)"
     )
+    sgd_low, sgd_high = sgd.last_epoch_range
     return f"""\
 **Answer.** Each step follows the mean gradient of its batch, an unbiased estimate of
 the full-batch gradient whose noise shrinks as `tr Σ / B`. The batch size sets how
@@ -204,10 +205,12 @@ noisy and how costly a step is, and so which clock training runs fast on.
   (the loss read right after a step on a few samples is lifted by it). In
   {comparison.epochs} epochs stochastic descent (B = 1, lr
   {sgd.lr:g}) made {sgd.final.step} steps and reached a training loss of
-  {sgd.final_loss:.3f} (median of the last half epoch); mini-batch (B = {mini.batch_size}, lr
-  {mini.lr:g}) {mini.final.step} steps and {mini.final_loss:.3f}; full-batch (lr
-  {full.lr:g}) {full.final.step} steps and {full.final_loss:.3f}. To reach
-  {comparison.common_loss:.3f}, the loss every run reached, took in samples
+  {sgd.final_loss:.3f} (its weights averaged over the last half epoch: at a constant
+  lr the iterates bounce around that point, between {sgd_low:.3f} and {sgd_high:.3f}
+  in the last epoch); mini-batch (B = {mini.batch_size}, lr {mini.lr:g})
+  {mini.final.step} steps and {mini.final_loss:.3f}; full-batch (lr {full.lr:g})
+  {full.final.step} steps and {full.final_loss:.3f}. To reach
+  {comparison.common_loss:.3f}, the loss every run's iterates reached, took in samples
   {to_common("samples_seen")} (fewest: {fewest("samples_seen")}); in steps
   {to_common("step")} (fewest: {fewest("step")}); in seconds
   {in_seconds} (steps × seconds per step, median and quartiles; {first_in_seconds}).
