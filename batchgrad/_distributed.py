@@ -161,21 +161,21 @@ class Replica:
                 )
                 dist.all_reduce(counts, group=self.group)
                 used = counts > 0
-        keep = None if used is None else used.tolist()
-        grads: list[Tensor] = []
-        offset = 0
-        for index, p in enumerate(params):
-            size = p.numel()
-            if keep is not None and not keep[index]:
-                p.grad = None
-            else:
-                grad = flat[offset : offset + size].view(p.shape)
-                if grad.dtype != p.dtype or grad.device != p.device:
-                    grad = grad.to(device=p.device, dtype=p.dtype)
-                p.grad = grad
-                grads.append(grad)
-            offset += size
-        return grads
+        return unpack(params, flat, None if used is None else used.tolist())
+
+    def pack(self, params: list[nn.Parameter], size: int, dtype: torch.dtype) -> Tensor:
+        """`flatten`'s ``[gradients | flags]`` at the start of a buffer of ``size``
+        elements (the rest, for the control values, is written by the agreement)."""
+        flat = torch.empty(size, dtype=dtype, device=self.device)
+        numel = sum(p.numel() for p in params)
+        pieces = [
+            (torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1).to(self.device)
+            for p in params
+        ]
+        torch.cat(pieces, out=flat[:numel])
+        flags = [float(p.grad is not None) for p in params]
+        flat[numel : numel + len(params)] = torch.tensor(flags, dtype=dtype)
+        return flat
 
     def raise_failures(self, local: BaseException | None) -> None:
         """Every rank raises if any rank failed; a rank that did not fail names those that did.
@@ -200,6 +200,25 @@ class Replica:
                 f"collective; look at rank {first_rank}'s traceback"
             )
         raise error_type(f"On rank {first_rank}: {message}{also}")
+
+
+def unpack(params: list[nn.Parameter], flat: Tensor, keep: list[bool] | None) -> list[Tensor]:
+    """Make the summed gradients in ``flat`` every ``p.grad`` (views where the dtype
+    and device allow); a parameter whose ``keep`` is False gets None. Returns them."""
+    grads: list[Tensor] = []
+    offset = 0
+    for index, p in enumerate(params):
+        size = p.numel()
+        if keep is not None and not keep[index]:
+            p.grad = None
+        else:
+            grad = flat[offset : offset + size].view(p.shape)
+            if grad.dtype != p.dtype or grad.device != p.device:
+                grad = grad.to(device=p.device, dtype=p.dtype)
+            p.grad = grad
+            grads.append(grad)
+        offset += size
+    return grads
 
 
 class _Bucket:

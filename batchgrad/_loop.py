@@ -153,16 +153,20 @@ class _Presumption:
     (they do not tell their rows).
     """
 
-    __slots__ = ("alone", "batch", "divisor", "micro_batch_size", "ranks")
+    __slots__ = ("alone", "batch", "divisor", "known", "micro_batch_size", "ranks")
 
     def __init__(self, batch: object, micro_batch_size: int | None, alone: bool = True) -> None:
         self.batch, self.micro_batch_size = batch, micro_batch_size
         self.alone = alone  # one process: a lone micro-batch's count is N(B) itself
         self.ranks = 1  # presume the count of this many ranks' batches
         self.divisor: float | None = 1.0  # N̂; None: exactly N(B)
+        self.known: float | None = None  # presume this (the same on every rank)
 
     def root(self, total: Tensor, count: int | float | Tensor, only: bool) -> Tensor | None:
         """The gradient to backpropagate into every total, ``1 / N̂`` (None: 1)."""
+        if self.known is not None:
+            self.divisor = self.known
+            return torch.full_like(total, 1 / self.known)
         if (
             only
             and self.alone
@@ -280,7 +284,10 @@ def _sq_norm(grad: Tensor) -> Tensor:
     if grad.dtype in (torch.float32, torch.float64) and grad.is_contiguous():
         flat = grad.view(-1)
         return torch.dot(flat, flat)
-    return torch.linalg.vector_norm(grad, dtype=torch.promote_types(grad.dtype, torch.float32)) ** 2
+    norm: Tensor = torch.linalg.vector_norm(
+        grad, dtype=torch.promote_types(grad.dtype, torch.float32)
+    )
+    return norm.square()
 
 
 def _backward(total: Tensor, root: Tensor | None) -> None:
