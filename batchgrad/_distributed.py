@@ -8,11 +8,15 @@ collectives in the same order, so none is ever left waiting:
 
 1. with a DDP model that has buffers and ``broadcast_buffers=True``, rank 0's
    buffers are broadcast once, before the first forward (DDP's own rule);
-2. the one control collective (`batchgrad._protocol.agree`): failures, settings,
+2. the control collective (`batchgrad._protocol.agree`): failures, settings,
    layouts, the global loss sum and count;
 3. exactly one gradient synchronisation (`Replica.sync_grads`): one all-reduce of
    every gradient in a flat buffer, or, when the DDP model has a communication
    hook (``register_comm_hook``), that hook called once on that buffer.
+
+Once a group has agreed on a layout (and without a hook), (2) and (3) are one
+all-reduce: the control values ride at the end of the gradient buffer
+(`Replica.pack`, `batchgrad._protocol.agree_in_sum`).
 
 Nothing else talks to the other ranks: an error on one rank at any point is
 reported in (2) and raised on every rank, and the DDP wrapper's state is as before,

@@ -1,4 +1,5 @@
-"""How the ranks of a data-parallel `accumulate` agree: one control collective.
+"""How the ranks of a data-parallel `accumulate` agree: one control collective, or
+none of its own (carried in the gradient all-reduce).
 
 Every rank runs its micro-batches without talking to the others (DDP's reducer
 stays quiet under ``no_sync()``), catching whatever fails, and then every rank,
@@ -18,6 +19,13 @@ raise the same error, or synchronise the gradients (the only other collective, s
 `all_gather_object` for the messages. Nothing waits on a rank that stopped early;
 a rank that died breaks the connection, which gloo and NCCL report at once
 (`DistributedError`).
+
+Once the ranks of a group have agreed on their trainable parameters' layout, the
+same blocks travel inside the gradient all-reduce instead (`Fused`,
+`agree_in_sum`): one collective per logical batch. Its size comes from that
+agreement, so every rank sends as many elements whatever it holds; a rank whose
+layout changed sends zeros with a flag, and then every rank agrees apart with
+`agree`, as on a group's first call.
 """
 
 from __future__ import annotations
