@@ -31,6 +31,7 @@ layout changed sends zeros with a flag, and then every rank agrees apart with
 from __future__ import annotations
 
 import math
+import struct
 import weakref
 import zlib
 from collections.abc import Sequence
@@ -182,8 +183,8 @@ class Fused:
     gradient all-reduce: one buffer ``[gradients | used | control]`` of `size`
     elements, the same on every rank because it comes from an agreement, not from
     the call. ``used`` counts the ranks that gave each parameter a gradient;
-    ``control`` holds one block per rank (`_FUSED_BLOCK` values, each split into
-    `pieces` exact parts of the gradients' dtype), the others' zero, so the sum is
+    ``control`` holds one block per rank (`_FUSED_BLOCK` values, each as
+    `pieces` numbers of the gradients' dtype, exactly: `_encode`), the others' zero, so the sum is
     every rank's block, exactly.
     """
 
@@ -195,7 +196,7 @@ class Fused:
 
     @property
     def pieces(self) -> int:
-        return 1 if self.dtype == torch.float64 else 3  # 3 x 24 bits hold 53
+        return 1 if self.dtype == torch.float64 else 4  # see `_encode`
 
     def size(self, world_size: int) -> int:
         return self.numel + self.params + world_size * _FUSED_BLOCK * self.pieces
@@ -288,7 +289,7 @@ def agree_in_sum(
         dist.all_reduce(flat, group=group)
     except RuntimeError as error:  # a rank died or the connection broke
         raise _unreachable(rank, error) from mine.failure
-    got = _decode(control, entry.pieces).tolist()
+    got = _decode(control, entry.pieces)
     blocks = [got[r * _FUSED_BLOCK : (r + 1) * _FUSED_BLOCK] for r in range(world_size)]
     if any(b[_FALLBACK] for b in blocks):
         return None
@@ -297,27 +298,47 @@ def agree_in_sum(
     return agreed, [b[-1] for b in blocks if b[1 + _WORKS]]
 
 
+_FLOAT32 = struct.Struct("f")
+
+
 def _encode(values: list[float], dtype: torch.dtype, pieces: int) -> Tensor | None:
-    """``values`` as ``pieces`` numbers of ``dtype`` each, whose float64 sum is exact;
-    None if they cannot be."""
-    exact = torch.tensor(values, dtype=torch.float64)
+    """``values`` as ``pieces`` numbers of ``dtype`` each, that `_decode` turns back
+    into them exactly; None if they cannot be (inf, nan).
+
+    In float32: each value's mantissa (in [0.5, 1), 53 bits) as three float32 parts
+    rounded in turn, 24 + 24 + 5 bits, none near float32's underflow, and its
+    exponent, an integer float32 holds exactly.
+    """
+    if not all(map(math.isfinite, values)):
+        return None
     if pieces == 1:
-        return exact.to(dtype) if torch.isfinite(exact).all() else None
-    parts, rest = [], exact
-    for _ in range(pieces):
-        part = rest.to(dtype)
-        parts.append(part)
-        rest = rest - part.double()
-    encoded = torch.stack(parts, 1).reshape(-1)
-    return encoded if torch.equal(_decode(encoded, pieces), exact) else None
+        return torch.tensor(values, dtype=dtype)
+    parts: list[float] = []
+    for value in values:
+        mantissa, exponent = math.frexp(value)
+        rest, split = mantissa, []
+        for _ in range(pieces - 1):  # round to the nearest float32, keep the remainder
+            (part,) = _FLOAT32.unpack(_FLOAT32.pack(rest))
+            split.append(part)
+            rest -= part
+        if rest != 0.0:
+            return None
+        parts.extend(split)
+        parts.append(float(exponent))
+    return torch.tensor(parts, dtype=dtype)
 
 
-def _decode(encoded: Tensor, pieces: int) -> Tensor:
-    parts = encoded.double().reshape(-1, pieces)
-    total = parts[:, 0]
-    for i in range(1, pieces):
-        total = total + parts[:, i]
-    return total
+def _decode(encoded: Tensor, pieces: int) -> list[float]:
+    values: list[float] = encoded.double().tolist()
+    if pieces == 1:
+        return values
+    decoded = []
+    for i in range(0, len(values), pieces):
+        mantissa = values[i]
+        for part in values[i + 1 : i + pieces - 1]:
+            mantissa += part
+        decoded.append(math.ldexp(mantissa, int(values[i + pieces - 1])))
+    return decoded
 
 
 def _unreachable(rank: int, error: RuntimeError) -> DistributedError:

@@ -527,7 +527,7 @@ def fused_agreement() -> dict[str, object]:
     twin_expected = _whole_batch_grads(twin, x)
     attempt("back-to-first-layout", module, ddp, expected=expected)
     attempt("same-layout-other-model", twin, twin, expected=twin_expected)
-    # float32: the control values travel as three float32 each, exactly.
+    # float32: the control values travel as float32 numbers, exactly.
     torch.manual_seed(2)
     single = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
     x32 = x.float()

@@ -359,9 +359,9 @@ def test_ddp_synchronises_once_per_logical_batch():
         # Unwrapped, first call: one control all-reduce (a header and a block per
         # rank) and one gradient all-reduce (and a flag per parameter: has it a
         # gradient?). Then one: gradients, flags and per rank 15 control values,
-        # each as 3 float32.
+        # each as 4 float32 (a mantissa in three parts and an exponent).
         n_params = 4 * 8 + 8 + 8 * 2 + 2
-        assert all_reduces == [5 + 8 * 2, n_params + 4, n_params + 4 + 2 * 15 * 3]
+        assert all_reduces == [5 + 8 * 2, n_params + 4, n_params + 4 + 2 * 15 * 4]
 
 
 # ---- bad input on one rank: every rank raises, nothing hangs, gradients kept -------
@@ -568,3 +568,18 @@ def test_a_rank_that_dies_gives_the_others_a_distributed_error_at_once(wrap):
     assert cause
     assert "timed out" not in cause.lower()
     assert "timeout" not in cause.lower()
+
+
+def test_control_values_encode_exactly_in_float32_and_refuse_what_they_cannot():
+    import random
+
+    from batchgrad._protocol import _decode, _encode
+
+    rng = random.Random(0)
+    values = [rng.uniform(-1, 1) * 10.0 ** rng.randint(-300, 300) for _ in range(600)]
+    values += [0.0, 1.0, 2.0**53 - 1, 5e-324, 1.7e308, 1e-40, 12345.678]
+    encoded = _encode(values, torch.float32, 4)
+    summed = encoded + torch.zeros_like(encoded)  # the other ranks' zeros
+    assert _decode(summed, 4) == values
+    assert _encode([1.0, math.inf], torch.float32, 4) is None
+    assert _encode([math.nan], torch.float64, 1) is None
