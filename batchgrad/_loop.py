@@ -22,7 +22,7 @@ from ._loss import LossFn, unpack_loss
 from ._noise import NoiseEstimate
 from ._noise import estimate as noise_estimate
 from ._per_sample import clipped_sum
-from ._readout import _as_floats
+from ._readout import _as_floats, _grads, _norms
 from ._split import Batch, batch_length, is_structured
 
 T = TypeVar("T")
@@ -217,17 +217,19 @@ def _with_last(items: Iterable[T]) -> tuple[Iterator[tuple[T, bool]], bool]:
 class _MicroBatchGrads:
     """Each micro-batch's own gradient norm, for the noise scale.
 
-    A hook on every parameter takes the norm of the gradient autograd is about to
-    add into ``p.grad`` (one pass over a tensor just computed; no copy of the
-    running sum, which is accumulated as without ``noise=``). Every micro-batch but
-    the last is measured: the estimator needs the small batches and the whole one,
-    which the final gradient gives.
+    Every micro-batch but the last runs its backward on cleared ``p.grad``; its norm
+    is taken and the sum of the earlier ones added back in (the addition autograd
+    would have made). The last micro-batch is left alone: the estimator needs the
+    small batches and the whole one, which the final gradient gives. (Measured
+    against the alternatives on a CPU: a norm in a gradient hook costs more in the
+    hooks' calls, and the running sums' norms, prefixes of the batch, give a much
+    noisier estimate for the same pass.)
     """
 
     def __init__(self, params: list[nn.Parameter]) -> None:
         self.params = params
         self.sizes: list[int] = []  # samples per micro-batch, all of them
-        self.sq_norms: list[list[Tensor]] = []  # ‖gradient‖² per parameter, of all but the last
+        self.norms: list[list[Tensor]] = []  # per parameter, of each but the last
         self.scale: float | None = None  # N̂, which every backward's gradient carries
 
     def __call__(
@@ -252,42 +254,34 @@ class _MicroBatchGrads:
 
     def backward(self, total: Tensor, root: Tensor | None) -> None:
         """``total.backward(root)``, with ``root = 1 / N̂`` (the same for every
-        micro-batch) or None (1), taking the norm of each parameter's gradient."""
-        sq_norms: list[Tensor] = []
-
-        def measure(grad: Tensor) -> None:
-            sq_norms.append(_sq_norm(grad.detach()))
-
-        handles = [p.register_hook(measure) for p in self.params]
-        try:
-            _backward(total, root)
-        finally:
-            for handle in handles:
-                handle.remove()
+        micro-batch) or None (1)."""
+        earlier = [p.grad for p in self.params]
+        for p in self.params:
+            p.grad = None
+        _backward(total, root)
         if self.scale is None:  # read once: on an accelerator, reading waits for it
             self.scale = 1.0 if root is None else 1 / float(root)
-        self.sq_norms.append(sq_norms)
+        self.norms.append(_norms(_grads(self.params)))  # read at the end, all at once
+        mine, theirs = [], []
+        for p, grad in zip(self.params, earlier, strict=True):
+            if grad is None:
+                continue
+            if p.grad is None:
+                p.grad = grad
+            else:
+                mine.append(p.grad)
+                theirs.append(grad)
+        if mine:
+            torch._foreach_add_(mine, theirs)
 
     def estimate(self, big_sq_norm: float) -> NoiseEstimate:
-        small = self.sizes[: len(self.sq_norms)]
+        small = self.sizes[: len(self.norms)]
         scale = 1.0 if self.scale is None else self.scale
-        sq_norms = [math.fsum(_as_floats(sq)) * scale**2 for sq in self.sq_norms]
-        means = [sq / n**2 for sq, n in zip(sq_norms, small, strict=True)]
+        means = [
+            (math.hypot(*_as_floats(norms)) * scale / n) ** 2
+            for norms, n in zip(self.norms, small, strict=True)
+        ]
         return noise_estimate(means, small, big_sq_norm, sum(self.sizes))
-
-
-def _sq_norm(grad: Tensor) -> Tensor:
-    """``‖grad‖²``: a BLAS dot product where it can be (twice as fast on a CPU as
-    ``vector_norm``), else the norm in at least float32."""
-    if grad.layout != torch.strided:
-        grad = grad.coalesce().values()  # a sparse gradient (nn.Embedding(sparse=True))
-    if grad.dtype in (torch.float32, torch.float64) and grad.is_contiguous():
-        flat = grad.view(-1)
-        return torch.dot(flat, flat)
-    norm: Tensor = torch.linalg.vector_norm(
-        grad, dtype=torch.promote_types(grad.dtype, torch.float32)
-    )
-    return norm.square()
 
 
 def _backward(total: Tensor, root: Tensor | None) -> None:

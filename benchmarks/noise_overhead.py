@@ -7,10 +7,9 @@ Run from the repository root::
 Each workload runs one logical batch in micro-batches two ways on the same model
 and data, timed in interleaved rounds: ``bg.accumulate(...)`` and
 ``bg.accumulate(..., noise=scale)`` with a `bg.NoiseScale` updated every step. The
-extra work is one squared norm per parameter and micro-batch (but the last), taken
-in a gradient hook on the gradient autograd is about to add in (see
-`batchgrad._loop._MicroBatchGrads`). The result is the
-ratio of the medians, noise / plain accumulate (target: at most 1.05). Before
+extra work is one gradient norm per micro-batch (but the last) and putting the
+earlier micro-batches' sum aside and back (see `batchgrad._loop._MicroBatchGrads`).
+The result is the ratio of the medians, noise / plain accumulate (target: at most 1.05). Before
 timing, both must leave the same gradients.
 
 - ``mlp``: the MLP 784-256-256-10, 256 random samples in 4 micro-batches of 64;
