@@ -34,9 +34,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ._distributed import Replica, replica
+from ._distributed import Replica, replica, unpack
 from ._errors import (
     ConfigError,
+    DistributedError,
     EmptyBatchError,
     NonFiniteError,
     ZeroCountError,
@@ -59,7 +60,7 @@ from ._loss import LossFn
 from ._noise import NoiseEstimate, NoiseScale
 from ._noise import estimate as noise_estimate
 from ._per_sample import check_clipping
-from ._protocol import Local, agree, layout
+from ._protocol import Local, agree, agree_in_sum, fusable, fused, layout, remember
 from ._readout import _as_number, _check_losses, _grads, _norms, _total_norm
 from ._reduction import REDUCTIONS, Reduction
 from ._split import Batch, is_structured, micro_batches
@@ -403,10 +404,12 @@ def _data_parallel(
     generator: torch.Generator | None,
     noise: bool | NoiseScale,
 ) -> AccumulateReport:
-    """This rank's micro-batches, quietly; the one agreement; one gradient sync.
+    """This rank's micro-batches, quietly; the agreement; one gradient sync.
 
     Whatever fails on this rank before the agreement is caught and reported there,
-    so every rank raises it together (see `batchgrad._protocol`).
+    so every rank raises it together (see `batchgrad._protocol`). Once the group
+    has agreed on a layout and no comm hook is set, the agreement rides in the
+    gradient all-reduce (`batchgrad._protocol.Fused`): one collective per call.
     """
     module = peer.module if peer.module is not None else model
     params, buffers = trainable_and_buffers(module)
@@ -414,12 +417,17 @@ def _data_parallel(
     reduction: Reduction = settings["reduction"]
     existing_grad: ExistingGrad = settings["existing_grad"]
     max_norm: float | None = settings["clip_per_sample"]
+    hook_name = None if peer.hook is None else getattr(peer.hook[0], "__qualname__", "a hook")
+    settings = {**settings, "comm_hook": hook_name}
     layout_hash, entries = layout(module, params)
     mine = Local(settings, layout_hash, entries)
+    agreed_layout = fused(peer.group)  # the same on every rank
+    mine_fused = fusable(params, layout_hash) if peer.hook is None else None
+    fits = agreed_layout is not None and agreed_layout.same_layout(mine_fused)
     run = _Run(None)
     clipper: _Clipped | None = None
     unit_counts: list[float] = []
-    flat = torch.zeros(0)
+    flat: Tensor | None = None
     try:
         peer.prepare()  # collectives every rank runs, before anything can fail
         try:
@@ -436,6 +444,8 @@ def _data_parallel(
                 run.presumption = _Presumption(batch, micro_batch_size, alone=False)
                 # A hook averages over the ranks: presume this rank's share of N(B).
                 run.presumption.ranks = 1 if peer.hook is not None else peer.world_size
+                if fits:  # the gradients are summed before any rank can rescale its own
+                    run.presumption.known = agreed_layout.divisor  # type: ignore[union-attr]
             with peer.quiet():
                 _loop(run, model, loss_fn, parts, contribute)
             mine.works = works
@@ -456,11 +466,46 @@ def _data_parallel(
                 # Drawn once, on rank 0 (before the agreement, so that a bad generator
                 # fails where every rank hears of it): the sum carries it to every rank.
                 _add_noise(params, settings["noise_multiplier"] * max_norm, generator)
-            flat = peer.flatten(params)
+            if fits:
+                assert agreed_layout is not None
+                flat = peer.pack(params, agreed_layout.size(peer.world_size), agreed_layout.dtype)
+            else:
+                flat = peer.flatten(params)
         except BaseException as error:  # reported to every rank below, so none waits
             mine.failure = error
             mine.failed_at = None if run.done or run.index < 0 else run.index
-        agreed = agree(peer.group, peer.rank, peer.world_size, peer.device, mine)
+        in_sum = None
+        if agreed_layout is not None:
+            if not fits or flat is None or mine.failure is not None:
+                # Zeros of the agreed size: the other ranks' buffers are that size.
+                send = torch.zeros(
+                    agreed_layout.size(peer.world_size),
+                    dtype=agreed_layout.dtype,
+                    device=peer.device,
+                )
+            else:
+                send = flat
+            in_sum = agree_in_sum(
+                peer.group,
+                peer.rank,
+                peer.world_size,
+                send,
+                agreed_layout,
+                mine,
+                not fits,
+                _presumed(run.presumption),
+            )
+            if in_sum is None:  # some rank's layout changed: agree apart, as on a first call
+                remember(peer.group, None)
+                if fits and mine.failure is None:
+                    try:  # the fused buffer was summed: flatten the gradients again
+                        flat = peer.flatten(params)
+                    except BaseException as error:
+                        mine.failure, mine.failed_at = error, None
+        if in_sum is None:
+            agreed = agree(peer.group, peer.rank, peer.world_size, peer.device, mine)
+        else:
+            agreed, presumptions = in_sum
         if len(agreed.idle) == peer.world_size:
             raise EmptyBatchError(
                 f"Every one of the {peer.world_size} ranks has an empty batch; there is no "
@@ -470,13 +515,30 @@ def _data_parallel(
         # A DDP comm hook averages over the ranks: divide by N(B) / world_size then.
         averaged = divisor / peer.world_size if peer.hook is not None else divisor
         presumed = _presumed(run.presumption)
-        noised = max_norm is not None and bool(settings["noise_multiplier"])
-        grads = peer.sync_grads(
-            params,
-            flat,
-            lambda sums: _normalise([sums], None, averaged, presumed),
-            agreed.some_unused and not noised,
-        )
+        assert flat is not None
+        if in_sum is not None:
+            assert agreed_layout is not None
+            if len(set(presumptions)) > 1:  # the same settings presume alike: cannot be
+                raise DistributedError(
+                    f"The ranks' gradients carry different divisors ({presumptions}); "
+                    f"this is a bug in batchgrad, please report it."
+                )
+            numel = agreed_layout.numel
+            _normalise([flat[:numel]], None, averaged, presumptions[0] if presumptions else 1.0)
+            used = flat[numel : numel + agreed_layout.params].gt(0).tolist()
+            grads = unpack(params, flat, used)
+            agreed_layout.divisor = averaged
+        else:
+            noised = max_norm is not None and bool(settings["noise_multiplier"])
+            grads = peer.sync_grads(
+                params,
+                flat,
+                lambda sums: _normalise([sums], None, averaged, presumed),
+                agreed.some_unused and not noised,
+            )
+            if mine_fused is not None:  # no hook on any rank: the settings agreed
+                mine_fused.divisor = averaged
+                remember(peer.group, mine_fused)
         grad_norm = _total_norm(grads)
         if not math.isfinite(grad_norm):
             raise _non_finite_grad_error(module, loss_fn, batch, micro_batch_size, peer)

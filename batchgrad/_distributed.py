@@ -8,11 +8,15 @@ collectives in the same order, so none is ever left waiting:
 
 1. with a DDP model that has buffers and ``broadcast_buffers=True``, rank 0's
    buffers are broadcast once, before the first forward (DDP's own rule);
-2. the one control collective (`batchgrad._protocol.agree`): failures, settings,
+2. the control collective (`batchgrad._protocol.agree`): failures, settings,
    layouts, the global loss sum and count;
 3. exactly one gradient synchronisation (`Replica.sync_grads`): one all-reduce of
    every gradient in a flat buffer, or, when the DDP model has a communication
    hook (``register_comm_hook``), that hook called once on that buffer.
+
+Once a group has agreed on a layout (and without a hook), (2) and (3) are one
+all-reduce: the control values ride at the end of the gradient buffer
+(`Replica.pack`, `batchgrad._protocol.agree_in_sum`).
 
 Nothing else talks to the other ranks: an error on one rank at any point is
 reported in (2) and raised on every rank, and the DDP wrapper's state is as before,
@@ -162,21 +166,21 @@ class Replica:
                 )
                 dist.all_reduce(counts, group=self.group)
                 used = counts > 0
-        keep = None if used is None else used.tolist()
-        grads: list[Tensor] = []
-        offset = 0
-        for index, p in enumerate(params):
-            size = p.numel()
-            if keep is not None and not keep[index]:
-                p.grad = None
-            else:
-                grad = flat[offset : offset + size].view(p.shape)
-                if grad.dtype != p.dtype or grad.device != p.device:
-                    grad = grad.to(device=p.device, dtype=p.dtype)
-                p.grad = grad
-                grads.append(grad)
-            offset += size
-        return grads
+        return unpack(params, flat, None if used is None else used.tolist())
+
+    def pack(self, params: list[nn.Parameter], size: int, dtype: torch.dtype) -> Tensor:
+        """`flatten`'s ``[gradients | flags]`` at the start of a buffer of ``size``
+        elements (the rest, for the control values, is written by the agreement)."""
+        flat = torch.empty(size, dtype=dtype, device=self.device)
+        numel = sum(p.numel() for p in params)
+        pieces = [
+            (torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1).to(self.device)
+            for p in params
+        ]
+        torch.cat(pieces, out=flat[:numel])
+        flags = [float(p.grad is not None) for p in params]
+        flat[numel : numel + len(params)] = torch.tensor(flags, dtype=dtype)
+        return flat
 
     def raise_failures(self, local: BaseException | None) -> None:
         """Every rank raises if any rank failed; a rank that did not fail names those that did.
@@ -201,6 +205,25 @@ class Replica:
                 f"collective; look at rank {first_rank}'s traceback"
             )
         raise error_type(f"On rank {first_rank}: {message}{also}")
+
+
+def unpack(params: list[nn.Parameter], flat: Tensor, keep: list[bool] | None) -> list[Tensor]:
+    """Make the summed gradients in ``flat`` every ``p.grad`` (views where the dtype
+    and device allow); a parameter whose ``keep`` is False gets None. Returns them."""
+    grads: list[Tensor] = []
+    offset = 0
+    for index, p in enumerate(params):
+        size = p.numel()
+        if keep is not None and not keep[index]:
+            p.grad = None
+        else:
+            grad = flat[offset : offset + size].view(p.shape)
+            if grad.dtype != p.dtype or grad.device != p.device:
+                grad = grad.to(device=p.device, dtype=p.dtype)
+            p.grad = grad
+            grads.append(grad)
+        offset += size
+    return grads
 
 
 class _Bucket:

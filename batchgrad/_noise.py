@@ -9,7 +9,11 @@ batch sizes give unbiased estimates of both terms:
     tr Σ ≈ (‖ĝ_b‖² − ‖ĝ_B‖²) / (1/b − 1/B)
 
 `accumulate(..., noise=...)` takes ``ĝ_b`` from its micro-batches (all but the
-last, whose norm would cost a pass more) and ``ĝ_B`` from the logical batch.
+last, whose norm would cost a pass more) and ``ĝ_B`` from the logical batch; under
+`torch.distributed` the small batches are the ranks' shares. With small batches
+of different sizes ``n_k`` the mean of their ``‖ĝ‖²`` has expectation
+``‖G‖² + tr Σ / b``, ``b`` the harmonic mean of the ``n_k``.
+
 ``B_simple = tr Σ / ‖G‖²`` counts samples: around it, doubling the batch stops
 halving the number of steps to a given loss. The ratio of two noisy
 estimates is biased, so `NoiseScale` averages numerator and denominator separately
@@ -40,8 +44,8 @@ class NoiseEstimate:
         b_simple: ``trace_cov / grad_sq``, in samples (``inf`` when ``grad_sq <= 0``:
             the gradient is lost in the noise).
         b_simple_std: the standard error of ``b_simple`` (delta method; for one step,
-            from the spread of the micro-batch gradients).
-        small_batch: the small batch size ``b`` (harmonic mean of the micro-batches).
+            from the spread of the small batches' ``‖ĝ‖²`` around ``‖G‖² + tr Σ / n``).
+        small_batch: the small batch size ``b`` (harmonic mean of the small batches).
         big_batch: the big batch size ``B`` (the logical batch, in samples).
     """
 
@@ -85,7 +89,12 @@ def estimate(
     b_simple = _ratio(trace_cov, grad_sq)
     b_std = math.inf
     if count > 1 and grad_sq > 0:
-        spread = math.sqrt(math.fsum((x - mean_small) ** 2 for x in small_sq_norms) / (count - 1))
+        # around the fit: small batches of different sizes differ by tr Σ / n too
+        centre = mean_small - trace_cov / small
+        residuals = [
+            x - trace_cov / n - centre for x, n in zip(small_sq_norms, small_sizes, strict=True)
+        ]
+        spread = math.sqrt(math.fsum(r**2 for r in residuals) / (count - 1))
         # b_simple moves with mean_small through both estimates (in opposite directions)
         slope = (1.0 / (1.0 / small - 1.0 / big)) / grad_sq + trace_cov * small / (
             (big - small) * grad_sq**2

@@ -1,4 +1,5 @@
-"""How the ranks of a data-parallel `accumulate` agree: one control collective.
+"""How the ranks of a data-parallel `accumulate` agree: one control collective, or
+none of its own (carried in the gradient all-reduce).
 
 Every rank runs its micro-batches without talking to the others (DDP's reducer
 stays quiet under ``no_sync()``), catching whatever fails, and then every rank,
@@ -18,10 +19,19 @@ raise the same error, or synchronise the gradients (the only other collective, s
 `all_gather_object` for the messages. Nothing waits on a rank that stopped early;
 a rank that died breaks the connection, which gloo and NCCL report at once
 (`DistributedError`).
+
+Once the ranks of a group have agreed on their trainable parameters' layout, the
+same blocks travel inside the gradient all-reduce instead (`Fused`,
+`agree_in_sum`): one collective per logical batch. Its size comes from that
+agreement, so every rank sends as many elements whatever it holds; a rank whose
+layout changed sends zeros with a flag, and then every rank agrees apart with
+`agree`, as on a group's first call.
 """
 
 from __future__ import annotations
 
+import math
+import struct
 import weakref
 import zlib
 from collections.abc import Sequence
@@ -29,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 
 from ._errors import BatchError, ConfigError, DistributedError
 
@@ -127,14 +137,22 @@ def agree(
     try:
         dist.all_reduce(tensor, group=group)
     except RuntimeError as error:  # a rank died or the connection broke
-        raise DistributedError(
-            f"Rank {rank} could not reach the other ranks to agree on the logical batch "
-            f"({error}). A rank has probably died or hangs; the process group cannot be "
-            f"used any more. Restart the job (torchrun --max-restarts resumes from your "
-            f"last checkpoint)."
-        ) from mine.failure
+        raise _unreachable(rank, error) from mine.failure
     got: list[float] = tensor.tolist()
     blocks = [got[_HEADER + _BLOCK * r : _HEADER + _BLOCK * (r + 1)] for r in range(world_size)]
+    return _decide(group, rank, world_size, mine, got[:_HEADER], blocks)
+
+
+def _decide(
+    group: dist.ProcessGroup | None,
+    rank: int,
+    world_size: int,
+    mine: Local,
+    header: list[float],
+    blocks: list[list[float]],
+) -> Agreement:
+    """What every rank concludes from the summed header and the ranks' blocks: the
+    same on every rank, raised or returned."""
     failed = [r for r, b in enumerate(blocks) if b[_FAILED]]
     if failed:
         where = {r: int(blocks[r][_WHERE]) for r in failed}
@@ -143,14 +161,192 @@ def agree(
         _raise_mismatch(group, world_size, mine)
     working = [b for b in blocks if b[_WORKS]]
     return Agreement(
-        loss_sum=got[0],
-        count=got[1],
-        micro_batches=int(got[2]),
-        clipped=got[3] / got[4] if got[4] else None,
+        loss_sum=header[0],
+        count=header[1],
+        micro_batches=int(header[2]),
+        clipped=header[3] / header[4] if header[4] else None,
         idle=[r for r, b in enumerate(blocks) if not b[_WORKS]],
         some_unused=any(b[_UNUSED] for b in working),
         sq_norms=[b[_SQ_NORM] for b in working],
         samples=[int(b[_SAMPLES]) for b in working],
+    )
+
+
+# ---- the agreement carried in the gradient all-reduce ---------------------------------
+
+
+@dataclass(slots=True)
+class Fused:
+    """The gradients' layout every rank of a group agreed on in its last agreement.
+
+    While a call's trainable parameters have this layout, the agreement rides in the
+    gradient all-reduce: one buffer ``[gradients | used | control]`` of `size`
+    elements, the same on every rank because it comes from an agreement, not from
+    the call. ``used`` counts the ranks that gave each parameter a gradient;
+    ``control`` holds one block per rank (`_FUSED_BLOCK` values, each as
+    `pieces` numbers of the gradients' dtype, exactly: `_encode`), the others' zero, so the sum is
+    every rank's block, exactly.
+    """
+
+    layout_hash: int
+    numel: int  # elements of the gradients
+    params: int
+    dtype: torch.dtype
+    divisor: float = 1.0  # the group's last N(B): what every rank presumes now
+
+    @property
+    def pieces(self) -> int:
+        return 1 if self.dtype == torch.float64 else 4  # see `_encode`
+
+    def size(self, world_size: int) -> int:
+        return self.numel + self.params + world_size * _FUSED_BLOCK * self.pieces
+
+    def same_layout(self, other: Fused | None) -> bool:
+        return other is not None and (
+            (self.layout_hash, self.numel, self.params, self.dtype)
+            == (other.layout_hash, other.numel, other.params, other.dtype)
+        )
+
+
+# One entry per process group; updated on every rank at the same points of the
+# protocol (decided by collectives), so the ranks' entries never differ.
+_FUSED: dict[object, Fused] = {}
+# Each rank's block: a fallback flag, the `_BLOCK` values, then the `_HEADER` values
+# (per rank here, summed in float64 after) and the divisor the gradients carry.
+_FALLBACK = 0
+_FUSED_BLOCK = 1 + _BLOCK + _HEADER + 1
+
+
+def _group_key(group: dist.ProcessGroup | None) -> object:
+    return dist.group.WORLD if group is None else group
+
+
+def fused(group: dist.ProcessGroup | None) -> Fused | None:
+    """The group's agreed layout, if its agreement can ride in the gradient sum."""
+    return _FUSED.get(_group_key(group))
+
+
+def remember(group: dist.ProcessGroup | None, entry: Fused | None) -> None:
+    """Set (or with None, forget) the group's agreed layout; call on every rank alike."""
+    if entry is None:
+        _FUSED.pop(_group_key(group), None)
+    else:
+        _FUSED[_group_key(group)] = entry
+
+
+def fusable(params: Sequence[nn.Parameter], layout_hash: int) -> Fused | None:
+    """This call's layout as a `Fused`, if its gradients can carry the agreement:
+    one dtype, float32 or float64 (a float16 sum would round the control values)."""
+    dtypes = {p.dtype for p in params}
+    if len(dtypes) != 1 or not dtypes <= {torch.float32, torch.float64}:
+        return None
+    return Fused(layout_hash, sum(p.numel() for p in params), len(params), dtypes.pop())
+
+
+def agree_in_sum(
+    group: dist.ProcessGroup | None,
+    rank: int,
+    world_size: int,
+    flat: Tensor,
+    entry: Fused,
+    mine: Local,
+    fallback: bool,
+    presumed: float,
+) -> tuple[Agreement, list[float]] | None:
+    """The agreement inside the gradient all-reduce of ``flat`` (`Fused`'s layout).
+
+    ``fallback``: this rank cannot take part (its layout differs from the agreed
+    one; ``flat`` is zeros). Returns None, on every rank, when some rank falls back
+    (then every rank runs `agree` and its own all-reduce); else the agreement and
+    each working rank's ``presumed`` divisor, after raising as `agree` does.
+    """
+    values = [
+        float(fallback),
+        float(mine.failure is not None),
+        -1.0 if mine.failed_at is None else float(mine.failed_at),
+        float(settings_hash(mine.settings)),
+        float(mine.layout_hash),
+        float(mine.works),
+        float(mine.unused),
+        mine.sq_norm,
+        float(mine.samples),
+        mine.loss_sum,
+        mine.count,
+        float(mine.micro_batches),
+        float(mine.clipped),
+        float(mine.clip_samples),
+        presumed,
+    ]
+    encoded = _encode(values, flat.dtype, entry.pieces)
+    if encoded is None:  # a value the pieces cannot hold exactly (inf, overflow)
+        encoded = _encode([1.0] + [0.0] * (_FUSED_BLOCK - 1), flat.dtype, entry.pieces)
+        assert encoded is not None
+    control = flat[entry.numel + entry.params :]
+    control.zero_()
+    width = _FUSED_BLOCK * entry.pieces
+    control[rank * width : (rank + 1) * width] = encoded.to(flat.device)
+    try:
+        dist.all_reduce(flat, group=group)
+    except RuntimeError as error:  # a rank died or the connection broke
+        raise _unreachable(rank, error) from mine.failure
+    got = _decode(control, entry.pieces)
+    blocks = [got[r * _FUSED_BLOCK : (r + 1) * _FUSED_BLOCK] for r in range(world_size)]
+    if any(b[_FALLBACK] for b in blocks):
+        return None
+    header = [math.fsum(b[1 + _BLOCK + i] for b in blocks) for i in range(_HEADER)]
+    agreed = _decide(group, rank, world_size, mine, header, [b[1 : 1 + _BLOCK] for b in blocks])
+    return agreed, [b[-1] for b in blocks if b[1 + _WORKS]]
+
+
+_FLOAT32 = struct.Struct("f")
+
+
+def _encode(values: list[float], dtype: torch.dtype, pieces: int) -> Tensor | None:
+    """``values`` as ``pieces`` numbers of ``dtype`` each, that `_decode` turns back
+    into them exactly; None if they cannot be (inf, nan).
+
+    In float32: each value's mantissa (in [0.5, 1), 53 bits) as three float32 parts
+    rounded in turn, 24 + 24 + 5 bits, none near float32's underflow, and its
+    exponent, an integer float32 holds exactly.
+    """
+    if not all(map(math.isfinite, values)):
+        return None
+    if pieces == 1:
+        return torch.tensor(values, dtype=dtype)
+    parts: list[float] = []
+    for value in values:
+        mantissa, exponent = math.frexp(value)
+        rest, split = mantissa, []
+        for _ in range(pieces - 1):  # round to the nearest float32, keep the remainder
+            (part,) = _FLOAT32.unpack(_FLOAT32.pack(rest))
+            split.append(part)
+            rest -= part
+        if rest != 0.0:
+            return None
+        parts.extend(split)
+        parts.append(float(exponent))
+    return torch.tensor(parts, dtype=dtype)
+
+
+def _decode(encoded: Tensor, pieces: int) -> list[float]:
+    values: list[float] = encoded.double().tolist()
+    if pieces == 1:
+        return values
+    decoded = []
+    for i in range(0, len(values), pieces):
+        mantissa = values[i]
+        for part in values[i + 1 : i + pieces - 1]:
+            mantissa += part
+        decoded.append(math.ldexp(mantissa, int(values[i + pieces - 1])))
+    return decoded
+
+
+def _unreachable(rank: int, error: RuntimeError) -> DistributedError:
+    return DistributedError(
+        f"Rank {rank} could not reach the other ranks to agree on the logical batch "
+        f"({error}). A rank has probably died or hangs; the process group cannot be "
+        f"used any more. Restart the job (torchrun --max-restarts resumes from your "
+        f"last checkpoint)."
     )
 
 

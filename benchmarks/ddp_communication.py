@@ -4,26 +4,32 @@
     python benchmarks/ddp_communication.py --quick    # seconds: a smoke run
 
 Two local gloo processes train an MLP (784-256-256-10); each holds 64 samples of
-the logical batch, in 4 or 16 micro-batches. Per logical batch it counts the
-gradient all-reduces and their bytes (a DDP communication hook sees every bucket)
-and batchgrad's small control all-reduces (the global count and failure flags),
-and times the step. Compared side by side in one run:
+the logical batch, in 4 or 16 micro-batches. Timed side by side, interleaved, on
+one DDP model without a communication hook (as most users run DDP):
 
 - "sync every micro-batch": backward through DDP for every micro-batch;
 - "no_sync loop": the hand-written recipe, every micro-batch but the last under
   ``no_sync()``;
-- "batchgrad": ``bg.accumulate(ddp_model, ...)``.
+- "batchgrad": ``bg.accumulate(ddp_model, ...)``, after its first call on the group
+  (the agreement rides in the gradient all-reduce then).
 
-Prints a table (ratios to the no_sync loop) and writes JSON.
+The collectives and their bytes per logical batch are counted on the side: DDP's
+buckets on a copy of the model with a counting communication hook, batchgrad's
+all-reduces by wrapping ``torch.distributed.all_reduce`` (the gradient bytes and
+the rest, batchgrad's control values). Also counted, not timed: batchgrad's first
+call on the group, and a call on the model with the comm hook (two collectives
+each). Prints a table (ratios to the no_sync loop) and writes JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +53,10 @@ METHODS = ("sync every micro-batch", "no_sync loop", "batchgrad")
 def _worker(samples: int, counts: list[int], repeats: int) -> dict[str, Any]:
     torch.manual_seed(0)
     model = mlp((784, 256, 256, 10))
-    ddp = DistributedDataParallel(model)
-    grad_calls: list[int] = []  # bytes of each gradient bucket all-reduced
+    ddp = DistributedDataParallel(model)  # timed: DDP as most users run it, no hook
+    counted_model = copy.deepcopy(model)
+    counted = DistributedDataParallel(counted_model)  # a counting hook sees DDP's buckets
+    grad_calls: list[int] = []  # bytes of each gradient bucket all-reduced by DDP
     in_hook = [False]
 
     # No annotations: DDP checks them, and this module's are strings.
@@ -61,49 +69,66 @@ def _worker(samples: int, counts: list[int], repeats: int) -> dict[str, Any]:
         finally:
             in_hook[0] = False
 
-    ddp.register_comm_hook(None, counting_hook)
-    control_calls: list[int] = []  # other all-reduces issued (batchgrad's agreement)
+    counted.register_comm_hook(None, counting_hook)
+    grad_numel = sum(p.numel() for p in model.parameters())
+    calls: list[tuple[int, int]] = []  # other all-reduces: (gradient bytes, control bytes)
     plain_all_reduce = dist.all_reduce
 
     def counting_all_reduce(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if not in_hook[0]:
-            control_calls.append(tensor.numel() * tensor.element_size())
+            size = tensor.element_size()
+            grads = grad_numel if tensor.numel() >= grad_numel else 0
+            calls.append((grads * size, (tensor.numel() - grads) * size))
         return plain_all_reduce(tensor, *args, **kwargs)
 
     dist.all_reduce = counting_all_reduce  # type: ignore[assignment]
     try:
-        return {"rows": _measure(ddp, model, grad_calls, control_calls, samples, counts, repeats)}
+        return _measure(ddp, counted, counted_model, grad_calls, calls, samples, counts, repeats)
     finally:
         dist.all_reduce = plain_all_reduce  # type: ignore[assignment]
 
 
 def _measure(
     ddp: DistributedDataParallel,
-    model: nn.Module,
+    counted: DistributedDataParallel,
+    counted_model: nn.Module,
     grad_calls: list[int],
-    control_calls: list[int],
+    calls: list[tuple[int, int]],
     samples: int,
     micro_batch_counts: list[int],
     repeats: int,
-) -> list[dict[str, Any]]:
+) -> dict[str, Any]:
     generator = torch.Generator().manual_seed(dist.get_rank())
     x = torch.randn(samples, 784, generator=generator)
     y = torch.randint(0, 10, (samples,), generator=generator)
+    model = ddp.module
 
     def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> bg.Loss:
         inputs, labels = batch
         return bg.Loss(F.cross_entropy(model(inputs), labels, reduction="sum"), len(labels))
 
-    rows = []
+    def count(step: Callable[[], None], module: nn.Module) -> dict[str, int]:
+        module.zero_grad(set_to_none=True)
+        grad_calls.clear()
+        calls.clear()
+        step()
+        return {
+            "grad_all_reduces": len(grad_calls) + sum(1 for g, _ in calls if g),
+            "control_all_reduces": sum(1 for g, _ in calls if not g),
+            "grad_bytes": sum(grad_calls) + sum(g for g, _ in calls),
+            "control_bytes": sum(c for _, c in calls),
+        }
+
+    rows, other = [], {}
     for k in micro_batch_counts:
         size = samples // k
         parts = [(x[i : i + size], y[i : i + size]) for i in range(0, samples, size)]
 
-        def every(parts: list[Any] = parts) -> None:
+        def every(ddp: DistributedDataParallel = ddp, parts: list[Any] = parts) -> None:
             for inputs, labels in parts:
                 (F.cross_entropy(ddp(inputs), labels, reduction="sum") / samples).backward()
 
-        def no_sync_loop(parts: list[Any] = parts) -> None:
+        def no_sync_loop(ddp: DistributedDataParallel = ddp, parts: list[Any] = parts) -> None:
             # no_sync must wrap the forward too: DDP prepares the reduction in forward.
             for inputs, labels in parts[:-1]:
                 with ddp.no_sync():
@@ -111,7 +136,7 @@ def _measure(
             inputs, labels = parts[-1]
             (F.cross_entropy(ddp(inputs), labels, reduction="sum") / samples).backward()
 
-        def batchgrad_step(size: int = size) -> None:
+        def batchgrad_step(ddp: DistributedDataParallel = ddp, size: int = size) -> None:
             bg.accumulate(ddp, loss_fn, (x, y), micro_batch_size=size)
 
         steps: dict[str, Callable[[], None]] = {
@@ -119,18 +144,21 @@ def _measure(
             METHODS[1]: no_sync_loop,
             METHODS[2]: batchgrad_step,
         }
-        counted: dict[str, dict[str, int]] = {}
-        for name, step in steps.items():  # one counted step each
-            model.zero_grad(set_to_none=True)
-            grad_calls.clear()
-            control_calls.clear()
-            step()
-            counted[name] = {
-                "grad_all_reduces": len(grad_calls),
-                "grad_bytes": sum(grad_calls),
-                "control_all_reduces": len(control_calls),
-                "control_bytes": sum(control_calls),
-            }
+        tallies = {
+            METHODS[0]: count(partial(every, counted), counted_model),
+            METHODS[1]: count(partial(no_sync_loop, counted), counted_model),
+            # With a comm hook (the counting one) the agreement is an all-reduce apart
+            # (counted the second time: the first follows calls without the hook).
+            "batchgrad, comm hook": [
+                count(partial(batchgrad_step, counted), counted_model) for _ in range(2)
+            ][-1],
+            # The first call on a group agrees apart; later ones in the gradient sum.
+            "batchgrad, first call": count(batchgrad_step, model),
+            METHODS[2]: count(batchgrad_step, model),
+        }
+        other[k] = {
+            name: tallies[name] for name in ("batchgrad, comm hook", "batchgrad, first call")
+        }
         times: dict[str, list[float]] = {name: [] for name in steps}
         for _ in range(repeats):  # interleaved, so drift hits every method alike
             for name, step in steps.items():
@@ -144,11 +172,11 @@ def _measure(
                 {
                     "micro_batches_per_rank": k,
                     "method": name,
-                    **counted[name],
+                    **tallies[name],
                     "median_ms": 1e3 * statistics.median(times[name]),
                 }
             )
-    return rows
+    return {"rows": rows, "counted_only": other}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result = launch(_worker, 2, samples, counts, repeats, timeout=600)[0]
     rows = result["rows"]
+    counted_only = result["counted_only"]
     for row in rows:
         reference = next(
             r
@@ -201,6 +230,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['time_ratio_vs_no_sync_loop']:.3f}",
         )
     Console(width=120).print(table)
+    for k, tallies in counted_only.items():
+        for name, tally in tallies.items():
+            print(
+                f"{k} mb/rank, {name} (counted, not timed): {tally['grad_all_reduces']} gradient "
+                f"all-reduce(s) of {tally['grad_bytes'] / 1e6:.2f} MB, "
+                f"{tally['control_all_reduces']} control all-reduce(s), "
+                f"{tally['control_bytes']} control bytes"
+            )
     write_results(
         args.out,
         {
@@ -208,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             "environment": environment(processes=2, backend="gloo"),
             "settings": {"samples_per_rank": samples, "repeats": repeats},
             "rows": rows,
+            "counted_only": counted_only,
         },
     )
     print(f"JSON written to {args.out}", file=sys.stderr)

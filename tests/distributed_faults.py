@@ -8,6 +8,7 @@ whole matrix, so every case also proves that the call after a failure works.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 
 import torch
@@ -108,16 +109,19 @@ POINTS = [
 ]
 
 
-def fault_matrix() -> dict[str, tuple[str, str, bool, float]]:
-    """Every point × failing rank × exception × (DDP, unwrapped), on one model each.
+def fault_matrix() -> dict[str, tuple[str, str, bool, float, bool]]:
+    """Every point × failing rank × exception × (DDP, unwrapped) × (first call on the
+    group, call after an agreement: the agreement in the gradient sum), on one model
+    each.
 
     Returns, per case, this rank's (error class, message, gradients kept, relative
-    error of the next call on the same model against one process)."""
+    error of the next call on the same model against one process, whether the failed
+    call had the group's agreed layout)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     x = _data(world * ROWS)
     x[:, 2] = torch.arange(world * ROWS).remainder(ROWS).div(2, rounding_mode="floor").double()
     outcomes = {}
-    for wrap in ("ddp", "plain"):
+    for wrap, agreed in itertools.product(("ddp", "plain"), ("first", "cached")):
         module = _net()
         model = DistributedDataParallel(module) if wrap == "ddp" else module
         expected = _whole_batch_grads(module, x)
@@ -125,7 +129,11 @@ def fault_matrix() -> dict[str, tuple[str, str, bool, float]]:
         for point, kinds, _, _ in POINTS:
             for failing in sorted({0, world - 1}):
                 for kind in kinds:
-                    name = f"{wrap}-{point}-rank{failing}-{kind.__name__ if kind else 'input'}"
+                    name = f"{wrap}-{agreed}-{point}-rank{failing}-"
+                    name += kind.__name__ if kind else "input"
+                    if agreed == "first":  # as on a fresh group (on every rank alike)
+                        bg._protocol.remember(None, None)
+                    cached = bg._protocol.fused(None) is not None
                     module.zero_grad(set_to_none=True)
                     module(x[:2]).sum().backward()  # gradients a failed call must keep
                     before = [p.grad.clone() for p in module.parameters()]
@@ -153,7 +161,7 @@ def fault_matrix() -> dict[str, tuple[str, str, bool, float]]:
                     module.zero_grad(set_to_none=True)
                     bg.accumulate(model, _square, local, micro_batch_size=2)
                     after = rel([p.grad for p in module.parameters()], expected)
-                    outcomes[name] = (*outcome, kept, after)
+                    outcomes[name] = (*outcome, kept, after, cached)
     return outcomes
 
 
@@ -441,3 +449,106 @@ def a_rank_dies(wrap: str) -> tuple[str, str, str]:
         return ("no error", "", "")
     except bg.BatchError as error:
         return (type(error).__name__, str(error), str(error.__cause__))
+
+
+def fused_agreement() -> dict[str, object]:
+    """The agreement carried in the gradient all-reduce, and every way out of it.
+
+    Each case: this rank's (error class or "no error", message, gradients kept,
+    relative error against one process, agreed layout before the call)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    last = rank == world - 1
+    x = _data(world * ROWS, seed=11)
+    local = x[rank * ROWS : (rank + 1) * ROWS]
+    results: dict[str, object] = {}
+
+    def attempt(name, module, model, batch=local, expected=None, **kwargs):  # type: ignore[no-untyped-def]
+        module.zero_grad(set_to_none=True)
+        module(local[:2].to(batch.dtype)).sum().backward()  # gradients a failed call must keep
+        before = [p.grad.clone() for p in module.parameters() if p.requires_grad]
+        entry = bg._protocol.fused(None)  # the agreed layout is this model's?
+        cached = (
+            entry is not None
+            and entry.numel == sum(p.numel() for p in module.parameters() if p.requires_grad)
+            and entry.dtype == batch.dtype
+        )
+        try:
+            bg.accumulate(
+                model, _square, batch, micro_batch_size=2, existing_grad="replace", **kwargs
+            )
+            outcome = ("no error", "")
+        except BaseException as error:
+            outcome = (type(error).__name__, str(error))
+        grads = [p.grad for p in module.parameters() if p.requires_grad]
+        kept = all(torch.equal(g, b) for g, b in zip(grads, before, strict=True))
+        error = rel(grads, expected) if expected is not None and outcome[0] == "no error" else None
+        results[name] = (*outcome, kept, error, cached)
+
+    bg._protocol.remember(None, None)  # a fresh group, on every rank alike
+    module = _net()
+    ddp = DistributedDataParallel(module)
+    expected = _whole_batch_grads(module, x)
+    attempt("first", module, ddp, expected=expected)
+    attempt("cached", module, ddp, expected=expected)
+    # One rank freezes a parameter: its layout differs from the agreed one.
+    if last:
+        module[2].bias.requires_grad_(False)
+    attempt("frozen-on-one-rank", module, ddp)
+    module[2].bias.requires_grad_(True)
+    attempt("after-frozen", module, ddp, expected=expected)
+    attempt("after-frozen-cached", module, ddp, expected=expected)
+    # Every rank freezes the same parameter: a new agreed layout, then in the sum.
+    module[0].bias.requires_grad_(False)
+    frozen = _whole_batch_grads(module, x)  # of the trainable parameters
+    attempt("frozen-everywhere", module, ddp, expected=frozen)
+    attempt("frozen-everywhere-cached", module, ddp, expected=frozen)
+    module[0].bias.requires_grad_(True)
+    attempt("unfrozen", module, ddp, expected=expected)
+    # Settings that differ, inside the sum.
+    attempt("settings", module, ddp, reduction="sum" if last else "mean")
+    attempt("after-settings", module, ddp, expected=expected)
+    attempt("after-settings-cached", module, ddp, expected=expected)
+    # A failure on one rank inside the sum's call (its share of the buffer is zeros).
+    bad = local.clone()
+    if last:
+        bad[1, 0] = math.nan
+    attempt("failure", module, ddp, batch=bad)
+    attempt("after-failure", module, ddp, expected=expected)
+    # A different model on the same group: another layout, then the same layout.
+    torch.manual_seed(1)
+    other = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 1)).double()
+    other_expected = _whole_batch_grads(other, x)
+    attempt("other-model", other, other, expected=other_expected)
+    attempt("other-model-cached", other, other, expected=other_expected)
+    twin = _net()  # the first model's layout, another object
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(1.5)
+    twin_expected = _whole_batch_grads(twin, x)
+    attempt("back-to-first-layout", module, ddp, expected=expected)
+    attempt("same-layout-other-model", twin, twin, expected=twin_expected)
+    # float32: the control values travel as float32 numbers, exactly.
+    torch.manual_seed(2)
+    single = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    x32 = x.float()
+    single_expected = _whole_batch_grads(single, x32)
+    for name in ("float32-first", "float32-cached"):
+        attempt(name, single, single, batch=local.float(), expected=single_expected)
+    big = local.float() * 1e3 + 0.1  # float32 losses whose sum float32 would round
+    single.zero_grad(set_to_none=True)
+    report = bg.accumulate(single, _square, big, micro_batch_size=2)
+    own = math.fsum(
+        float(_square(single, big[i : i + 2]).total.detach()) for i in range(0, len(big), 2)
+    )
+    results["float32-report"] = (report.loss, report.count, own, len(big))
+    # Parameters no rank uses keep None inside the sum too (second call: cached).
+    unused = _WithUnused().double()
+    nones = []
+    for _ in range(2):
+        unused.zero_grad(set_to_none=True)
+        entry = bg._protocol.fused(None)
+        nones.append(entry is not None and entry.numel == 12)  # the agreed layout is this one
+        bg.accumulate(unused, _square, local, micro_batch_size=2)
+        nones.append(unused.unused.weight.grad is None and unused.used.weight.grad is not None)
+    results["unused-cached"] = nones
+    return results

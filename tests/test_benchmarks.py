@@ -89,12 +89,17 @@ def test_ddp_communication_quick_run_counts_one_sync(tmp_path):
         timeout=240,
         env={**os.environ, "GLOO_SOCKET_IFNAME": "lo"},
     )
-    rows = {row["method"]: row for row in json.loads(out.read_text())["rows"]}
+    results = json.loads(out.read_text())
+    rows = {row["method"]: row for row in results["rows"]}
     assert rows["sync every micro-batch"]["grad_all_reduces"] == 4  # 4 micro-batches
     assert rows["no_sync loop"]["grad_all_reduces"] == 1
     assert rows["batchgrad"]["grad_all_reduces"] == 1
     assert rows["batchgrad"]["grad_bytes"] == rows["no_sync loop"]["grad_bytes"]
-    assert rows["batchgrad"]["control_all_reduces"] == 1  # one agreement per logical batch
+    assert rows["batchgrad"]["control_all_reduces"] == 0  # the agreement rides in the sum
+    assert 0 < rows["batchgrad"]["control_bytes"] < 1000
+    for other in results["counted_only"]["4"].values():  # first call, and with a hook
+        assert (other["grad_all_reduces"], other["control_all_reduces"]) == (1, 1)
+        assert other["grad_bytes"] == rows["no_sync loop"]["grad_bytes"]
 
 
 @pytest.fixture(scope="module")

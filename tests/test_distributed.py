@@ -61,24 +61,32 @@ def _run_scenarios(scenarios):
             cuts = [*range(start, stop, 3), stop]
             local = iter([bg._split.slice_batch(batch, a, b) for a, b in itertools.pairwise(cuts)])
         wrapped = DistributedDataParallel(model) if wrap == "ddp" else model
-        report = bg.accumulate(
-            wrapped, case.loss_fn, local, micro_batch_size=size, reduction=reduction
-        )
-        grads[name] = (
-            [p.grad.clone() for p in model.parameters()],
-            report.loss,
-            report.count,
-            report.world_size,
-            report.micro_batches,
-            len(report.micro_batch_counts),
-            report.grad_norm,
-        )
+        # Twice: the second call's agreement rides in the gradient all-reduce.
+        for suffix in ("", "-in-sum"):
+            if size is None:
+                local = iter(
+                    [bg._split.slice_batch(batch, a, b) for a, b in itertools.pairwise(cuts)]
+                )
+            model.zero_grad(set_to_none=True)
+            report = bg.accumulate(
+                wrapped, case.loss_fn, local, micro_batch_size=size, reduction=reduction
+            )
+            grads[name + suffix] = (
+                [p.grad.clone() for p in model.parameters()],
+                report.loss,
+                report.count,
+                report.world_size,
+                report.micro_batches,
+                len(report.micro_batch_counts),
+                report.grad_norm,
+            )
     return {
         "scenarios": grads,
         "faults": faults.fault_matrix(),
         "ddp": faults.ddp_configurations(),
         "mismatches": faults.mismatches(),
         "dp": faults.dp_sgd_and_noise(),
+        "fused": faults.fused_agreement(),
     }
 
 
@@ -98,10 +106,10 @@ def test_every_scenario_equals_one_process_on_the_whole_batch(world):
         expected_count = float(case.loss_fn(model, batch).count)
         expected_norm = sum(float(g.square().sum()) for g in expected) ** 0.5
         everyone = sum(results[rank]["scenarios"][name][5] for rank in range(nproc))
-        for rank in range(nproc):
-            grads, loss, count, world_size, micro, _, norm = results[rank]["scenarios"][name]
-            assert rel_err(grads, expected) <= 1e-10, (name, rank)
-            assert loss == pytest.approx(expected_loss, rel=1e-10), (name, rank)
+        for rank, call in itertools.product(range(nproc), (name, f"{name}-in-sum")):
+            grads, loss, count, world_size, micro, _, norm = results[rank]["scenarios"][call]
+            assert rel_err(grads, expected) <= 1e-10, (call, rank)
+            assert loss == pytest.approx(expected_loss, rel=1e-10), (call, rank)
             assert count == expected_count
             assert world_size == nproc
             assert micro == everyone  # the micro-batches of every rank
@@ -114,20 +122,83 @@ def test_every_scenario_equals_one_process_on_the_whole_batch(world):
 def test_a_failure_anywhere_raises_on_every_rank_keeps_gradients_and_the_next_call_works(world):
     nproc, results = world
     seen = 0
-    for wrap in ("ddp", "plain"):
+    for wrap, agreed in itertools.product(("ddp", "plain"), ("first", "cached")):
         for point, kinds, error, text in faults.POINTS:
             for failing in sorted({0, nproc - 1}):
                 for kind in kinds:
-                    name = f"{wrap}-{point}-rank{failing}-{kind.__name__ if kind else 'input'}"
+                    name = f"{wrap}-{agreed}-{point}-rank{failing}-"
+                    name += kind.__name__ if kind else "input"
                     for rank in range(nproc):
-                        got, message, kept, after = results[rank]["faults"][name]
+                        got, message, kept, after, cached = results[rank]["faults"][name]
                         assert got == error, (name, rank, message)
                         assert message.startswith(f"On rank {failing}"), (name, rank, message)
                         assert re.search(text, message), (name, rank, message)
                         assert kept, (name, rank)
                         assert after <= 1e-10, (name, rank, after)
+                        # "cached": the agreement rode in the gradient all-reduce
+                        assert cached == (agreed == "cached"), (name, rank)
                     seen += 1
-    assert seen == 2 * 2 * sum(len(kinds) for _, kinds, _, _ in faults.POINTS)
+    assert seen == 2 * 2 * 2 * sum(len(kinds) for _, kinds, _, _ in faults.POINTS)
+
+
+# ---- the agreement inside the gradient all-reduce ----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("case", "error", "text", "cached"),
+    [
+        ("first", None, "", False),
+        ("cached", None, "", True),
+        # the agreed layout is every rank's but the last's (which froze a parameter)
+        ("frozen-on-one-rank", "ConfigError", r"rank 0 has 4, rank \d has 3", "but-last"),
+        ("after-frozen", None, "", False),
+        ("after-frozen-cached", None, "", True),
+        ("frozen-everywhere", None, "", False),
+        ("frozen-everywhere-cached", None, "", True),
+        ("unfrozen", None, "", False),
+        ("settings", "ConfigError", r"reduction: rank 0: 'mean', .*: 'sum'", True),
+        ("after-settings", None, "", True),
+        ("after-settings-cached", None, "", True),
+        ("failure", "NonFiniteError", r"^On rank \d: The loss of micro-batch 0 is nan", True),
+        ("after-failure", None, "", True),
+        ("other-model", None, "", False),
+        ("other-model-cached", None, "", True),
+        ("back-to-first-layout", None, "", False),
+        ("same-layout-other-model", None, "", True),
+        ("float32-first", None, "", False),
+        ("float32-cached", None, "", True),
+    ],
+)
+def test_the_agreement_in_the_gradient_sum_falls_back_raises_and_recovers_on_every_rank(
+    world, case, error, text, cached
+):
+    nproc, results = world
+    for rank in range(nproc):
+        got, message, kept, rel, was_cached = results[rank]["fused"][case]
+        assert was_cached == (rank < nproc - 1 if cached == "but-last" else cached), (case, rank)
+        if error is None:
+            assert got == "no error", (case, rank, message)
+            assert rel <= (1e-5 if case.startswith("float32") else 1e-10), (case, rank, rel)
+        else:
+            assert got == error, (case, rank, message)
+            assert re.search(text, message), (case, rank, message)
+            assert kept, (case, rank)
+
+
+def test_control_values_travel_exactly_in_a_float32_gradient_sum(world):
+    nproc, results = world
+    own = [results[rank]["fused"]["float32-report"][2] for rank in range(nproc)]
+    count = sum(results[rank]["fused"]["float32-report"][3] for rank in range(nproc))
+    for rank in range(nproc):
+        loss, got_count, _, _ = results[rank]["fused"]["float32-report"]
+        assert got_count == count
+        assert loss == math.fsum(own) / count  # exactly: not rounded to float32
+
+
+def test_parameters_no_rank_used_keep_none_inside_the_sum(world):
+    nproc, results = world
+    for rank in range(nproc):
+        assert results[rank]["fused"]["unused-cached"] == [False, True, True, True]
 
 
 # ---- DDP as users configure it ---------------------------------------------------
@@ -275,8 +346,9 @@ def _count_synchronisations():
 
     dist.all_reduce = counting_all_reduce
     try:
-        model.zero_grad(set_to_none=True)
-        bg.accumulate(model, loss_fn, x, micro_batch_size=3)
+        for _ in range(2):  # the first call on the group, then one after its agreement
+            model.zero_grad(set_to_none=True)
+            bg.accumulate(model, loss_fn, x, micro_batch_size=3)
     finally:
         dist.all_reduce = original
     return per_sync, counts, all_reduces
@@ -286,10 +358,12 @@ def test_ddp_synchronises_once_per_logical_batch():
     for per_sync, counts, all_reduces in launch(_count_synchronisations, 2, timeout=120):
         assert per_sync >= 1
         assert counts == [per_sync] * 3  # not one sync per micro-batch
-        # Unwrapped: one control all-reduce (a header and a block per rank) and one
-        # gradient all-reduce (and a flag per parameter: has it a gradient?).
+        # Unwrapped, first call: one control all-reduce (a header and a block per
+        # rank) and one gradient all-reduce (and a flag per parameter: has it a
+        # gradient?). Then one: gradients, flags and per rank 15 control values,
+        # each as 4 float32 (a mantissa in three parts and an exponent).
         n_params = 4 * 8 + 8 + 8 * 2 + 2
-        assert all_reduces == [5 + 8 * 2, n_params + 4]
+        assert all_reduces == [5 + 8 * 2, n_params + 4, n_params + 4 + 2 * 15 * 4]
 
 
 # ---- bad input on one rank: every rank raises, nothing hangs, gradients kept -------
@@ -518,3 +592,18 @@ def test_the_rendezvous_listens_on_the_loopback_interface_only():
     store.set("key", "value")
     assert store.get("key") == b"value"
     assert _listening(port) == ["0100007F"]  # 127.0.0.1 (a plain TCPStore: 0.0.0.0)
+
+
+def test_control_values_encode_exactly_in_float32_and_refuse_what_they_cannot():
+    import random
+
+    from batchgrad._protocol import _decode, _encode
+
+    rng = random.Random(0)
+    values = [rng.uniform(-1, 1) * 10.0 ** rng.randint(-300, 300) for _ in range(600)]
+    values += [0.0, 1.0, 2.0**53 - 1, 5e-324, 1.7e308, 1e-40, 12345.678]
+    encoded = _encode(values, torch.float32, 4)
+    summed = encoded + torch.zeros_like(encoded)  # the other ranks' zeros
+    assert _decode(summed, 4) == values
+    assert _encode([1.0, math.inf], torch.float32, 4) is None
+    assert _encode([math.nan], torch.float64, 1) is None

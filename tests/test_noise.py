@@ -83,6 +83,40 @@ def test_noise_leaves_the_gradient_unchanged():
     assert math.isfinite(report.noise.trace_cov)
 
 
+def test_one_step_estimate_equals_the_formula_on_each_micro_batchs_own_gradient():
+    """The estimate from the micro-batches' own gradients, computed one by one here
+    (uneven split; a weight used twice in the forward, whose gradient sums both uses)."""
+    torch.manual_seed(0)
+    linear = nn.Linear(6, 6).double()
+    head = nn.Linear(6, 1).double()
+
+    def tied(model, batch):
+        x, y = batch
+        out = head(torch.tanh(linear(torch.tanh(linear(x)))))
+        return bg.Loss.from_values((out - y).pow(2).sum(1))
+
+    model = nn.ModuleList([linear, head])
+    x, y = regression(40)
+    means, sizes = [], []
+    for start in range(0, 40 - 7, 7):  # every micro-batch of 7 but the last (of 5)
+        model.zero_grad(set_to_none=True)
+        tied(model, (x[start : start + 7], y[start : start + 7])).total.backward()
+        sq = sum(float(p.grad.pow(2).sum()) for p in model.parameters())
+        means.append(sq / 7**2)
+        sizes.append(7)
+    model.zero_grad(set_to_none=True)
+    tied(model, (x, y)).total.backward()
+    big = sum(float(p.grad.pow(2).sum()) for p in model.parameters()) / 40**2
+    expected = bg._noise.estimate(means, sizes, big, 40)
+    model.zero_grad(set_to_none=True)
+
+    got = bg.accumulate(model, tied, (x, y), micro_batch_size=7, noise=True).noise
+
+    for name in ("grad_sq", "trace_cov", "b_simple", "b_simple_std"):
+        assert getattr(got, name) == pytest.approx(getattr(expected, name), rel=1e-10), name
+    assert (got.small_batch, got.big_batch) == (expected.small_batch, expected.big_batch)
+
+
 def test_one_micro_batch_gives_no_estimate_and_the_scale_keeps_its_state():
     model = nn.Linear(6, 1).double()
     x, y = regression(16)
