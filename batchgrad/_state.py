@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ._errors import ExistingGradError
-from ._readout import _grads, _total_norm
+from ._readout import _grads, _total_norm, _widened_norm
 
 
 @dataclass
@@ -164,14 +164,24 @@ def _into_stashed(stash: GradStash) -> None:
             p.grad = old
 
 
-def _add_back(stash: GradStash) -> float:
-    """Add the new gradients into the stashed ones (in place, like autograd does)."""
+def _add_back(stash: GradStash, exact: dict[int, Tensor] | None = None) -> float:
+    """Add the new gradients into the stashed ones (in place, like autograd does).
+
+    ``exact``: by parameter id, the new gradient before its rounding into ``p.grad``
+    (a wider running sum): the old one is added to it first, so the result is
+    rounded once.
+    """
     for p, old in zip(stash.params, stash.grads, strict=True):
         if old is not None:
             if p.grad is not None:
-                old.add_(p.grad)
+                wide = None if exact is None else exact.get(id(p))
+                if wide is None:
+                    old.add_(p.grad)
+                else:
+                    old.copy_(wide.add_(old))
             p.grad = old
-    return _total_norm(_grads(stash.params))
+    grads = _grads(stash.params)
+    return _widened_norm(_total_norm(grads), grads)
 
 
 def _refuse_existing_grads(model: nn.Module, stash: GradStash) -> None:
