@@ -264,8 +264,9 @@ def accumulate(
     _check_settings(reduction, existing_grad, clip_per_sample, noise_multiplier, noise)
     check_accumulate_dtype(accumulate_dtype)
     check_scaler(scaler, clip_per_sample)
-    refuse_sparse(model)
-    params, buffers = trainable_and_buffers(model)
+    sparse: list[nn.Module] = []
+    params, buffers = trainable_and_buffers(model, sparse)
+    refuse_sparse(model, sparse)
     stash = GradStash.take(params)  # put back unchanged whatever fails below
     try:
         if existing_grad == "error":
@@ -486,7 +487,8 @@ def _data_parallel(
     so every rank raises it together (see `batchgrad._protocol`).
     """
     module = peer.module if peer.module is not None else model
-    params, buffers = trainable_and_buffers(module)
+    sparse: list[nn.Module] = []
+    params, buffers = trainable_and_buffers(module, sparse)
     stash = GradStash.take(params)  # put back unchanged whatever fails below
     reduction: Reduction = settings["reduction"]
     existing_grad: ExistingGrad = settings["existing_grad"]
@@ -507,7 +509,7 @@ def _data_parallel(
             _check_settings(reduction, existing_grad, max_norm, settings["noise_multiplier"], noise)
             check_accumulate_dtype(accumulate_dtype)
             check_scaler(scaler, max_norm)
-            refuse_sparse(module)
+            refuse_sparse(module, sparse)
             running = RunningSum.of(params, accumulate_dtype)
             if running is not None:
                 flat_dtype = running.flat_dtype(params)

@@ -60,22 +60,24 @@ def check_scaler(scaler: object, clip_per_sample: float | None) -> None:
         )
 
 
-def refuse_sparse(model: nn.Module) -> None:
-    """Refuse, before any forward, layers whose gradients are sparse tensors.
+def refuse_sparse(model: nn.Module, layers: list[nn.Module]) -> None:
+    """Refuse, before any forward, ``layers`` (of ``model``) whose gradients are sparse
+    tensors (`batchgrad._state.trainable_and_buffers` finds them).
 
     The running sum, the norms and the data-parallel synchronisation need dense
     gradients; a sparse ``p.grad`` would otherwise fail late in a norm kernel.
     """
-    for module in model.modules():
-        if isinstance(module, nn.Embedding | nn.EmbeddingBag) and module.sparse:
-            name = next(n for n, m in model.named_modules() if m is module)
-            raise ConfigError(
-                f"{name or 'the model'} ({type(module).__name__}) has sparse=True, so its "
-                f"weight gets a sparse gradient, which batchgrad does not accumulate "
-                f"(its running sum, norms and synchronisation are dense). Build it with "
-                f"sparse=False (the default); an optimizer such as torch.optim.SparseAdam "
-                f"is then replaced by torch.optim.Adam."
-            )
+    if not layers:
+        return
+    module = layers[0]
+    name = next((n for n, m in model.named_modules() if m is module), "")
+    raise ConfigError(
+        f"{name or 'the model'} ({type(module).__name__}) has sparse=True, so its weight "
+        f"gets a sparse gradient, which batchgrad does not accumulate (its running sum, "
+        f"norms and synchronisation are dense). Build it with sparse=False (the "
+        f"default); an optimizer such as torch.optim.SparseAdam is then replaced by "
+        f"torch.optim.Adam."
+    )
 
 
 def sum_dtype(param_dtype: torch.dtype, accumulate_dtype: torch.dtype | None) -> torch.dtype:
@@ -107,6 +109,9 @@ class RunningSum:
     ) -> RunningSum | None:
         """The running sum for ``params``, or None when every one sums in its own
         dtype (then nothing at all changes: autograd sums into ``p.grad``)."""
+        if accumulate_dtype is None:  # the common case, on every call: kept short
+            half = [p for p in params if p.dtype in _HALF]
+            return cls(half, [torch.float32] * len(half)) if half else None
         chosen, dtypes = [], []
         for p in params:
             dtype = sum_dtype(p.dtype, accumulate_dtype)

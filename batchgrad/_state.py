@@ -64,14 +64,22 @@ class BufferSnapshot:
                 buffer.copy_(value)
 
 
-def trainable_and_buffers(model: nn.Module) -> tuple[list[nn.Parameter], BufferSnapshot]:
+_SPARSE_LAYERS = (nn.Embedding, nn.EmbeddingBag)
+
+
+def trainable_and_buffers(
+    model: nn.Module, sparse: list[nn.Module] | None = None
+) -> tuple[list[nn.Parameter], BufferSnapshot]:
     """The parameters that require grad, as ``model.parameters()`` lists them, and a
     `BufferSnapshot`, from one walk over the modules (`accumulate` takes both on every
-    call)."""
+    call). ``sparse``: append to it the layers built with ``sparse=True`` (their
+    gradients are sparse tensors), found on the same walk."""
     params: list[nn.Parameter] = []
     seen: set[int] = set()  # by id: Tensor.__hash__ runs Python code
     buffers = BufferSnapshot([])
     for module in model.modules():
+        if sparse is not None and isinstance(module, _SPARSE_LAYERS) and module.sparse:
+            sparse.append(module)
         for p in module._parameters.values():
             if p is not None and p.requires_grad and id(p) not in seen:
                 seen.add(id(p))
