@@ -417,7 +417,8 @@ def _local_finish(
     if run.running is not None:
         rounded = run.running.finish(carried(run.root, run.scaling) / divisor)
         grad_norm = math.hypot(grad_norm, _total_norm(rounded))
-    grad_norm = _widened_norm(grad_norm, _grads(params))
+    if not math.isfinite(grad_norm):
+        grad_norm = _widened_norm(grad_norm, _grads(params))
     overflow = False
     if run.scaling is not None:
         grad_norm /= run.scaling.scale

@@ -11,6 +11,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -72,6 +74,21 @@ def test_half_parameters_are_within_one_rounding_whatever_the_micro_batch_count(
     # The test can fail: autograd's own sum grows past that bound.
     assert autograd[64] > 1.5 * once, autograd
     assert autograd[64] > 1.5 * autograd[4], autograd
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    dtype=st.sampled_from([torch.bfloat16, torch.float16]),
+    size=st.integers(1, ROWS),
+    reduction=st.sampled_from(["mean", "sum"]),
+    seed=st.integers(0, 2**16),
+)
+def test_any_split_is_within_one_rounding(dtype, size, reduction, seed):
+    model, x = _linear_problem(dtype, seed)
+    exact = _exact(x) * (ROWS if reduction == "sum" else 1)
+    bg.accumulate(model, _linear_loss, x, micro_batch_size=size, reduction=reduction)
+    assert model.weight.grad.dtype == dtype
+    assert _rel(model.weight.grad, exact) <= 1.5 * _rel(exact.to(dtype), exact)
 
 
 def test_accumulate_dtype_of_the_parameters_own_is_autogradss_sum():
@@ -499,3 +516,20 @@ def test_ddp_sparse_gradients_are_refused_on_every_rank(ddp):
         assert kind == "ConfigError"
         assert "On rank 0" in message
         assert "sparse=True" in message
+
+
+# ---- bptt ------------------------------------------------------------------------------
+
+
+def test_bptt_with_float16_parameters_takes_its_norm_in_float32():
+    # bg.bptt has its own chunk loop (autograd sums the chunks into p.grad); its norm
+    # check is the shared one: entries of 1000, a norm of 1e5 above float16's range.
+    model = nn.Linear(10_000, 1, bias=False).half()
+    sequence = torch.full((1, 4, 10_000), 250.0, dtype=torch.float16)
+
+    def step_fn(m, chunk, state):
+        return bg.Loss(m(chunk).float().sum(), 1), state
+
+    report = bg.bptt(model, step_fn, sequence, chunk=2, reduction="sum")
+    assert torch.equal(model.weight.grad, torch.full_like(model.weight, 1000.0))
+    assert report.grad_norm == pytest.approx(1e5, rel=1e-3)
