@@ -20,7 +20,8 @@ contributes is a `_Contribution` there (its gradient, the same counting its samp
 for the noise scale, its clipped per-sample sum); one process finishes in `_local_finish` or
 `_clipped_finish`, several in `_data_parallel`, whose failure protocol across
 ranks is `batchgrad._protocol` and whose synchronisation is
-`batchgrad._distributed.Replica`.
+`batchgrad._distributed.Replica`. The running sum (its dtype, ``accumulate_dtype``)
+and the loss scale (``scaler``) are `batchgrad._precision`'s, driven by the same loop.
 """
 
 from __future__ import annotations

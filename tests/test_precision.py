@@ -441,6 +441,19 @@ def _ddp_cases():
         DistributedDataParallel(model), _autocast_loss, (x[share], y[share]), micro_batch_size=9
     )
     out["autocast"] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    # ranks whose scalers disagree on the scale would sum different things
+    model = nn.Linear(6, 1, bias=False)
+    try:
+        bg.accumulate(
+            model,
+            lambda m, x: bg.Loss(m(x).sum(), x.shape[0]),
+            torch.rand(8, 6),
+            micro_batch_size=4,
+            scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** (10 + rank)),
+        )
+        out["scales"] = None
+    except bg.BatchError as error:
+        out["scales"] = (type(error).__name__, str(error), model.weight.grad)
     # sparse gradients refused on every rank
     sparse = nn.Sequential(nn.Embedding(10, 3, sparse=rank == 0), nn.Linear(3, 1))
     try:
@@ -533,3 +546,11 @@ def test_bptt_with_float16_parameters_takes_its_norm_in_float32():
     report = bg.bptt(model, step_fn, sequence, chunk=2, reduction="sum")
     assert torch.equal(model.weight.grad, torch.full_like(model.weight, 1000.0))
     assert report.grad_norm == pytest.approx(1e5, rel=1e-3)
+
+
+def test_ddp_ranks_whose_scalers_disagree_get_a_config_error(ddp):
+    for rank in ddp:
+        kind, message, grad = rank["scales"]
+        assert kind == "ConfigError"
+        assert "scaler: rank 0: 1024.0, rank 1: 2048.0" in message
+        assert grad is None
