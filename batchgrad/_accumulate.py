@@ -20,7 +20,8 @@ contributes is a `_Contribution` there (its gradient, the same counting its samp
 for the noise scale, its clipped per-sample sum); one process finishes in `_local_finish` or
 `_clipped_finish`, several in `_data_parallel`, whose failure protocol across
 ranks is `batchgrad._protocol` and whose synchronisation is
-`batchgrad._distributed.Replica`.
+`batchgrad._distributed.Replica`. The running sum (its dtype, ``accumulate_dtype``)
+and the loss scale (``scaler``) are `batchgrad._precision`'s, driven by the same loop.
 """
 
 from __future__ import annotations
@@ -60,8 +61,16 @@ from ._loss import LossFn
 from ._noise import NoiseEstimate, NoiseScale
 from ._noise import estimate as noise_estimate
 from ._per_sample import check_clipping
-from ._protocol import Local, agree, agree_in_sum, fusable, fused, layout, remember
-from ._readout import _as_number, _check_losses, _grads, _norms, _total_norm
+from ._precision import (
+    RunningSum,
+    Scaling,
+    carried,
+    check_accumulate_dtype,
+    check_scaler,
+    refuse_sparse,
+)
+from ._protocol import Fused, Local, agree, agree_in_sum, fusable, fused, layout, remember
+from ._readout import _as_number, _check_losses, _grads, _norms, _total_norm, _widened_norm
 from ._reduction import REDUCTIONS, Reduction
 from ._split import Batch, is_structured, micro_batches
 from ._state import (
@@ -104,7 +113,11 @@ class AccumulateReport:
             was scaled down to the norm ``C``; else None.
         noise: with ``noise``, the gradient noise scale (`batchgrad.NoiseEstimate`):
             this step's estimates, or a `NoiseScale`'s averages; None with a single
-            micro-batch (two batch sizes are needed).
+            micro-batch (two batch sizes are needed) or after an overflow.
+        overflow: with ``scaler``, some gradient (of some micro-batch, on some rank)
+            was infinite or NaN at the scaler's scale: ``p.grad`` holds non-finite
+            values, so ``scaler.step(optimizer)`` skips the step and
+            ``scaler.update()`` lowers the scale. ``grad_norm`` is then not finite.
     """
 
     loss: float
@@ -116,6 +129,7 @@ class AccumulateReport:
     world_size: int = 1
     clipped: float | None = None
     noise: NoiseEstimate | None = None
+    overflow: bool = False
 
 
 def accumulate(
@@ -131,6 +145,8 @@ def accumulate(
     noise_multiplier: float | None = None,
     generator: torch.Generator | None = None,
     noise: bool | NoiseScale = False,
+    accumulate_dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> AccumulateReport:
     """Leave in every ``p.grad`` the gradient of the loss of the whole logical batch.
 
@@ -188,6 +204,19 @@ def accumulate(
             `torch.distributed` the small batches are the ranks' shares (one norm per
             rank, before the synchronisation) and the big one the logical batch. A
             `NoiseScale` is updated and keeps averages across steps.
+        accumulate_dtype: the dtype of the running sum of the micro-batch gradients
+            (see `batchgrad._precision`). ``None``: float32 for float16 and bfloat16
+            parameters, the parameter's own dtype otherwise; a dtype narrower than a
+            parameter's is not used for it. ``p.grad`` keeps the parameter's dtype and
+            is rounded once, at the end; parameters summed in their own dtype cost
+            nothing extra. Norms are taken in float32 or wider.
+        scaler: a `torch.amp.GradScaler`: every micro-batch's backward is scaled by
+            its scale and ``p.grad`` is left scaled, ready for
+            ``scaler.step(optimizer)`` (call ``scaler.unscale_(optimizer)`` first to
+            clip), then ``scaler.update()``, once per logical batch. An infinite or
+            NaN gradient is an overflow (``report.overflow``), not an error; a
+            non-finite loss still raises. ``report.loss`` and ``report.grad_norm``
+            are unscaled.
 
     Returns:
         An `AccumulateReport`.
@@ -214,19 +243,39 @@ def accumulate(
         "clip_per_sample": clip_per_sample,
         "noise_multiplier": noise_multiplier,
         "noise": type(noise).__name__ if isinstance(noise, NoiseScale) else noise,
+        "accumulate_dtype": str(accumulate_dtype),
+        # The scale itself: ranks that scale differently would sum different things.
+        "scaler": scaler.get_scale()
+        if isinstance(scaler, torch.amp.GradScaler)
+        else type(scaler).__name__,
     }
     peer = replica(model, group)
     if peer is not None:
         return _data_parallel(
-            peer, model, loss_fn, batch, micro_batch_size, settings, generator, noise
+            peer,
+            model,
+            loss_fn,
+            batch,
+            micro_batch_size,
+            settings,
+            generator,
+            noise,
+            accumulate_dtype,
+            scaler,
         )
     _check_settings(reduction, existing_grad, clip_per_sample, noise_multiplier, noise)
-    params, buffers = trainable_and_buffers(model)
+    check_accumulate_dtype(accumulate_dtype)
+    check_scaler(scaler, clip_per_sample)
+    sparse: list[nn.Module] = []
+    params, buffers = trainable_and_buffers(model, sparse)
+    refuse_sparse(model, sparse)
     stash = GradStash.take(params)  # put back unchanged whatever fails below
     try:
         if existing_grad == "error":
             _refuse_existing_grads(model, stash)
         parts, _ = _with_last(micro_batches(batch, micro_batch_size))
+        running = RunningSum.of(params, accumulate_dtype)
+        scaling = Scaling.of(scaler)
         if clip_per_sample is not None:
             done = _clipped_finish(
                 model,
@@ -237,18 +286,20 @@ def accumulate(
                 clip_per_sample,
                 noise_multiplier,
                 generator,
+                running,
             )
         else:
+            run = _Run(None, scaling, running)
             done = _local_finish(
-                model, loss_fn, parts, batch, micro_batch_size, reduction, params, noise
+                run, model, loss_fn, parts, batch, micro_batch_size, reduction, params, noise
             )
-        if not math.isfinite(done.grad_norm):
+        if not math.isfinite(done.grad_norm) and not done.overflow:
             raise _non_finite_grad_error(model, loss_fn, batch, micro_batch_size, None)
     except BaseException:
         stash.put_back()
         buffers.put_back()
         raise
-    return _report(done, stash, existing_grad, reduction, noise, 1)
+    return _report(done, stash, existing_grad, reduction, noise, 1, running, scaling)
 
 
 def _report(
@@ -258,13 +309,17 @@ def _report(
     reduction: Reduction,
     noise: bool | NoiseScale,
     world_size: int,
+    running: RunningSum | None = None,
+    scaling: Scaling | None = None,
 ) -> AccumulateReport:
     estimate = done.noise
     if estimate is not None and isinstance(noise, NoiseScale):
         noise.update(estimate)
         estimate = noise.estimate()
     if existing_grad == "add":
-        grad_norm = _add_back(stash)
+        grad_norm = _add_back(stash, None if running is None else running.exact_sums())
+        if scaling is not None:
+            grad_norm /= scaling.scale
     else:
         _into_stashed(stash)
         grad_norm = done.grad_norm
@@ -278,6 +333,7 @@ def _report(
         world_size=world_size,
         clipped=done.clipped,
         noise=estimate,
+        overflow=done.overflow,
     )
 
 
@@ -318,12 +374,14 @@ class _Pass:
     micro_batches: int  # over the whole logical batch (every rank)
     clipped: float | None = None  # the fraction of samples clipped, with clip_per_sample
     noise: NoiseEstimate | None = None  # this step's, with noise=
+    overflow: bool = False  # with a scaler: a non-finite gradient
 
 
 # ---- one process ---------------------------------------------------------------------
 
 
 def _local_finish(
+    run: _Run,
     model: nn.Module,
     loss_fn: LossFn,
     parts: Iterable[tuple[Batch, bool]],
@@ -338,12 +396,16 @@ def _local_finish(
 
     Every backward carries ``1 / N̂`` (see `_Presumption`): only a wrong presumption
     costs a pass over the gradients. This is the path of almost every call, kept flat:
-    its cost is what `bg.accumulate` adds to the hand-written loop.
+    its cost is what `bg.accumulate` adds to the hand-written loop. With a running
+    sum (`batchgrad._precision`), its parameters' ``p.grad`` are None until it is
+    normalised and rounded into them at the end; with a scaler the gradients keep
+    its scale.
     """
     presumption = _Presumption(batch, micro_batch_size) if reduction == "mean" else None
+    run.presumption = presumption
     micro = _MicroBatchGrads(params) if noise is not False else None
-    run = _loop(_Run(presumption), model, loss_fn, parts, micro or _gradient)
-    grads = _grads(params)
+    _loop(run, model, loss_fn, parts, micro or _gradient)
+    grads = _grads(params)  # with a running sum, the parameters outside it
     loss_sum, unit_counts, norms = _check_losses(run.totals, run.counts, _norms(grads))
     count = math.fsum(unit_counts)
     divisor = _divisor(count, reduction, f"its {len(unit_counts)} micro-batch(es)")
@@ -354,10 +416,21 @@ def _local_finish(
         grad_norm = grad_norm * presumed / divisor
         if not math.isfinite(grad_norm):  # the sum may overflow where the mean does not
             grad_norm = _total_norm(grads)
+    if run.running is not None:
+        rounded = run.running.finish(carried(run.root, run.scaling) / divisor)
+        grad_norm = math.hypot(grad_norm, _total_norm(rounded))
+    if not math.isfinite(grad_norm):
+        grad_norm = _widened_norm(grad_norm, _grads(params))
+    overflow = False
+    if run.scaling is not None:
+        grad_norm /= run.scaling.scale
+        overflow = not math.isfinite(grad_norm)
     estimate = None
-    if micro is not None and len(micro.sizes) > 1:
+    if micro is not None and len(micro.sizes) > 1 and not overflow:
         estimate = micro.estimate((grad_norm * divisor / sum(micro.sizes)) ** 2)
-    return _Pass(unit_counts, loss_sum, count, divisor, grad_norm, len(unit_counts), None, estimate)
+    return _Pass(
+        unit_counts, loss_sum, count, divisor, grad_norm, len(unit_counts), None, estimate, overflow
+    )
 
 
 def _clipped_finish(
@@ -369,23 +442,28 @@ def _clipped_finish(
     max_norm: float,
     noise_multiplier: float | None,
     generator: torch.Generator | None,
+    running: RunningSum | None,
 ) -> _Pass:
-    """Sum each micro-batch's clipped per-sample gradients, add the noise, normalise."""
+    """Sum each micro-batch's clipped per-sample gradients, add the noise, normalise
+    (a running sum's parameters in its dtype, rounded once at the end)."""
     clipper = _Clipped(max_norm)
-    run = _loop(_Run(None), model, loss_fn, parts, clipper)
+    run = _loop(_Run(None, None, running), model, loss_fn, parts, clipper)
     loss_sum, unit_counts, _ = _check_losses(run.totals, run.counts)
     count = math.fsum(unit_counts)
     divisor = _divisor(count, reduction, f"its {len(unit_counts)} micro-batch(es)")
     if noise_multiplier:
-        _add_noise(params, noise_multiplier * max_norm, generator)
+        _add_noise(params, noise_multiplier * max_norm, generator, running)
     _normalise(_grads(params), None, divisor)
+    if running is not None:
+        running.finish(1 / divisor)
     clipped, samples = clipper.clipped()
+    grads = _grads(params)
     return _Pass(
         unit_counts,
         loss_sum,
         count,
         divisor,
-        _total_norm(_grads(params)),
+        _widened_norm(_total_norm(grads), grads),
         len(unit_counts),
         clipped / samples if samples else None,
     )
@@ -403,6 +481,8 @@ def _data_parallel(
     settings: dict[str, Any],
     generator: torch.Generator | None,
     noise: bool | NoiseScale,
+    accumulate_dtype: torch.dtype | None,
+    scaler: torch.amp.GradScaler | None,
 ) -> AccumulateReport:
     """This rank's micro-batches, quietly; the agreement; one gradient sync.
 
@@ -412,7 +492,8 @@ def _data_parallel(
     gradient all-reduce (`batchgrad._protocol.Fused`): one collective per call.
     """
     module = peer.module if peer.module is not None else model
-    params, buffers = trainable_and_buffers(module)
+    sparse: list[nn.Module] = []
+    params, buffers = trainable_and_buffers(module, sparse)
     stash = GradStash.take(params)  # put back unchanged whatever fails below
     reduction: Reduction = settings["reduction"]
     existing_grad: ExistingGrad = settings["existing_grad"]
@@ -422,9 +503,12 @@ def _data_parallel(
     layout_hash, entries = layout(module, params)
     mine = Local(settings, layout_hash, entries)
     agreed_layout = fused(peer.group)  # the same on every rank
-    mine_fused = fusable(params, layout_hash) if peer.hook is None else None
-    fits = agreed_layout is not None and agreed_layout.same_layout(mine_fused)
+    mine_fused: Fused | None = None  # this call's layout, if it can carry the agreement
+    fits = False  # ... and it is the agreed one
     run = _Run(None)
+    running: RunningSum | None = None
+    held: list[Tensor | None] | None = None
+    flat_dtype: torch.dtype | None = None
     clipper: _Clipped | None = None
     unit_counts: list[float] = []
     flat: Tensor | None = None
@@ -434,6 +518,19 @@ def _data_parallel(
             if peer.problem is not None:
                 raise peer.problem
             _check_settings(reduction, existing_grad, max_norm, settings["noise_multiplier"], noise)
+            check_accumulate_dtype(accumulate_dtype)
+            check_scaler(scaler, max_norm)
+            refuse_sparse(module, sparse)
+            running = RunningSum.of(params, accumulate_dtype)
+            if running is not None:
+                flat_dtype = running.flat_dtype(params)
+            run.running, run.scaling = running, Scaling.of(scaler)
+            if running is None and peer.hook is None:
+                # A running sum in another dtype cannot ride in the parameters' buffer.
+                # Whether there is one follows from the settings and the layout, which
+                # the ranks agree on, so every rank that gets this far decides alike.
+                mine_fused = fusable(params, layout_hash)
+            fits = agreed_layout is not None and agreed_layout.same_layout(mine_fused)
             if existing_grad == "error":
                 _refuse_existing_grads(module, stash)
             parts, works = _with_last(micro_batches(batch, micro_batch_size, allow_empty=True))
@@ -449,15 +546,16 @@ def _data_parallel(
             with peer.quiet():
                 _loop(run, model, loss_fn, parts, contribute)
             mine.works = works
+            held = None if running is None else running.held(params)
             if run.totals:
-                grads = _grads(params)
+                grads = _grads(params) if held is None else [g for g in held if g is not None]
                 extra = _norms(grads) if noise is not False else ()
                 loss_sum, unit_counts, norms = _check_losses(run.totals, run.counts, extra)
                 mine.loss_sum, mine.count = loss_sum, math.fsum(unit_counts)
                 mine.micro_batches = len(unit_counts)
                 mine.unused = len(grads) < len(params)
                 if run.samples:
-                    presumed = _presumed(run.presumption)
+                    presumed = _carried(run) / (run.scaling.scale if run.scaling else 1.0)
                     mine.sq_norm = (math.hypot(*norms) * presumed / run.samples) ** 2
                     mine.samples = run.samples
                 if clipper is not None:
@@ -465,12 +563,12 @@ def _data_parallel(
             if max_norm is not None and settings["noise_multiplier"] and peer.rank == 0:
                 # Drawn once, on rank 0 (before the agreement, so that a bad generator
                 # fails where every rank hears of it): the sum carries it to every rank.
-                _add_noise(params, settings["noise_multiplier"] * max_norm, generator)
+                _add_noise(params, settings["noise_multiplier"] * max_norm, generator, running)
             if fits:
                 assert agreed_layout is not None
                 flat = peer.pack(params, agreed_layout.size(peer.world_size), agreed_layout.dtype)
             else:
-                flat = peer.flatten(params)
+                flat = peer.flatten(params, held, flat_dtype)
         except BaseException as error:  # reported to every rank below, so none waits
             mine.failure = error
             mine.failed_at = None if run.done or run.index < 0 else run.index
@@ -492,14 +590,14 @@ def _data_parallel(
                 send,
                 agreed_layout,
                 mine,
-                not fits,
-                _presumed(run.presumption),
+                not fits and mine.failure is None,  # a failure is raised by every rank anyway
+                _carried(run),
             )
             if in_sum is None:  # some rank's layout changed: agree apart, as on a first call
                 remember(peer.group, None)
                 if fits and mine.failure is None:
                     try:  # the fused buffer was summed: flatten the gradients again
-                        flat = peer.flatten(params)
+                        flat = peer.flatten(params, held, flat_dtype)
                     except BaseException as error:
                         mine.failure, mine.failed_at = error, None
         if in_sum is None:
@@ -514,7 +612,7 @@ def _data_parallel(
         divisor = _divisor(agreed.count, reduction, f"all {peer.world_size} ranks")
         # A DDP comm hook averages over the ranks: divide by N(B) / world_size then.
         averaged = divisor / peer.world_size if peer.hook is not None else divisor
-        presumed = _presumed(run.presumption)
+        presumed = _carried(run)
         assert flat is not None
         if in_sum is not None:
             assert agreed_layout is not None
@@ -539,15 +637,20 @@ def _data_parallel(
             if mine_fused is not None:  # no hook on any rank: the settings agreed
                 mine_fused.divisor = averaged
                 remember(peer.group, mine_fused)
-        grad_norm = _total_norm(grads)
-        if not math.isfinite(grad_norm):
+        grad_norm = _widened_norm(_total_norm(grads), grads)
+        overflow = False
+        if run.scaling is not None:
+            # The same summed gradient on every rank: all see the overflow together.
+            grad_norm /= run.scaling.scale
+            overflow = not math.isfinite(grad_norm)
+        if not math.isfinite(grad_norm) and not overflow:
             raise _non_finite_grad_error(module, loss_fn, batch, micro_batch_size, peer)
     except BaseException:
         stash.put_back()
         buffers.put_back()
         raise
     estimate = None
-    if noise is not False and len(agreed.samples) > 1:
+    if noise is not False and len(agreed.samples) > 1 and not overflow:
         big = sum(agreed.samples)
         means = agreed.sq_norms
         estimate = noise_estimate(means, agreed.samples, (grad_norm * divisor / big) ** 2, big)
@@ -560,8 +663,17 @@ def _data_parallel(
         agreed.micro_batches,
         agreed.clipped,
         estimate,
+        overflow,
     )
-    return _report(done, stash, existing_grad, reduction, noise, peer.world_size)
+    return _report(done, stash, existing_grad, reduction, noise, peer.world_size, None, run.scaling)
+
+
+def _carried(run: _Run) -> float:
+    """The divisor this rank's gradients carry, with the scale factored out: the
+    presumed one, or, with a running sum, the one its root was rounded to."""
+    if run.running is None:
+        return _presumed(run.presumption)
+    return carried(run.root, run.scaling)
 
 
 def _divisor(count: float, reduction: Reduction, where: str) -> float:

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from ._accumulate import _EXISTING_GRAD, ExistingGrad, _divisor, _normalise
 from ._errors import BatchShapeError, ConfigError, LossTypeError, NonFiniteError, StateError
 from ._loss import Loss
-from ._readout import _as_floats, _as_number, _grads, _total_norm
+from ._readout import _as_floats, _as_number, _grads, _total_norm, _widened_norm
 from ._reduction import REDUCTIONS, Reduction
 from ._sequence import (
     State,
@@ -652,7 +652,8 @@ def _counts(counts: list[int | float | Tensor], where: str) -> list[float]:
 
 
 def _finite_norm(model: nn.Module, params: list[nn.Parameter]) -> float:
-    norm = _total_norm(_grads(params))
+    grads = _grads(params)
+    norm = _widened_norm(_total_norm(grads), grads)
     if not math.isfinite(norm):
         names = {p: name for name, p in model.named_parameters()}
         bad = [names[p] for p in params if p.grad is not None and not p.grad.isfinite().all()]

@@ -110,23 +110,32 @@ class Replica:
         if ddp.forward_sync_buffers and ddp.modules_buffers:
             ddp._sync_buffers()
 
-    def flatten(self, params: list[nn.Parameter]) -> Tensor:
-        """Every ``p.grad`` in one flat buffer, zeros for a parameter without one.
+    def flatten(
+        self,
+        params: list[nn.Parameter],
+        grads: list[Tensor | None] | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Tensor:
+        """Every ``p.grad`` (or ``grads``, one per parameter) in one flat buffer, zeros
+        for a parameter without one, in ``dtype`` if given (every rank's buffer must
+        have the same, also where it holds no gradient at all).
 
         Taken before the agreement, so that running out of memory here is a failure
         every rank hears of. Without a communication hook the buffer ends with one
         flag per parameter (has it a gradient here?), summed in the same all-reduce.
         """
+        held = [p.grad for p in params] if grads is None else grads
         pieces = [
-            (torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1).to(self.device)
-            for p in params
+            (torch.zeros_like(p) if g is None else g).reshape(-1).to(self.device)
+            for p, g in zip(params, held, strict=True)
         ]
         if self.hook is None and pieces:
-            flags = [p.grad is not None for p in params]
+            flags = [g is not None for g in held]
             pieces.append(torch.tensor(flags, dtype=pieces[0].dtype, device=self.device))
         if not pieces:
             return torch.zeros(0, device=self.device)
-        return torch.cat(pieces) if len(pieces) > 1 else pieces[0].clone()
+        flat = torch.cat(pieces) if len(pieces) > 1 else pieces[0].clone()
+        return flat if dtype is None else flat.to(dtype)
 
     def sync_grads(
         self,

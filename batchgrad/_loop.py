@@ -4,7 +4,9 @@ Every engine of `batchgrad.accumulate` (one process, DDP, unwrapped under
 `torch.distributed`) drives `_loop`: it runs each micro-batch's forward and hands it
 to a `_Contribution` (its gradient, the same counting its samples for the noise
 scale, its norm for the noise scale, its clipped per-sample sum). Each backward
-carries ``1 / N̂``, with ``N̂`` presumed from the first micro-batch (`_Presumption`).
+carries ``1 / N̂``, with ``N̂`` presumed from the first micro-batch (`_Presumption`),
+times a `GradScaler`'s scale with ``scaler=``; after each, a `RunningSum` takes the
+gradients of the parameters summed in a wider dtype (`batchgrad._precision`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from ._loss import LossFn, unpack_loss
 from ._noise import NoiseEstimate
 from ._noise import estimate as noise_estimate
 from ._per_sample import clipped_sum
+from ._precision import RunningSum, Scaling
 from ._readout import _as_floats, _grads, _norms
 from ._split import Batch, batch_length, is_structured
 
@@ -39,9 +42,11 @@ class _Run:
     """What the micro-batch loop collected, and where it is."""
 
     presumption: _Presumption | None
+    scaling: Scaling | None = None  # a GradScaler's scale in every backward
+    running: RunningSum | None = None  # the sum kept aside from p.grad
     totals: list[Tensor] = field(default_factory=list)  # attached: read with item()
     counts: list[int | float | Tensor] = field(default_factory=list)
-    root: Tensor | None = None  # 1 / N̂, backpropagated into every total
+    root: Tensor | None = None  # s / N̂, backpropagated into every total (None: 1)
     samples: int = 0  # rows seen, where the contribution counts them
     index: int = -1  # the micro-batch being run
     done: bool = False
@@ -70,9 +75,12 @@ def _loop(
     contribute: _Contribution,
 ) -> _Run:
     """The one micro-batch loop every engine drives."""
+    running = run.running
     for index, (micro_batch, last) in enumerate(parts):
         run.index = index
         contribute(run, model, loss_fn, micro_batch, index, last)
+        if running is not None:
+            running.absorb()
     run.done = True
     return run
 
@@ -82,11 +90,20 @@ def _gradient(
 ) -> None:
     """The micro-batch's gradient: backpropagate ``total / N̂`` (see `_Presumption`)."""
     total, count = unpack_loss(loss_fn(model, micro_batch), index)
-    if index == 0 and run.presumption is not None:
-        run.root = run.presumption.root(total, count, only=last)
+    if index == 0:
+        _first_root(run, total, count, last)
     _backward(total, run.root)
     run.totals.append(total)
     run.counts.append(count)
+
+
+def _first_root(run: _Run, total: Tensor, count: int | float | Tensor, last: bool) -> None:
+    """The root of every micro-batch's backward, set on the first: ``1 / N̂`` (see
+    `_Presumption`), times the scale with a scaler."""
+    root = None if run.presumption is None else run.presumption.root(total, count, only=last)
+    if run.scaling is not None:
+        root = run.scaling.root(root, total)
+    run.root = root
 
 
 def _counted_gradient(
@@ -126,13 +143,20 @@ class _Clipped:
         return int((factors < 1).sum()), factors.numel()
 
 
-def _add_noise(params: list[nn.Parameter], std: float, generator: torch.Generator | None) -> None:
-    """Gaussian noise of standard deviation ``std`` on every parameter, drawn once."""
+def _add_noise(
+    params: list[nn.Parameter],
+    std: float,
+    generator: torch.Generator | None,
+    running: RunningSum | None = None,
+) -> None:
+    """Gaussian noise of standard deviation ``std`` on every parameter, drawn once
+    (into the running sum for the parameters summed there)."""
     with torch.no_grad():
         for p in params:
             noise = torch.randn(p.shape, generator=generator, dtype=p.dtype, device=p.device)
             noise.mul_(std)
-            p.grad = noise if p.grad is None else p.grad.add_(noise)
+            if running is None or not running.add_noise(p, noise):
+                p.grad = noise if p.grad is None else p.grad.add_(noise)
 
 
 def _presumed(presumption: _Presumption | None) -> float:
@@ -243,8 +267,8 @@ class _MicroBatchGrads:
     ) -> None:
         self.sizes.append(batch_length(micro_batch, f"micro-batch {index}"))
         total, count = unpack_loss(loss_fn(model, micro_batch), index)
-        if index == 0 and run.presumption is not None:
-            run.root = run.presumption.root(total, count, only=last)
+        if index == 0:
+            _first_root(run, total, count, last)
         if last:  # the last needs no norm of its own
             _backward(total, run.root)
         else:

@@ -20,15 +20,40 @@ def _grads(params: list[nn.Parameter]) -> list[Tensor]:
     return [p.grad for p in params if p.grad is not None]
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def _norms(grads: list[Tensor]) -> list[Tensor]:
     """The L2 norm of each gradient, as 0-d tensors: one fused kernel per device where
-    the device has one (foreach kernels take mixed devices and dtypes one by one)."""
-    return list(torch._foreach_norm(grads)) if grads else []
+    the device has one (foreach kernels take mixed devices and dtypes one by one).
+
+    Float16 and bfloat16 gradients are normed in float32: a float16 gradient whose
+    every entry is finite may have a norm above float16's largest value, 65504.
+    """
+    if not grads:
+        return []
+    half = [g for g in grads if g.dtype in _HALF]
+    if not half:
+        return list(torch._foreach_norm(grads))
+    if len(half) == len(grads):
+        return list(torch._foreach_norm(grads, 2, torch.float32))
+    wide = iter(torch._foreach_norm([g for g in grads if g.dtype not in _HALF]))
+    narrow = iter(torch._foreach_norm(half, 2, torch.float32))
+    return [next(narrow) if g.dtype in _HALF else next(wide) for g in grads]
 
 
 def _total_norm(grads: list[Tensor]) -> float:
     """The global L2 norm (the one pass over the gradients that checking them costs)."""
     return math.hypot(*_as_floats(_norms(grads)))
+
+
+def _widened_norm(norm: float, grads: list[Tensor]) -> float:
+    """``norm``, or where it is not finite, the norm taken again in float64: finite
+    entries whose squares overflow a float32 sum have a finite float64 norm, so only a
+    non-finite entry leaves it non-finite."""
+    if math.isfinite(norm) or not grads:
+        return norm
+    return math.hypot(*_as_floats(list(torch._foreach_norm(grads, 2, torch.float64))))
 
 
 def _check_losses(

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ._errors import ExistingGradError
-from ._readout import _grads, _total_norm
+from ._readout import _grads, _total_norm, _widened_norm
 
 
 @dataclass
@@ -64,14 +64,22 @@ class BufferSnapshot:
                 buffer.copy_(value)
 
 
-def trainable_and_buffers(model: nn.Module) -> tuple[list[nn.Parameter], BufferSnapshot]:
+_SPARSE_LAYERS = (nn.Embedding, nn.EmbeddingBag)
+
+
+def trainable_and_buffers(
+    model: nn.Module, sparse: list[nn.Module] | None = None
+) -> tuple[list[nn.Parameter], BufferSnapshot]:
     """The parameters that require grad, as ``model.parameters()`` lists them, and a
     `BufferSnapshot`, from one walk over the modules (`accumulate` takes both on every
-    call)."""
+    call). ``sparse``: append to it the layers built with ``sparse=True`` (their
+    gradients are sparse tensors), found on the same walk."""
     params: list[nn.Parameter] = []
     seen: set[int] = set()  # by id: Tensor.__hash__ runs Python code
     buffers = BufferSnapshot([])
     for module in model.modules():
+        if sparse is not None and isinstance(module, _SPARSE_LAYERS) and module.sparse:
+            sparse.append(module)
         for p in module._parameters.values():
             if p is not None and p.requires_grad and id(p) not in seen:
                 seen.add(id(p))
@@ -164,14 +172,24 @@ def _into_stashed(stash: GradStash) -> None:
             p.grad = old
 
 
-def _add_back(stash: GradStash) -> float:
-    """Add the new gradients into the stashed ones (in place, like autograd does)."""
+def _add_back(stash: GradStash, exact: dict[int, Tensor] | None = None) -> float:
+    """Add the new gradients into the stashed ones (in place, like autograd does).
+
+    ``exact``: by parameter id, the new gradient before its rounding into ``p.grad``
+    (a wider running sum): the old one is added to it first, so the result is
+    rounded once.
+    """
     for p, old in zip(stash.params, stash.grads, strict=True):
         if old is not None:
             if p.grad is not None:
-                old.add_(p.grad)
+                wide = None if exact is None else exact.get(id(p))
+                if wide is None:
+                    old.add_(p.grad)
+                else:
+                    old.copy_(wide.add_(old))
             p.grad = old
-    return _total_norm(_grads(stash.params))
+    grads = _grads(stash.params)
+    return _widened_norm(_total_norm(grads), grads)
 
 
 def _refuse_existing_grads(model: nn.Module, stash: GradStash) -> None:

@@ -252,3 +252,31 @@ def test_noise_overhead_quick_run(noise_overhead, tmp_path):
         assert row["max_grad_rel_err"] <= 1e-5
         assert row["micro_batches"] == 4
         assert row["accumulate"]["n"] == row["accumulate_noise"]["n"] == 3
+
+
+@pytest.fixture(scope="module")
+def precision():
+    module = load("precision")
+    yield module
+    sys.modules.pop(module.__name__, None)
+
+
+def test_precision_quick_run_writes_errors_timings_and_the_plot(precision, tmp_path):
+    out = tmp_path / "results" / "precision.json"
+
+    assert precision.main(["--quick", "--out", str(out)]) == 0
+
+    results = json.loads(out.read_text())
+    assert results["benchmark"] == "precision"
+    settings = results["settings"]
+    assert [(row["problem"], row["micro_batches"]) for row in results["errors"]] == [
+        (problem, k) for problem in ("linear", "mlp") for k in settings["counts"]
+    ]
+    for row in results["errors"]:
+        assert 0 < row["one rounding"] <= row["batchgrad"]
+        if row["problem"] == "linear":  # only the summation differs: one rounding's worth
+            assert row["batchgrad"] <= 1.5 * row["one rounding"]
+    assert [row["micro_batches"] for row in results["timings"]] == settings["time_counts"]
+    for row in results["timings"]:
+        assert row["plain"]["n"] == row["batchgrad"]["n"] == settings["repeats"]
+    assert (tmp_path / "results" / "precision.png").stat().st_size > 0

@@ -39,6 +39,19 @@ def _readme():
     return " ".join(text.split())
 
 
+def test_precision_chapter_shows_the_float32_sum_at_one_rounding(tmp_path):
+    answers = run_tour(tmp_path, only=["precision"])
+    report = (tmp_path / "report.md").read_text()
+    assert "Mixed precision: a float32 running sum" in report
+    assert (tmp_path / "precision_running_sum.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = answers["precision"].data["splits"]
+    assert [r["micro_batches"] for r in rows] == [1, 4, 16, 64, 256]
+    for row in rows:
+        assert row["batchgrad_float32_sum"] <= 1.5 * row["one_rounding"]
+    assert rows[-1]["autograd_bf16"] > 3 * rows[-1]["one_rounding"]
+    assert rows[-1]["autograd_bf16"] > 2 * rows[1]["autograd_bf16"]  # grows with the count
+
+
 def test_data_parallel_chapter_runs_two_processes(tmp_path):
     answers = run_tour(tmp_path, only=["data-parallel"])
     assert (tmp_path / "data_parallel_error.png").exists()

@@ -76,11 +76,12 @@ def one_thread() -> AbstractContextManager[None]:
 
 
 def _chapters() -> list[Chapter]:
-    from . import accumulation, batch_size, bptt, data_parallel, per_sample, trainers
+    from . import accumulation, batch_size, bptt, data_parallel, per_sample, precision, trainers
 
     return [
         per_sample.CHAPTER,
         accumulation.CHAPTER,
+        precision.CHAPTER,
         data_parallel.CHAPTER,
         bptt.CHAPTER,
         batch_size.CHAPTER,
