@@ -35,6 +35,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ._distributed import Replica, replica
+from ._fsdp import GRAD_SYNCS, accumulate_sharded, is_sharded
 from ._errors import (
     ConfigError,
     EmptyBatchError,
@@ -84,6 +85,9 @@ ExistingGrad = Literal["error", "replace", "add"]
 
 _EXISTING_GRAD: tuple[ExistingGrad, ...] = ("error", "replace", "add")
 
+GradSync = Literal["once", "per_micro_batch"]
+"""When `accumulate` synchronises the gradients of a sharded (FSDP2) model; see there."""
+
 
 @dataclass(frozen=True)
 class AccumulateReport:
@@ -130,6 +134,7 @@ def accumulate(
     noise_multiplier: float | None = None,
     generator: torch.Generator | None = None,
     noise: bool | NoiseScale = False,
+    grad_sync: GradSync = "once",
 ) -> AccumulateReport:
     """Leave in every ``p.grad`` the gradient of the loss of the whole logical batch.
 
@@ -187,6 +192,12 @@ def accumulate(
             `torch.distributed` the small batches are the ranks' shares (one norm per
             rank, before the synchronisation) and the big one the logical batch. A
             `NoiseScale` is updated and keeps averages across steps.
+        grad_sync: on a model sharded with FSDP2 (``fully_shard``), ``"once"``
+            keeps the unsharded gradients between micro-batches and reduce-scatters
+            once per logical batch; ``"per_micro_batch"`` reduce-scatters after every
+            micro-batch, so that only sharded gradients are held (more
+            communication, less memory). The result is the same. Elsewhere the
+            gradients are synchronised once per logical batch (``"once"``).
 
     Returns:
         An `AccumulateReport`.
@@ -214,6 +225,12 @@ def accumulate(
         "noise_multiplier": noise_multiplier,
         "noise": type(noise).__name__ if isinstance(noise, NoiseScale) else noise,
     }
+    if dist.is_available() and dist.is_initialized() and is_sharded(model):
+        return accumulate_sharded(
+            model, loss_fn, batch, micro_batch_size, {**settings, "grad_sync": grad_sync}
+        )
+    if grad_sync not in GRAD_SYNCS:  # nothing to choose: synchronised once (or never)
+        raise ConfigError(f"grad_sync must be one of {GRAD_SYNCS}, got {grad_sync!r}.")
     peer = replica(model, group)
     if peer is not None:
         return _data_parallel(
