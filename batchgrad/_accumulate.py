@@ -35,13 +35,13 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ._distributed import Replica, replica
-from ._fsdp import GRAD_SYNCS, accumulate_sharded, is_sharded
 from ._errors import (
     ConfigError,
     EmptyBatchError,
     NonFiniteError,
     ZeroCountError,
 )
+from ._fsdp import GRAD_SYNCS, accumulate_sharded, is_sharded
 from ._loop import (
     _add_noise,
     _backward,

@@ -33,6 +33,7 @@ cannot be used after that; restart the job from the last checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -106,6 +107,19 @@ class _Steps:
     failure: BaseException | None = None
     failed_at: int | None = None
     steps: int = 0
+    rank: int = 0
+    inside: bool = False  # the root module's forward is running
+
+    def watch(self, model: nn.Module) -> list[Any]:
+        """Hooks telling whether an error came from inside the model's forward."""
+
+        def enter(*_: object) -> None:
+            self.inside = True
+
+        def leave(*_: object) -> None:
+            self.inside = False
+
+        return [model.register_forward_pre_hook(enter), model.register_forward_hook(leave)]
 
     def parts(self, own: Iterator[tuple[Batch, bool]]) -> Iterator[tuple[Any, bool]]:
         """This rank's micro-batches, then padding while another rank has more."""
@@ -160,6 +174,8 @@ class _Steps:
                     raise DistributedError("No padding micro-batch for this rank.")
                 total = loss_fn(model, self.template).total
         except BaseException as error:  # reported to every rank below, so none waits
+            if self.inside:  # out of the model's all-gathers: the others wait in one
+                self.abandon(error, index, "forward")
             failure = error
         more = real and not last
         agreed = _step(self.group, [float(failure is not None), value, count, float(real), more])
@@ -177,7 +193,41 @@ class _Steps:
         assert total is not None
         if self.once:
             self.knobs.sync(not self.more)  # reduce-scatter in the last step only
-        _backward(total, None if real else torch.zeros_like(total))
+        try:
+            _backward(total, None if real else torch.zeros_like(total))
+        except BaseException as error:  # FSDP's collectives run inside the backward
+            self.abandon(error, index, "backward")
+
+    def abandon(self, error: BaseException, index: int, where: str) -> None:
+        """An error inside the model's forward or backward, in the middle of FSDP's
+        collectives: this rank cannot take its place in them any more. Shut the process
+        group down, so that the others hear of it now (the closed connection) instead
+        of at its timeout, and raise `DistributedError` here as there."""
+        if _peer_gone(error):
+            raise DistributedError(
+                f"Another rank failed inside the sharded model's {where} (micro-batch "
+                f"{index} here), in the middle of FSDP's collectives ({error}). The process "
+                f"group cannot be used any more: look at the other ranks' tracebacks, and "
+                f"restart the job from your last checkpoint (torchrun --max-restarts)."
+            ) from error
+        with contextlib.suppress(Exception):
+            # Closes this rank's connections; the others' collectives fail at once.
+            dist.distributed_c10d._abort_process_group()
+        raise DistributedError(
+            f"On rank {self.rank}, micro-batch {index}: {type(error).__name__}: {error}, "
+            f"raised inside the sharded model's {where}, in the middle of FSDP's "
+            f"collectives, where the other ranks cannot be told and wait for this one. The "
+            f"process group was shut down so that they stop now (not at its timeout); fix "
+            f"the error (see the traceback) and restart the job from your last checkpoint."
+        ) from error
+
+
+def _peer_gone(error: BaseException) -> bool:
+    """Whether a collective failed because another rank's connection closed."""
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(
+        sign in text for sign in ("Connection closed", "Connection reset", "Broken pipe")
+    )
 
 
 def _step(group: dist.ProcessGroup | None, values: list[float]) -> list[float]:
@@ -296,9 +346,11 @@ def accumulate_sharded(
     from ._accumulate import AccumulateReport, _check_settings, _divisor
 
     if not isinstance(model, FSDPModule):
+        name, inner = next((n, m) for n, m in model.named_modules() if isinstance(m, FSDPModule))
         raise ConfigError(
-            "The model has modules sharded with fully_shard but is not itself sharded; "
-            "call fully_shard on the root module too (after its blocks), as FSDP2 expects."
+            f"{name} is sharded with fully_shard ({type(inner).__name__}) but the model "
+            f"itself is not; call fully_shard on the root module too (after its blocks), "
+            f"as FSDP2 expects: its root runs the forward's and backward's bookkeeping."
         )
     params, buffers = trainable_and_buffers(model)
     group, replicas = _mesh_group(params)
@@ -312,7 +364,8 @@ def accumulate_sharded(
     mine = Local(settings, layout_hash, entries)
     own: Iterator[tuple[Batch, bool]] = iter(())
     template: Batch | None = None
-    steps = _Steps(group, grad_sync == "once", knobs, None)
+    steps = _Steps(group, grad_sync == "once", knobs, None, rank=rank)
+    handles = steps.watch(model)
     try:
         try:
             _check_settings(
@@ -401,6 +454,8 @@ def accumulate_sharded(
         raise
     finally:
         knobs.put_back()
+        for handle in handles:
+            handle.remove()
     return AccumulateReport(
         loss=steps.loss_sum / divisor,
         count=_number(steps.count),
@@ -460,9 +515,9 @@ def _ahead(items: Iterator[Batch]) -> Iterator[tuple[Batch, bool]]:
     yield current, True
 
 
-def _chain(first: tuple[Batch, bool], rest: Iterator[tuple[Batch, bool]]) -> Iterator[
-    tuple[Batch, bool]
-]:
+def _chain(
+    first: tuple[Batch, bool], rest: Iterator[tuple[Batch, bool]]
+) -> Iterator[tuple[Batch, bool]]:
     yield first
     yield from rest
 
