@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import batchgrad as bg
@@ -226,6 +227,40 @@ def _run(nproc: int) -> dict[str, object]:
         results["mixed"] = _mixed_precision()
         results["backward"] = _backward_fault()  # last: it shuts the group down
     return results
+
+
+HSDP_SHARDS = [(0, 2), (2, 2), (2, 7), (7, 12)]  # rank 1 idle
+
+
+def _hsdp() -> dict[str, object]:
+    """HSDP: 2 replicas of 2 shards (``init_device_mesh("cpu", (2, 2))``), 4 ranks."""
+    warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    case = CASE["lm-padded"]
+    out = {}
+    for grad_sync in ("once", "per_micro_batch"):
+        model, batch = case.build(N, torch.float64, seed=7)
+        _shard(model, mesh=mesh)
+        local = _local(batch, HSDP_SHARDS, 2, dist.get_rank())
+        report = bg.accumulate(model, case.loss_fn, local, micro_batch_size=2, grad_sync=grad_sync)
+        out[grad_sync] = (_full(model), report)
+    return out
+
+
+def test_hsdp_on_a_2d_mesh_equals_one_process_on_the_whole_batch():
+    results = launch(_hsdp, 4, timeout=240)
+    case = CASE["lm-padded"]
+    model, batch = case.build(N, torch.float64, seed=7)
+    expected = reference_grads(case, model, batch, "mean")
+    norm = sum(float(g.square().sum()) for g in expected) ** 0.5
+    for grad_sync in ("once", "per_micro_batch"):
+        for rank in range(4):
+            grads, report = results[rank][grad_sync]
+            assert rel_err(grads, expected) <= 1e-10, (grad_sync, rank)
+            assert report.count == float(case.loss_fn(model, batch).count)
+            assert report.micro_batches == 1 + 0 + 3 + 3
+            assert report.world_size == 4
+            assert report.grad_norm == pytest.approx(norm, rel=1e-10)
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["2-ranks", "3-ranks"])
