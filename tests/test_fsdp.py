@@ -184,6 +184,11 @@ def _faults() -> dict[str, object]:
     old = _full(model)
     report = bg.accumulate(model, square, local, micro_batch_size=3, existing_grad="add")
     out["add"] = (old, _full(model), report)
+    try:  # check runs the model whole in one process: refused, pointing to fsdp=True
+        bg.check(model, square, local, micro_batch_size=2)
+        out["check"] = "no error"
+    except bg.ConfigError as error:
+        out["check"] = str(error)
     return {"faults": out, "x": x}
 
 
@@ -331,6 +336,15 @@ def test_existing_grad_add_adds_the_new_gradient(world):
         assert rel_err(new, [2 * g for g in expected]) <= 1e-10
         assert report.grad_norm == pytest.approx(
             2 * sum(float(g.square().sum()) for g in expected) ** 0.5, rel=1e-10
+        )
+
+
+def test_check_in_one_process_refuses_a_sharded_model_and_names_the_way(world):
+    nproc, results = world
+    for rank in range(nproc):
+        assert (
+            "check_data_parallel(make, nproc, micro_batch_size, fsdp=True)"
+            in (results[rank]["faults"]["check"])
         )
 
 
