@@ -249,8 +249,8 @@ def replica(model: nn.Module, group: dist.ProcessGroup | None) -> Replica | None
     ddp = model if isinstance(model, DistributedDataParallel) else None
     problem: ConfigError | None = None
     try:
-        _refuse_sharded(model)
         if ddp is not None:
+            _refuse_sharded(model)
             _refuse_ddp_settings(ddp)
     except ConfigError as error:
         problem = error

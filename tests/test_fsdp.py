@@ -205,6 +205,35 @@ def _mixed_precision() -> tuple[list[torch.Tensor], list[torch.Tensor], str]:
     return mine, [], dtype
 
 
+def _fit_data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(14, 3, generator=g, dtype=torch.float64), torch.randn(14, 1, generator=g)
+
+
+def _fit_loss(model, batch):  # type: ignore[no-untyped-def]
+    x, y = batch
+    return bg.Loss.from_values((model(x) - y.double()).square())
+
+
+def _fit(sharded: bool) -> list[tuple[float, float, int]]:
+    """Three steps of `bg.fit` (SGD with momentum), sharded on every rank or alone."""
+    model = _net()
+    if sharded:
+        _shard(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    history = bg.fit(
+        model,
+        _fit_loss,
+        _fit_data(),
+        optimizer,
+        batch_size=5,
+        micro_batch_size=2,
+        steps=3,
+        progress=False,
+    )
+    return [(r.loss, r.grad_norm, r.count) for r in history.steps]
+
+
 def _backward_fault() -> tuple[str, str]:
     """An exception inside one rank's backward, in the middle of FSDP's collectives:
     every rank raises `DistributedError` at once (the group is shut down)."""
@@ -230,6 +259,7 @@ def _run(nproc: int) -> dict[str, object]:
     results: dict[str, object] = {"scenarios": _scenarios(nproc), **_faults()}
     if nproc == 2:
         results["mixed"] = _mixed_precision()
+        results["fit"] = _fit(sharded=True)
         results["backward"] = _backward_fault()  # last: it shuts the group down
     return results
 
@@ -359,6 +389,19 @@ def test_bf16_parameters_with_float32_reduction_are_exact_to_bf16_rounding(world
         mine, _, dtype = results[rank]["mixed"]
         assert dtype == "torch.float32"  # the sharded gradients, summed in float32
         assert rel_err(mine, expected) <= 2e-2, rank  # bf16 has 8 bits of mantissa
+
+
+def test_fit_on_a_sharded_model_follows_one_process(world):
+    nproc, results = world
+    if nproc != 2:
+        pytest.skip("run with 2 ranks")
+    expected = _fit(sharded=False)
+    for rank in range(nproc):
+        got = results[rank]["fit"]
+        assert [c for _, _, c in got] == [c for _, _, c in expected]
+        for (loss, norm, _), (loss_1, norm_1, _) in zip(got, expected, strict=True):
+            assert loss == pytest.approx(loss_1, rel=1e-10)
+            assert norm == pytest.approx(norm_1, rel=1e-10)
 
 
 def test_an_exception_inside_a_backward_stops_every_rank_with_distributed_error(world):
