@@ -155,9 +155,8 @@ def check(
         raise ConfigError(
             "check runs the model whole and split in this process, which a model sharded "
             "with fully_shard cannot do alone (its forward is a collective). Check the "
-            "model before sharding it: bg.check_data_parallel(make, nproc, "
-            "micro_batch_size, fsdp=True), or batchgrad check MODULE:FACTORY --nproc N "
-            "--fsdp, shards it on every rank and compares with one process."
+            "model before sharding it: batchgrad check MODULE:FACTORY --nproc N --fsdp "
+            "shards it on every rank and compares with one process on the whole batch."
         )
     names = [name for name, p in model.named_parameters() if p.requires_grad]
     params = [p for p in model.parameters() if p.requires_grad]

@@ -417,16 +417,18 @@ def accumulate_sharded(
         shards = _locals(g for g in new if g is not None)
         if divisor != 1.0 and shards:
             torch._foreach_div_(shards, divisor)
-        finite = all(bool(s.isfinite().all()) for s in shards)
+        new_sq = _sq_norm(shards)  # non-finite iff some gradient is
         if existing_grad == "add":
             final = [
                 old if n is None else n if old is None else old + n
                 for old, n in zip(_locals_or_none(stash.grads), _locals_or_none(new), strict=True)
             ]
+            sq = _sq_norm([t for t in final if t is not None])
         else:
-            final = _locals_or_none(new)
-        sq = math.fsum(float(t.double().square().sum()) for t in final if t is not None)
-        tensor = torch.tensor([float(not finite), sq], dtype=torch.float64, device=_device(group))
+            sq = new_sq
+        finite = math.isfinite(new_sq)
+        values = [float(not finite), sq if finite else 0.0]
+        tensor = torch.tensor(values, dtype=torch.float64, device=_device(group))
         dist.all_reduce(tensor, group=group)
         bad, sq_sum = tensor.tolist()
         if bad:
@@ -465,6 +467,14 @@ def accumulate_sharded(
         micro_batch_counts=tuple(map(_number, steps.unit_counts)),
         world_size=world_size,
     )
+
+
+def _sq_norm(tensors: list[Tensor]) -> float:
+    """The squared L2 norm of these local shards, one fused kernel and one read."""
+    if not tensors:
+        return 0.0
+    norms = torch.stack([n.double() for n in torch._foreach_norm(tensors)])
+    return float(norms.square().sum())
 
 
 def _number(value: float) -> int | float:

@@ -5,7 +5,7 @@
 
 Two local gloo processes train a transformer LM sharded with ``fully_shard`` per
 layer and at the root, on right-padded sequences (the loss is the mean over real
-tokens); each rank holds 32 sequences of the logical batch, in 4 or 16
+tokens); each rank holds 16 sequences of the logical batch, in 4 or 16
 micro-batches. Per logical batch it counts FSDP's all-gathers and reduce-scatters
 and their bytes, the other (control) all-reduces, the gradient bytes held between
 micro-batches (unsharded and sharded, at most), and times the step. Side by side:
@@ -120,6 +120,7 @@ def _worker(sequences: int, counts: list[int], repeats: int, layers: int) -> dic
         fully_shard(block)
     fully_shard(model)
     assert isinstance(model, FSDPModule)
+    sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
     data = counting_sequences(sequences * world, vocab=64, max_len=64, seed=1)
     rows = torch.arange(rank * sequences, (rank + 1) * sequences)
     batch = TokenBatch(data.input_ids[rows], data.labels[rows])
@@ -142,8 +143,11 @@ def _worker(sequences: int, counts: list[int], repeats: int, layers: int) -> dic
                 dtype=torch.float64,
             )
             dist.all_reduce(tokens)
-            model.set_gradient_divide_factor(1.0)
-            model.set_force_sum_reduction_for_comms(True)
+            # Per FSDP module: these two setters are not recursive (on the root alone the
+            # blocks would still average over the ranks: half the gradient on 2 ranks).
+            for module in sharded:
+                module.set_gradient_divide_factor(1.0)
+                module.set_force_sum_reduction_for_comms(True)
             for index, part in enumerate(parts):
                 if not sync_every:
                     model.set_requires_gradient_sync(index == len(parts) - 1)
@@ -221,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a few seconds, for smoke tests")
     parser.add_argument("--out", type=Path, default=RESULTS / "fsdp_communication.json")
     args = parser.parse_args(argv)
-    sequences, counts, repeats, layers = (32, [4, 16], args.repeats, 4)
+    sequences, counts, repeats, layers = (16, [4, 16], args.repeats, 4)
     if args.quick:
         sequences, counts, repeats, layers = (8, [4], 1, 2)
 

@@ -8,6 +8,7 @@ fault on its ranks; the parent compares each rank's full gradients
 from __future__ import annotations
 
 import itertools
+import random
 import re
 import warnings
 
@@ -49,6 +50,33 @@ SCENARIOS = {
         ("tokens-sum-once", "lm-padded", [(0, 1), (1, 6), (6, 12)], 2, "sum", "once"),
     ],
 }
+
+
+def _random_scenarios(count: int, nproc: int, seed: int) -> list[tuple]:
+    """Random splits over the ranks (some idle), micro-batch sizes, reductions and
+    grad-sync modes, drawn reproducibly."""
+    rng = random.Random(seed)
+    out = []
+    for index in range(count):
+        cuts = sorted(rng.randint(0, N) for _ in range(nproc - 1))
+        bounds = [0, *cuts, N]
+        shards = list(itertools.pairwise(bounds))
+        case = rng.choice(["mlp-ce-ignore", "mlp-mse-mask", "lm-padded"])
+        size = rng.randint(1, 5)
+        out.append(
+            (
+                f"random-{index}",
+                case,
+                shards,
+                size,
+                rng.choice(["mean", "sum"]),
+                rng.choice(["once", "per_micro_batch"]),
+            )
+        )
+    return out
+
+
+SCENARIOS[3] += _random_scenarios(6, 3, seed=19)
 
 
 def _shard(model: nn.Module, **kwargs: object) -> nn.Module:
@@ -373,8 +401,7 @@ def test_check_in_one_process_refuses_a_sharded_model_and_names_the_way(world):
     nproc, results = world
     for rank in range(nproc):
         assert (
-            "check_data_parallel(make, nproc, micro_batch_size, fsdp=True)"
-            in (results[rank]["faults"]["check"])
+            "batchgrad check MODULE:FACTORY --nproc N --fsdp" in (results[rank]["faults"]["check"])
         )
 
 
