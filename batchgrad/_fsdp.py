@@ -49,7 +49,6 @@ from ._errors import (
     EmptyBatchError,
     LossTypeError,
     NonFiniteError,
-    ZeroCountError,
 )
 from ._loop import _backward, _loop, _Run
 from ._loss import LossFn, unpack_loss
@@ -532,4 +531,4 @@ def _chain(
     yield from rest
 
 
-__all__ = ["GRAD_SYNCS", "ZeroCountError", "accumulate_sharded", "is_sharded"]
+__all__ = ["GRAD_SYNCS", "accumulate_sharded", "is_sharded"]

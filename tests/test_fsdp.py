@@ -282,6 +282,28 @@ def _backward_fault() -> tuple[str, str]:
     return "no error", ""
 
 
+def _forward_fault() -> tuple[str, str]:
+    """An exception inside the last rank's forward, between FSDP's all-gathers."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = _shard(_net())
+
+    def boom(module, args):  # type: ignore[no-untyped-def]
+        raise RuntimeError("raised in forward")
+
+    if rank == world - 1:
+        model[2].register_forward_pre_hook(boom)  # after the first block's all-gather
+    try:
+        bg.accumulate(
+            model,
+            lambda m, b: bg.Loss.from_values(m(b).square()),
+            torch.randn(4, 3).double(),
+            micro_batch_size=2,
+        )
+    except bg.BatchError as error:
+        return type(error).__name__, str(error)
+    return "no error", ""
+
+
 def _run(nproc: int) -> dict[str, object]:
     warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
     results: dict[str, object] = {"scenarios": _scenarios(nproc), **_faults()}
@@ -289,6 +311,8 @@ def _run(nproc: int) -> dict[str, object]:
         results["mixed"] = _mixed_precision()
         results["fit"] = _fit(sharded=True)
         results["backward"] = _backward_fault()  # last: it shuts the group down
+    else:
+        results["forward"] = _forward_fault()  # last: it shuts the group down
     return results
 
 
@@ -429,6 +453,19 @@ def test_fit_on_a_sharded_model_follows_one_process(world):
         for (loss, norm, _), (loss_1, norm_1, _) in zip(got, expected, strict=True):
             assert loss == pytest.approx(loss_1, rel=1e-10)
             assert norm == pytest.approx(norm_1, rel=1e-10)
+
+
+def test_an_exception_inside_a_forward_stops_every_rank_with_distributed_error(world):
+    nproc, results = world
+    if nproc != 3:
+        pytest.skip("run with 3 ranks")
+    for rank in range(nproc):
+        kind, text = results[rank]["forward"]
+        assert kind == "DistributedError", (rank, text)
+        if rank == nproc - 1:
+            assert text.startswith("On rank 2, micro-batch 0: RuntimeError: raised in forward")
+        else:
+            assert "Restart the job" in text or "restart the job" in text, (rank, text)
 
 
 def test_an_exception_inside_a_backward_stops_every_rank_with_distributed_error(world):
