@@ -43,6 +43,7 @@ from ._errors import (
     NonFiniteError,
     ZeroCountError,
 )
+from ._fsdp import GRAD_SYNCS, accumulate_sharded, is_sharded
 from ._loop import (
     _add_noise,
     _backward,
@@ -93,6 +94,9 @@ ExistingGrad = Literal["error", "replace", "add"]
 """
 
 _EXISTING_GRAD: tuple[ExistingGrad, ...] = ("error", "replace", "add")
+
+GradSync = Literal["once", "per_micro_batch"]
+"""When `accumulate` synchronises the gradients of a sharded (FSDP2) model; see there."""
 
 
 @dataclass(frozen=True)
@@ -147,6 +151,7 @@ def accumulate(
     noise: bool | NoiseScale = False,
     accumulate_dtype: torch.dtype | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    grad_sync: GradSync = "once",
 ) -> AccumulateReport:
     """Leave in every ``p.grad`` the gradient of the loss of the whole logical batch.
 
@@ -217,6 +222,12 @@ def accumulate(
             NaN gradient is an overflow (``report.overflow``), not an error; a
             non-finite loss still raises. ``report.loss`` and ``report.grad_norm``
             are unscaled.
+        grad_sync: on a model sharded with FSDP2 (``fully_shard``), ``"once"``
+            keeps the unsharded gradients between micro-batches and reduce-scatters
+            once per logical batch; ``"per_micro_batch"`` reduce-scatters after every
+            micro-batch, so that only sharded gradients are held (more
+            communication, less memory). The result is the same. Elsewhere the
+            gradients are synchronised once per logical batch (``"once"``).
 
     Returns:
         An `AccumulateReport`.
@@ -249,6 +260,12 @@ def accumulate(
         if isinstance(scaler, torch.amp.GradScaler)
         else type(scaler).__name__,
     }
+    if dist.is_available() and dist.is_initialized() and is_sharded(model):
+        return accumulate_sharded(
+            model, loss_fn, batch, micro_batch_size, {**settings, "grad_sync": grad_sync}
+        )
+    if grad_sync not in GRAD_SYNCS:  # nothing to choose: synchronised once (or never)
+        raise ConfigError(f"grad_sync must be one of {GRAD_SYNCS}, got {grad_sync!r}.")
     peer = replica(model, group)
     if peer is not None:
         return _data_parallel(

@@ -15,6 +15,7 @@ running it on half of the batch and comparing.
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 from collections.abc import Callable, Iterator
@@ -29,6 +30,7 @@ from torch.overrides import TorchFunctionMode
 from ._accumulate import accumulate
 from ._distributed import launch
 from ._errors import BatchError, ConfigError, DistributedError
+from ._fsdp import is_sharded
 from ._loss import LossFn, unpack_loss
 from ._reduction import REDUCTIONS, Reduction
 from ._split import Batch, batch_length, batched_leaves, is_structured, micro_batches, slice_batch
@@ -148,6 +150,13 @@ def check(
         raise ConfigError(
             "check needs the whole logical batch as a tensor or a tuple/list/dict of "
             f"tensors, to run it both whole and split; got {type(batch).__name__}."
+        )
+    if is_sharded(model):
+        raise ConfigError(
+            "check runs the model whole and split in this process, which a model sharded "
+            "with fully_shard cannot do alone (its forward is a collective). Check the "
+            "model before sharding it: batchgrad check MODULE:FACTORY --nproc N --fsdp "
+            "shards it on every rank and compares with one process on the whole batch."
         )
     names = [name for name, p in model.named_parameters() if p.requires_grad]
     params = [p for p in model.parameters() if p.requires_grad]
@@ -488,6 +497,7 @@ def check_data_parallel(
     reduction: Reduction = "mean",
     tolerance: float | None = None,
     timeout: float = 300.0,
+    fsdp: bool = False,
 ) -> CheckReport:
     """`check` across ``nproc`` local gloo processes against one process on the whole batch.
 
@@ -498,11 +508,16 @@ def check_data_parallel(
     in micro-batches through `DistributedDataParallel`. The naive recipe is the
     usual DDP loop: each rank's micro-batch means divided by its micro-batch count,
     averaged over ranks.
+
+    With ``fsdp=True`` the model is sharded with FSDP2 instead (``fully_shard`` on
+    every child module that holds parameters, then on the root, over all ranks), and
+    the full gradients (``p.grad.full_tensor()``) are compared; the naive recipe is
+    computed on an unsharded copy (under FSDP it would wait forever on uneven ranks).
     """
     if nproc < 1:
         raise ConfigError(f"nproc must be at least 1, got {nproc}.")
     results = launch(
-        _rank_check, nproc, make, micro_batch_size, reduction, tolerance, timeout=timeout
+        _rank_check, nproc, make, micro_batch_size, reduction, tolerance, fsdp, timeout=timeout
     )
     for result in results:  # a rank's clean error, raised here as it was there
         if isinstance(result, BatchError):
@@ -513,16 +528,28 @@ def check_data_parallel(
     return report
 
 
+def _fully_sharded(model: nn.Module) -> nn.Module:
+    """``fully_shard`` on every child module holding parameters, then on the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    for child in model.children():
+        if any(True for _ in child.parameters()):
+            fully_shard(child)
+    fully_shard(model)
+    return model
+
+
 def _rank_check(
     make: Callable[[], tuple[Any, ...]],
     micro_batch_size: int,
     reduction: Reduction,
     tolerance: float | None,
+    fsdp: bool = False,
 ) -> CheckReport | BatchError | None:
     """`_data_parallel_check`, with a `BatchError` returned rather than raised: the
     launcher would wrap it in a traceback, the caller raises it as it is."""
     try:
-        return _data_parallel_check(make, micro_batch_size, reduction, tolerance)
+        return _data_parallel_check(make, micro_batch_size, reduction, tolerance, fsdp)
     except BatchError as error:
         return error
 
@@ -532,6 +559,7 @@ def _data_parallel_check(
     micro_batch_size: int,
     reduction: Reduction,
     tolerance: float | None,
+    fsdp: bool = False,
 ) -> CheckReport | None:
     from torch.nn.parallel import DistributedDataParallel
 
@@ -554,14 +582,27 @@ def _data_parallel_check(
     length = batch_length(batch)
     bounds = [round(length * r / world_size) for r in range(world_size + 1)]
     local = slice_batch(batch, bounds[rank], bounds[rank + 1])
-    report = accumulate(
-        DistributedDataParallel(model),
-        loss_fn,
-        local,
-        micro_batch_size=micro_batch_size,
-        reduction=reduction,
-    )
-    g_acc = _grads(params)
+    if fsdp:
+        plain = copy.deepcopy(model)  # for the naive recipe, which FSDP cannot run unevenly
+        report = accumulate(
+            _fully_sharded(model),
+            loss_fn,
+            local,
+            micro_batch_size=micro_batch_size,
+            reduction=reduction,
+        )
+        g_acc = [p.grad.full_tensor() for p in model.parameters() if p.requires_grad]
+        model, params = plain, [p for p in plain.parameters() if p.requires_grad]
+        snapshot = ModelSnapshot.take(plain)
+    else:
+        report = accumulate(
+            DistributedDataParallel(model),
+            loss_fn,
+            local,
+            micro_batch_size=micro_batch_size,
+            reduction=reduction,
+        )
+        g_acc = _grads(params)
     snapshot.reset()
     g_naive = _naive_grads(model, loss_fn, local, micro_batch_size, reduction, params, world_size)
     for grad in g_naive:

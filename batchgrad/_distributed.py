@@ -282,8 +282,8 @@ def replica(model: nn.Module, group: dist.ProcessGroup | None) -> Replica | None
     ddp = model if isinstance(model, DistributedDataParallel) else None
     problem: ConfigError | None = None
     try:
-        _refuse_sharded(model)
         if ddp is not None:
+            _refuse_sharded(model)
             _refuse_ddp_settings(ddp)
     except ConfigError as error:
         problem = error
@@ -334,12 +334,9 @@ def _refuse_sharded(model: nn.Module) -> None:
         if isinstance(module, FSDPModule | FullyShardedDataParallel):
             raise ConfigError(
                 f"{name or 'the model'} is sharded with FSDP ({type(module).__name__}), "
-                f"which batchgrad does not support yet. FSDP gathers parameters in every "
-                f"forward, so every rank must run the same number of micro-batches and no "
-                f"rank may stop early on bad input, two guarantees batchgrad gives for "
-                f"DistributedDataParallel. Use DDP, or accumulate with FSDP's "
-                f"set_requires_gradient_sync(False) and a loss divided by the global unit "
-                f"count yourself."
+                f"which this function does not support yet (bg.accumulate does). FSDP "
+                f"gathers parameters in every forward, so every rank must run the same "
+                f"number of forwards; use DDP here, or bg.accumulate for each step."
             )
 
 
@@ -451,7 +448,8 @@ def _process_main(
         try:
             value = fn(*args)
         finally:
-            dist.destroy_process_group()
+            if dist.is_initialized():  # fn may have shut it down (an aborted group)
+                dist.destroy_process_group()
         # Plain pickle copies tensors: torch's queue reductions share memory that
         # would vanish with this process.
         results.put((rank, True, pickle.dumps(value)))

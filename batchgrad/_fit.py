@@ -43,6 +43,7 @@ from ._accumulate import accumulate
 from ._data import IGNORE_INDEX
 from ._distributed import Replica, replica
 from ._errors import BatchError, ConfigError
+from ._fsdp import is_sharded
 from ._loss import Loss, LossFn
 from ._noise import NoiseScale
 from ._reduction import REDUCTIONS, Reduction
@@ -321,7 +322,8 @@ def fit(
     rank returns the same history; only rank 0 writes ``history_path``.
 
     Args:
-        model: the module to train (may be wrapped in `DistributedDataParallel`).
+        model: the module to train (may be wrapped in `DistributedDataParallel`, or
+            sharded with FSDP2's ``fully_shard``, without ``eval_data`` there).
         loss_fn: ``loss_fn(model, batch) -> bg.Loss``.
         data: the training set: a tensor or a (nested) tuple/list/dict of tensors
             sharing dimension 0, one row per sample.
@@ -384,6 +386,12 @@ def fit(
         True
     """
     peer = replica(model, group)
+    if peer is not None and eval_data is not None and is_sharded(model):
+        raise ConfigError(
+            "eval_data is not supported on a model sharded with fully_shard yet: the "
+            "ranks' evaluation shares differ in size, and FSDP needs the same number of "
+            "forwards on every rank. Evaluate the model yourself with equal shares."
+        )
     plan = _plan_on_every_rank(
         peer,
         history,

@@ -151,6 +151,12 @@ def _parser() -> argparse.ArgumentParser:
         help="split the batch over N local gloo processes (DistributedDataParallel) and "
         "compare with one process on the whole batch",
     )
+    chk.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="with --nproc: shard the model with FSDP2 (fully_shard on every child module "
+        "with parameters, then the root) instead of DistributedDataParallel",
+    )
     _common(chk)
     chk.set_defaults(command=_check)
 
@@ -646,6 +652,7 @@ def _check(args: argparse.Namespace, console: Console) -> int:
                     size,
                     reduction=args.reduction,
                     tolerance=args.tolerance,
+                    fsdp=args.fsdp,
                 )
         else:
             with console.status("comparing whole-batch, accumulated and naive gradients"):

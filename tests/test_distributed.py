@@ -504,11 +504,13 @@ def test_bad_input_on_one_rank_raises_on_every_rank(bad_outcomes, wrap, name, ty
         assert kept, rank
 
 
-def test_fsdp_is_refused_with_the_reason(bad_outcomes):
+def test_fsdp_without_a_sharded_root_is_refused_with_the_reason(bad_outcomes):
     for outcomes in bad_outcomes:
         kind, text = outcomes["fsdp"]
         assert kind == "ConfigError"
-        assert re.search(r"0 is sharded with FSDP \(FSDPLinear\).*same number of micro", text)
+        assert re.search(
+            r"0 is sharded with fully_shard \(FSDPLinear\) but the model itself is not", text
+        )
 
 
 def test_stale_gradients_on_one_rank_are_refused_on_every_rank(bad_outcomes):

@@ -30,3 +30,18 @@ def test_ddp_train_with_torchrun_gives_the_losses_of_one_process():
     # The same logical batches, so the same training trajectory up to float32 rounding.
     for a, b in zip(_losses(one), _losses(two), strict=True):
         assert abs(a - b) <= 1e-4 * abs(a)
+
+
+FSDP_EXAMPLE = EXAMPLE.parent / "fsdp_train.py"
+
+
+def test_fsdp_train_with_torchrun_gives_the_losses_of_one_process():
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    steps = ("--steps", "2", "--batch-size", "16", "--micro-batch-size", "4")
+    two = _run(*torchrun, "--nproc_per_node=2", str(FSDP_EXAMPLE), *steps)
+    one = _run(*torchrun, "--nproc_per_node=1", str(FSDP_EXAMPLE), *steps, "--short", "0")
+    assert "ranks 2" in two
+    assert len(_losses(two)) == 2
+    # Uneven shares, the same logical batches: the same trajectory up to float32 rounding.
+    for a, b in zip(_losses(one), _losses(two), strict=True):
+        assert abs(a - b) <= 1e-4 * abs(a)

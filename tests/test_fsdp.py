@@ -1,0 +1,478 @@
+"""Accumulation on FSDP2 models (`fully_shard`) with real gloo processes on 127.0.0.1.
+
+Each world size is launched once (bounded by a timeout) and runs every scenario and
+fault on its ranks; the parent compares each rank's full gradients
+(``p.grad.full_tensor()``) with one process on the whole batch.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import re
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+import batchgrad as bg
+from batchgrad._distributed import launch
+from tests.cases import CASES, reference_grads, rel_err
+
+CASE = {case.id: case for case in CASES}
+N = 12
+
+# (id, case, shard bounds per rank, micro_batch_size, reduction, grad_sync)
+SCENARIOS = {
+    2: [
+        ("uneven-once", "mlp-ce-ignore", [(0, 3), (3, 12)], 2, "mean", "once"),
+        ("uneven-per-mb-sum", "mlp-ce-ignore", [(0, 7), (7, 12)], 2, "sum", "per_micro_batch"),
+        ("idle-once", "mlp-mse-mask", [(0, 0), (0, 12)], 5, "mean", "once"),
+        (
+            "idle-iterable-per-mb",
+            "mlp-mse-mask",
+            [(0, 12), (12, 12)],
+            None,
+            "sum",
+            "per_micro_batch",
+        ),
+        ("tokens-once", "lm-padded", [(0, 4), (4, 12)], 3, "mean", "once"),
+        ("tokens-per-mb", "lm-padded", [(0, 7), (7, 12)], 2, "mean", "per_micro_batch"),
+        ("tokens-idle-sum", "lm-padded", [(0, 12), (12, 12)], 5, "sum", "once"),
+    ],
+    3: [
+        ("uneven-once", "mlp-ce-ignore", [(0, 2), (2, 7), (7, 12)], 2, "mean", "once"),
+        ("idle-per-mb", "lm-padded", [(0, 5), (5, 5), (5, 12)], 2, "mean", "per_micro_batch"),
+        ("tokens-sum-once", "lm-padded", [(0, 1), (1, 6), (6, 12)], 2, "sum", "once"),
+    ],
+}
+
+
+def _random_scenarios(count: int, nproc: int, seed: int) -> list[tuple]:
+    """Random splits over the ranks (some idle), micro-batch sizes, reductions and
+    grad-sync modes, drawn reproducibly."""
+    rng = random.Random(seed)
+    out = []
+    for index in range(count):
+        cuts = sorted(rng.randint(0, N) for _ in range(nproc - 1))
+        bounds = [0, *cuts, N]
+        shards = list(itertools.pairwise(bounds))
+        case = rng.choice(["mlp-ce-ignore", "mlp-mse-mask", "lm-padded"])
+        size = rng.randint(1, 5)
+        out.append(
+            (
+                f"random-{index}",
+                case,
+                shards,
+                size,
+                rng.choice(["mean", "sum"]),
+                rng.choice(["once", "per_micro_batch"]),
+            )
+        )
+    return out
+
+
+SCENARIOS[3] += _random_scenarios(6, 3, seed=19)
+
+
+def _shard(model: nn.Module, **kwargs: object) -> nn.Module:
+    """``fully_shard`` per block (the transformer's layers, the MLP's linears), then
+    at the root."""
+    blocks = (
+        list(model.blocks.layers)
+        if hasattr(model, "blocks")
+        else [m for m in model.modules() if isinstance(m, nn.Linear)]
+    )
+    for block in blocks:
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def _full(model: nn.Module) -> list[torch.Tensor]:
+    return [
+        torch.zeros(p.shape, dtype=p.dtype) if p.grad is None else p.grad.full_tensor().clone()
+        for p in model.parameters()
+    ]
+
+
+def _local(batch, shards, size, rank):  # type: ignore[no-untyped-def]
+    start, stop = shards[rank]
+    local = bg._split.slice_batch(batch, start, stop)
+    if size is None:  # ready-made micro-batches of uneven sizes (an empty list if none)
+        cuts = [*range(start, stop, 5), stop] if stop > start else []
+        local = iter([bg._split.slice_batch(batch, a, b) for a, b in itertools.pairwise(cuts)])
+    return local
+
+
+def _scenarios(nproc: int) -> dict[str, object]:
+    rank = dist.get_rank()
+    out = {}
+    for name, case_id, shards, size, reduction, grad_sync in SCENARIOS[nproc]:
+        case = CASE[case_id]
+        model, batch = case.build(N, torch.float64, seed=7)
+        _shard(model)
+        report = bg.accumulate(
+            model,
+            case.loss_fn,
+            _local(batch, shards, size, rank),
+            micro_batch_size=size,
+            reduction=reduction,
+            grad_sync=grad_sync,
+        )
+        out[name] = (_full(model), report)
+    return out
+
+
+class _Boom(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[no-untyped-def]
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[no-untyped-def]
+        raise RuntimeError("raised in backward")
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+
+
+FAULTS = [
+    # (fault, expected class on every rank, text of the message)
+    ("nan-loss", "NonFiniteError", r"micro-batch 1: The loss of micro-batch 1 is nan"),
+    ("raise-in-loss-fn", "DistributedError", r"micro-batch 0: ValueError: bad row"),
+    ("negative-count", "LossTypeError", r"Loss.count of micro-batch 0 is -1"),
+    ("bad-grad-sync", "ConfigError", r"grad_sync must be one of"),
+    ("reduction-mismatch", "ConfigError", r"reduction: rank 0: 'mean'"),
+    ("stale-grads", "ExistingGradError", r"already hold non-zero gradients"),
+]
+
+
+def _faults() -> dict[str, object]:
+    """Each fault on one rank (the last), on one model reused throughout: the error
+    on every rank, the gradients before the call kept (same tensors, same values),
+    and the next call on the same model exact."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    failing = world - 1
+    model = _shard(_net())
+    x = torch.randn(5 * world, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    local = x[5 * rank : 5 * (rank + 1)]
+
+    def square(m, b):  # type: ignore[no-untyped-def]
+        return bg.Loss.from_values(m(b).square())
+
+    def faulty(fault: str):  # type: ignore[no-untyped-def]
+        calls = itertools.count()
+
+        def loss_fn(m, b):  # type: ignore[no-untyped-def]
+            index = next(calls)
+            loss = square(m, b)
+            if rank != failing:
+                return loss
+            if fault == "nan-loss" and index == 1:
+                return bg.Loss(loss.total * float("nan"), loss.count)
+            if fault == "raise-in-loss-fn":
+                raise ValueError("bad row")
+            if fault == "negative-count":
+                return bg.Loss(loss.total, -1)
+            return loss
+
+        return loss_fn
+
+    out: dict[str, object] = {}
+    for grad_sync in ("once", "per_micro_batch"):
+        for fault, _, _ in FAULTS:
+            bg.accumulate(model, square, local, micro_batch_size=2, existing_grad="replace")
+            before = [p.grad for p in model.parameters()]
+            values = _full(model)
+            kwargs: dict[str, object] = {"micro_batch_size": 2, "grad_sync": grad_sync}
+            kwargs["existing_grad"] = "error" if fault == "stale-grads" else "add"
+            if rank == failing and fault == "bad-grad-sync":
+                kwargs["grad_sync"] = "sometimes"
+            if rank == failing and fault == "reduction-mismatch":
+                kwargs["reduction"] = "sum"
+            try:
+                bg.accumulate(model, faulty(fault), local, **kwargs)
+                got, message = "no error", ""
+            except bg.BatchError as error:
+                got, message = type(error).__name__, str(error)
+            kept = all(p.grad is b for p, b in zip(model.parameters(), before, strict=True))
+            same = rel_err(_full(model), values) == 0.0
+            model.zero_grad()
+            report = bg.accumulate(model, square, local, micro_batch_size=2, grad_sync=grad_sync)
+            out[f"{fault}-{grad_sync}"] = (got, message, kept and same, _full(model), report)
+    # existing_grad="add": the old gradient plus the new one
+    bg.accumulate(model, square, local, micro_batch_size=2, existing_grad="replace")
+    old = _full(model)
+    report = bg.accumulate(model, square, local, micro_batch_size=3, existing_grad="add")
+    out["add"] = (old, _full(model), report)
+    try:  # check runs the model whole in one process: refused, pointing to fsdp=True
+        bg.check(model, square, local, micro_batch_size=2)
+        out["check"] = "no error"
+    except bg.ConfigError as error:
+        out["check"] = str(error)
+    return {"faults": out, "x": x}
+
+
+def _mixed_precision() -> tuple[list[torch.Tensor], list[torch.Tensor], str]:
+    """bf16 parameters, float32 reduction: against the float32 hand-written loop."""
+    rank = dist.get_rank()
+    case = CASE["lm-padded"]
+    model, batch = case.build(N, torch.float32, seed=7)
+    _shard(model, mp_policy=MixedPrecisionPolicy(torch.bfloat16, torch.float32))
+    local = _local(batch, [(0, 5), (5, 12)], 2, rank)
+    bg.accumulate(model, case.loss_fn, local, micro_batch_size=2)
+    mine = _full(model)
+    dtype = str(next(model.parameters()).grad.dtype)
+    return mine, [], dtype
+
+
+def _fit_data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(14, 3, generator=g, dtype=torch.float64), torch.randn(14, 1, generator=g)
+
+
+def _fit_loss(model, batch):  # type: ignore[no-untyped-def]
+    x, y = batch
+    return bg.Loss.from_values((model(x) - y.double()).square())
+
+
+def _fit(sharded: bool) -> list[tuple[float, float, int]]:
+    """Three steps of `bg.fit` (SGD with momentum), sharded on every rank or alone."""
+    model = _net()
+    if sharded:
+        _shard(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    history = bg.fit(
+        model,
+        _fit_loss,
+        _fit_data(),
+        optimizer,
+        batch_size=5,
+        micro_batch_size=2,
+        steps=3,
+        progress=False,
+    )
+    return [(r.loss, r.grad_norm, r.count) for r in history.steps]
+
+
+def _backward_fault() -> tuple[str, str]:
+    """An exception inside one rank's backward, in the middle of FSDP's collectives:
+    every rank raises `DistributedError` at once (the group is shut down)."""
+    rank = dist.get_rank()
+    model = _shard(_net())
+    x = torch.randn(6, 3, dtype=torch.float64)
+
+    def loss_fn(m, b):  # type: ignore[no-untyped-def]
+        out = m(b)
+        if rank == 1:
+            out = _Boom.apply(out)
+        return bg.Loss.from_values(out.square())
+
+    try:
+        bg.accumulate(model, loss_fn, x, micro_batch_size=2)
+    except bg.BatchError as error:
+        return type(error).__name__, str(error)
+    return "no error", ""
+
+
+def _forward_fault() -> tuple[str, str]:
+    """An exception inside the last rank's forward, between FSDP's all-gathers."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = _shard(_net())
+
+    def boom(module, args):  # type: ignore[no-untyped-def]
+        raise RuntimeError("raised in forward")
+
+    if rank == world - 1:
+        model[2].register_forward_pre_hook(boom)  # after the first block's all-gather
+    try:
+        bg.accumulate(
+            model,
+            lambda m, b: bg.Loss.from_values(m(b).square()),
+            torch.randn(4, 3).double(),
+            micro_batch_size=2,
+        )
+    except bg.BatchError as error:
+        return type(error).__name__, str(error)
+    return "no error", ""
+
+
+def _run(nproc: int) -> dict[str, object]:
+    warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
+    results: dict[str, object] = {"scenarios": _scenarios(nproc), **_faults()}
+    if nproc == 2:
+        results["mixed"] = _mixed_precision()
+        results["fit"] = _fit(sharded=True)
+        results["backward"] = _backward_fault()  # last: it shuts the group down
+    else:
+        results["forward"] = _forward_fault()  # last: it shuts the group down
+    return results
+
+
+HSDP_SHARDS = [(0, 2), (2, 2), (2, 7), (7, 12)]  # rank 1 idle
+
+
+def _hsdp() -> dict[str, object]:
+    """HSDP: 2 replicas of 2 shards (``init_device_mesh("cpu", (2, 2))``), 4 ranks."""
+    warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    case = CASE["lm-padded"]
+    out = {}
+    for grad_sync in ("once", "per_micro_batch"):
+        model, batch = case.build(N, torch.float64, seed=7)
+        _shard(model, mesh=mesh)
+        local = _local(batch, HSDP_SHARDS, 2, dist.get_rank())
+        report = bg.accumulate(model, case.loss_fn, local, micro_batch_size=2, grad_sync=grad_sync)
+        out[grad_sync] = (_full(model), report)
+    return out
+
+
+def test_hsdp_on_a_2d_mesh_equals_one_process_on_the_whole_batch():
+    results = launch(_hsdp, 4, timeout=240)
+    case = CASE["lm-padded"]
+    model, batch = case.build(N, torch.float64, seed=7)
+    expected = reference_grads(case, model, batch, "mean")
+    norm = sum(float(g.square().sum()) for g in expected) ** 0.5
+    for grad_sync in ("once", "per_micro_batch"):
+        for rank in range(4):
+            grads, report = results[rank][grad_sync]
+            assert rel_err(grads, expected) <= 1e-10, (grad_sync, rank)
+            assert report.count == float(case.loss_fn(model, batch).count)
+            assert report.micro_batches == 1 + 0 + 3 + 3
+            assert report.world_size == 4
+            assert report.grad_norm == pytest.approx(norm, rel=1e-10)
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["2-ranks", "3-ranks"])
+def world(request):
+    nproc = request.param
+    return nproc, launch(_run, nproc, nproc, timeout=240)
+
+
+def test_every_scenario_equals_one_process_on_the_whole_batch(world):
+    nproc, results = world
+    for name, case_id, shards, size, reduction, _ in SCENARIOS[nproc]:
+        case = CASE[case_id]
+        model, batch = case.build(N, torch.float64, seed=7)
+        expected = reference_grads(case, model, batch, reduction)
+        expected_loss = float(case.reference(model, batch, reduction).detach())
+        expected_count = float(case.loss_fn(model, batch).count)
+        expected_norm = sum(float(g.square().sum()) for g in expected) ** 0.5
+        mine = [
+            len(list(_local(batch, shards, size, r))) if size is None else 0 for r in range(nproc)
+        ]
+        micro = sum(len(results[r]["scenarios"][name][1].micro_batch_counts) for r in range(nproc))
+        for rank in range(nproc):
+            grads, report = results[rank]["scenarios"][name]
+            assert rel_err(grads, expected) <= 1e-10, (name, rank)
+            assert report.loss == pytest.approx(expected_loss, rel=1e-10), (name, rank)
+            assert report.count == expected_count
+            assert report.world_size == nproc
+            assert report.micro_batches == micro  # the micro-batches of every rank
+            assert report.grad_norm == pytest.approx(expected_norm, rel=1e-10)
+            if size is None:
+                assert len(report.micro_batch_counts) == mine[rank]
+        # the split is the one asked for: ceil(rows / size) micro-batches per rank
+        if size is not None:
+            rows = [stop - start for start, stop in shards]
+            assert micro == sum(-(-r // size) for r in rows)
+
+
+def _square_reference(x: torch.Tensor, reduction: str = "mean") -> list[torch.Tensor]:
+    model = _net()
+    loss = model(x).square().sum() / (x.shape[0] if reduction == "mean" else 1)
+    return list(torch.autograd.grad(loss, list(model.parameters())))
+
+
+@pytest.mark.parametrize("grad_sync", ["once", "per_micro_batch"])
+@pytest.mark.parametrize(("fault", "error", "text"), FAULTS)
+def test_a_failure_on_one_rank_raises_on_every_rank_keeps_gradients_and_the_next_call_works(
+    world, fault, error, text, grad_sync
+):
+    nproc, results = world
+    expected = _square_reference(results[0]["x"])
+    for rank in range(nproc):
+        got, message, kept, after, report = results[rank]["faults"][f"{fault}-{grad_sync}"]
+        assert got == error, (rank, message)
+        assert re.search(text, message), (rank, message)
+        if fault not in ("bad-grad-sync", "reduction-mismatch", "stale-grads"):
+            assert message.startswith(f"On rank {nproc - 1}"), (rank, message)
+        assert kept, rank
+        assert rel_err(after, expected) <= 1e-10, rank
+        assert report.micro_batches == 3 * nproc
+
+
+def test_existing_grad_add_adds_the_new_gradient(world):
+    nproc, results = world
+    expected = _square_reference(results[0]["x"])
+    for rank in range(nproc):
+        old, new, report = results[rank]["faults"]["add"]
+        assert rel_err(old, expected) <= 1e-10
+        assert rel_err(new, [2 * g for g in expected]) <= 1e-10
+        assert report.grad_norm == pytest.approx(
+            2 * sum(float(g.square().sum()) for g in expected) ** 0.5, rel=1e-10
+        )
+
+
+def test_check_in_one_process_refuses_a_sharded_model_and_names_the_way(world):
+    nproc, results = world
+    for rank in range(nproc):
+        assert (
+            "batchgrad check MODULE:FACTORY --nproc N --fsdp" in (results[rank]["faults"]["check"])
+        )
+
+
+def test_bf16_parameters_with_float32_reduction_are_exact_to_bf16_rounding(world):
+    nproc, results = world
+    if nproc != 2:
+        pytest.skip("run with 2 ranks")
+    case = CASE["lm-padded"]
+    model, batch = case.build(N, torch.float32, seed=7)
+    expected = reference_grads(case, model, batch, "mean")
+    for rank in range(nproc):
+        mine, _, dtype = results[rank]["mixed"]
+        assert dtype == "torch.float32"  # the sharded gradients, summed in float32
+        assert rel_err(mine, expected) <= 2e-2, rank  # bf16 has 8 bits of mantissa
+
+
+def test_fit_on_a_sharded_model_follows_one_process(world):
+    nproc, results = world
+    if nproc != 2:
+        pytest.skip("run with 2 ranks")
+    expected = _fit(sharded=False)
+    for rank in range(nproc):
+        got = results[rank]["fit"]
+        assert [c for _, _, c in got] == [c for _, _, c in expected]
+        for (loss, norm, _), (loss_1, norm_1, _) in zip(got, expected, strict=True):
+            assert loss == pytest.approx(loss_1, rel=1e-10)
+            assert norm == pytest.approx(norm_1, rel=1e-10)
+
+
+def test_an_exception_inside_a_forward_stops_every_rank_with_distributed_error(world):
+    nproc, results = world
+    if nproc != 3:
+        pytest.skip("run with 3 ranks")
+    for rank in range(nproc):
+        kind, text = results[rank]["forward"]
+        assert kind == "DistributedError", (rank, text)
+        if rank == nproc - 1:
+            assert text.startswith("On rank 2, micro-batch 0: RuntimeError: raised in forward")
+        else:
+            assert "Restart the job" in text or "restart the job" in text, (rank, text)
+
+
+def test_an_exception_inside_a_backward_stops_every_rank_with_distributed_error(world):
+    nproc, results = world
+    if nproc != 2:
+        pytest.skip("run with 2 ranks")
+    (kind0, text0), (kind1, text1) = results[0]["backward"], results[1]["backward"]
+    assert kind0 == kind1 == "DistributedError"
+    assert "Another rank failed inside the sharded model's backward" in text0
+    assert text1.startswith("On rank 1, micro-batch 0: RuntimeError: raised in backward")
