@@ -27,12 +27,19 @@ gradients by ``min(1, C / ‖g_i‖)`` and forms the weighted sum per use direct
 matrix product, as a plain backward does) where the rule allows (`nn.Linear`,
 convolutions, `nn.Embedding`); other rules form their per-sample gradients.
 
-**The guard** (``verify=True``): the per-sample gradients must add up to the batch
-gradient (from the same backward), per parameter; and, when the forward drew no random
-numbers, one sample's gradient (the last) must equal the gradient of a forward and
-backward on that sample alone. Any disagreement beyond rounding raises
-`PerSampleError` naming the parameter, so a pattern no rule anticipated raises
-instead of returning wrong numbers.
+**The guard** (``verify=True``): every path from the loss to a parameter must run
+through a use its rules read (a walk over the autograd graph before the backward, in
+which each such use leads only to its data inputs); where one does not (a use the
+trace did not see), and for parameters of the generic and user-registered rules, the
+per-sample gradients must add up to the batch gradient from the same backward; and,
+when the forward drew no random numbers, one sample's gradient (the last) must equal
+the gradient of a forward and backward on that sample alone. Any disagreement beyond
+rounding raises `PerSampleError` naming the parameter, so a pattern no rule
+anticipated raises instead of returning wrong numbers. The built-in layer rules'
+sums need no comparison: for the inputs and output gradients they read, their sum is
+the batch gradient's own formula; so on models they cover the guard costs the walk
+and the single-sample step, no weight gradient. (`batchgrad.check` compares every
+parameter's sum.)
 
 Modules that mix samples (BatchNorm in training mode) have no per-sample gradients
 and are refused.
@@ -529,9 +536,11 @@ def per_sample_grads(
     this forward. Modules that mix samples (BatchNorm in training mode) are refused.
 
     Args:
-        verify: check every micro-batch's result against its batch gradient (and, when
-            its forward draws no random numbers, one sample against a forward and
-            backward on that sample alone); costs about one more backward.
+        verify: the guard (see the module's documentation): every micro-batch's result
+            checked for uses no rule read (against its batch gradient where one may be)
+            and, when its forward draws no random numbers, one sample against a forward
+            and backward on that sample alone; costs about a walk over the autograd
+            graph and a one-sample step.
 
     Raises:
         PerSampleError: a use of a parameter has no exact rule, or ``verify`` found the
