@@ -613,13 +613,25 @@ def per_sample_norms(
     ``verify`` as in `per_sample_grads` (the sum is checked through the per-use
     weighted sums, one sample through its norm).
     """
+    return _per_sample_norms(model, loss_fn, batch, micro_batch_size, verify, thorough=False)
+
+
+def _per_sample_norms(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Batch | Iterable[Batch],
+    micro_batch_size: int | None,
+    verify: bool,
+    thorough: bool,
+) -> Tensor:
+    """`per_sample_norms`; ``thorough`` as in `_per_sample_grads`."""
     check_micro_batch_size(micro_batch_size)
     trainable = [p for _, p in _trainable(model)]
     norms = []
     for index, micro_batch in enumerate(micro_batches(batch, micro_batch_size)):
         traced = _trace(model, loss_fn, micro_batch, index)
         units = _plan(traced)
-        batch_grads = _backward(traced, units, _checked(traced, units, trainable, verify, False))
+        batch_grads = _backward(traced, units, _checked(traced, units, trainable, verify, thorough))
         with torch.no_grad():
             norm = _sq_norms(units, traced.tracer.rows).sqrt()
         if verify:
