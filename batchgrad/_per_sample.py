@@ -58,7 +58,17 @@ from torch.autograd.graph import get_gradient_edge
 
 from ._errors import BatchError, ConfigError, NonFiniteError, PerSampleError
 from ._loss import Loss, LossFn, unpack_loss
-from ._per_sample_rules import RULES, OpRule, Unit, UserModule, VmapModule, VmapOp, user_rule
+from ._per_sample_rules import (
+    RULES,
+    KnownModule,
+    OpRule,
+    Unit,
+    UserModule,
+    VmapModule,
+    VmapOp,
+    known_rule,
+    user_rule,
+)
 from ._per_sample_trace import (
     Diverged,
     ModuleCall,
@@ -218,7 +228,9 @@ def _plan(traced: _Traced) -> list[Unit]:
             )
         params = [p for p in call.module.parameters() if p.requires_grad]
         covered[call] = set(params)
-        units.append(UserModule(call, params, tracer.rows))
+        registered = user_rule(call.module) is not known_rule(call.module)
+        kind = UserModule if registered else KnownModule
+        units.append(kind(call, params, tracer.rows))
     uses: dict[nn.Parameter, list[OpCall]] = {}
     live: list[tuple[OpCall, list[nn.Parameter]]] = []
     for op in tracer.ops:
@@ -326,7 +338,7 @@ def _backward(
 # -- the guard ------------------------------------------------------------------------
 
 
-_EXACT: tuple[type[OpRule], ...] = tuple(RULES.values())
+_EXACT: tuple[type[Unit], ...] = (*RULES.values(), KnownModule)
 """The built-in layer rules: for the inputs and output gradients they read, their sum over
 samples is the batch gradient's own formula (one matrix product, one scatter), so what
 the guard must establish for them is only that no other path reaches the parameter."""
