@@ -16,6 +16,7 @@ running it on half of the batch and comparing.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Iterator
@@ -58,13 +59,16 @@ class Finding:
         kind: ``"batchnorm"``, ``"dropout"``, ``"couples-samples"``, ``"random"``, or
             ``"precision"``: the module computes in a lower precision than the
             parameters (an upcast RMSNorm in a float64 model), so the default tolerance
-            is that precision's; this one alone does not make the split inexact.
+            is that precision's; this one alone does not make the split inexact; or
+            ``"per-sample"``: per-sample gradients (`per_sample_grads`, ``clip_per_sample``)
+            are refused or fail their guard on this model and batch (the message says
+            which parameter or module and why); it does not bear on micro-batching.
         message: why, and what to do.
         dtype: for ``"precision"``, the lowest dtype the modules compute in.
     """
 
     module: str
-    kind: Literal["batchnorm", "dropout", "couples-samples", "random", "precision"]
+    kind: Literal["batchnorm", "dropout", "couples-samples", "random", "precision", "per-sample"]
     message: str
     dtype: torch.dtype | None = None
 
@@ -86,6 +90,10 @@ class CheckReport:
         micro_batch_counts: the units in each micro-batch, rank by rank.
         reduction: ``"mean"`` or ``"sum"``.
         world_size: the processes the accumulated gradient was computed on.
+        per_sample: whether per-sample gradients passed their guard with every
+            parameter's sum compared (``False``: a ``"per-sample"`` finding says why;
+            ``None``: not checked, because a finding already couples the samples or
+            ``per_sample=False``).
     """
 
     ok: bool
@@ -99,6 +107,7 @@ class CheckReport:
     micro_batch_counts: tuple[int | float, ...]
     reduction: Reduction = field(default="mean")
     world_size: int = 1
+    per_sample: bool | None = None
 
 
 def check(
@@ -110,6 +119,7 @@ def check(
     reduction: Reduction = "mean",
     tolerance: float | None = None,
     probe: bool = True,
+    per_sample: bool = True,
 ) -> CheckReport:
     """Compare the accumulated gradient with the whole-batch one on ``model``.
 
@@ -128,6 +138,9 @@ def check(
             precision a module computes in (a ``"precision"`` finding names it).
         probe: also run every module on half of the batch to find modules, of any
             type, whose output for a sample depends on the other samples.
+        per_sample: also run the per-sample norms over the micro-batches with their
+            guard comparing every parameter's per-sample sum with its batch gradient
+            (``report.per_sample``; a ``"per-sample"`` finding where it fails).
 
     Returns:
         A `CheckReport`.
@@ -174,14 +187,44 @@ def check(
         g_naive = _naive_grads(model, loss_fn, batch, micro_batch_size, reduction, params)
         snapshot.reset()
         findings = _findings(model, loss_fn, batch) if probe else _known_findings(model)
+        consistent: bool | None = None
+        if per_sample and not any(f.kind in _COUPLING for f in findings):
+            snapshot.reset()
+            problem = _per_sample_problem(model, loss_fn, batch, micro_batch_size)
+            consistent = problem is None
+            if problem is not None:
+                findings.append(problem)
     finally:
         snapshot.put_back()
     if tolerance is None:
         tolerance = _default_tolerance(params, findings)
 
-    return _compare(
+    result = _compare(
         names, g_full, g_acc, g_naive, findings, tolerance, report.micro_batch_counts, reduction
     )
+    return dataclasses.replace(result, per_sample=consistent)
+
+
+_COUPLING = ("batchnorm", "couples-samples")
+
+
+def _per_sample_problem(
+    model: nn.Module, loss_fn: LossFn, batch: Batch, micro_batch_size: int
+) -> Finding | None:
+    """The guard of per-sample gradients, every parameter's sum compared: what it raises."""
+    from ._per_sample import _per_sample_norms  # clipping's module; imported when used
+
+    try:
+        _per_sample_norms(model, loss_fn, batch, micro_batch_size, verify=True, thorough=True)
+    except Exception as error:  # check reports; it does not fail on what it finds
+        what = str(error) if isinstance(error, BatchError) else f"{type(error).__name__}: {error}"
+        return Finding(
+            "",
+            "per-sample",
+            f"Per-sample gradients (per_sample_grads, per_sample_norms, clip_per_sample) "
+            f"are not available here: {what}",
+        )
+    return None
 
 
 def _compare(

@@ -27,12 +27,19 @@ gradients by ``min(1, C / ‖g_i‖)`` and forms the weighted sum per use direct
 matrix product, as a plain backward does) where the rule allows (`nn.Linear`,
 convolutions, `nn.Embedding`); other rules form their per-sample gradients.
 
-**The guard** (``verify=True``): the per-sample gradients must add up to the batch
-gradient (from the same backward), per parameter; and, when the forward drew no random
-numbers, one sample's gradient (the last) must equal the gradient of a forward and
-backward on that sample alone. Any disagreement beyond rounding raises
-`PerSampleError` naming the parameter, so a pattern no rule anticipated raises
-instead of returning wrong numbers.
+**The guard** (``verify=True``): every path from the loss to a parameter must run
+through a use its rules read (a walk over the autograd graph before the backward, in
+which each such use leads only to its data inputs); where one does not (a use the
+trace did not see), and for parameters of the generic and user-registered rules, the
+per-sample gradients must add up to the batch gradient from the same backward; and,
+when the forward drew no random numbers, one sample's gradient (the last) must equal
+the gradient of a forward and backward on that sample alone. Any disagreement beyond
+rounding raises `PerSampleError` naming the parameter, so a pattern no rule
+anticipated raises instead of returning wrong numbers. The built-in layer rules'
+sums need no comparison: for the inputs and output gradients they read, their sum is
+the batch gradient's own formula; so on models they cover the guard costs the walk
+and the single-sample step, no weight gradient. (`batchgrad.check` compares every
+parameter's sum.)
 
 Modules that mix samples (BatchNorm in training mode) have no per-sample gradients
 and are refused.
@@ -51,8 +58,29 @@ from torch.autograd.graph import get_gradient_edge
 
 from ._errors import BatchError, ConfigError, NonFiniteError, PerSampleError
 from ._loss import Loss, LossFn, unpack_loss
-from ._per_sample_rules import RULES, OpRule, Unit, UserModule, VmapModule, VmapOp, user_rule
-from ._per_sample_trace import ModuleCall, OpCall, Tracer, rng_states
+from ._per_sample_rules import (
+    RULES,
+    KnownModule,
+    OpRule,
+    Unit,
+    UserModule,
+    VmapModule,
+    VmapOp,
+    known_rule,
+    user_rule,
+)
+from ._per_sample_trace import (
+    Diverged,
+    ModuleCall,
+    OpCall,
+    Probe,
+    Tracer,
+    cached_probe,
+    forget_probe,
+    probe_key,
+    remember_probe,
+    rng_states,
+)
 from ._split import (
     Batch,
     _map_leaves,
@@ -78,8 +106,35 @@ def _devices(model: nn.Module) -> list[torch.device]:
 
 
 def _trace(model: nn.Module, loss_fn: LossFn, micro_batch: Batch, index: int) -> _Traced:
-    """The probe forward (a few rows), then the real forward, both traced."""
+    """The probe forward (a few rows), then the real forward, both traced.
+
+    The probe's shapes are kept per model and batch signature (`probe_key`): a batch of
+    the same structure and shapes reuses them, and should its forward call other
+    functions than the one probed (control flow on values), it is probed afresh."""
     rows = batch_length(micro_batch, f"micro-batch {index}")
+    buffers = [(b, b.clone()) for b in model.buffers()]
+    key = probe_key(model, loss_fn, micro_batch)
+    probe = cached_probe(model, key)
+    if probe is not None:
+        before = rng_states(model)
+        try:
+            return _real_forward(model, loss_fn, micro_batch, index, rows, probe, buffers)
+        except Diverged:
+            _restore(model, before, buffers)
+            forget_probe(model, key)
+    probe = _probe(model, loss_fn, micro_batch, index, rows, buffers, key)
+    return _real_forward(model, loss_fn, micro_batch, index, rows, probe, buffers)
+
+
+def _probe(
+    model: nn.Module,
+    loss_fn: LossFn,
+    micro_batch: Batch,
+    index: int,
+    rows: int,
+    buffers: list[tuple[Tensor, Tensor]],
+    key: Any,
+) -> Probe:
     probe_rows = 3 if rows == 2 else 2
     picked = torch.tensor([i % rows for i in range(probe_rows)])
 
@@ -88,10 +143,9 @@ def _trace(model: nn.Module, loss_fn: LossFn, micro_batch: Batch, index: int) ->
             return leaf.index_select(0, picked.to(leaf.device))
         return leaf
 
-    buffers = [(b, b.clone()) for b in model.buffers()]
-    probe = Tracer(model, probe_rows, expand=False)
+    tracer = Tracer(model, probe_rows, expand=False)
     try:
-        with torch.random.fork_rng(devices=_devices(model)), probe:
+        with torch.random.fork_rng(devices=_devices(model)), tracer:
             loss_fn(model, _map_leaves(pick, micro_batch))
     except BatchError:
         raise
@@ -102,10 +156,22 @@ def _trace(model: nn.Module, loss_fn: LossFn, micro_batch: Batch, index: int) ->
             f"{type(error).__name__}: {error}. The model must run on any number of samples."
         ) from error
     finally:
-        probe.remove()
+        tracer.remove()
         with torch.no_grad():
             for buffer, saved in buffers:
                 buffer.copy_(saved)
+    return remember_probe(model, key, tracer)
+
+
+def _real_forward(
+    model: nn.Module,
+    loss_fn: LossFn,
+    micro_batch: Batch,
+    index: int,
+    rows: int,
+    probe: Probe,
+    buffers: list[tuple[Tensor, Tensor]],
+) -> _Traced:
     before = rng_states(model)
     tracer = Tracer(model, rows, probe)
     try:
@@ -162,7 +228,9 @@ def _plan(traced: _Traced) -> list[Unit]:
             )
         params = [p for p in call.module.parameters() if p.requires_grad]
         covered[call] = set(params)
-        units.append(UserModule(call, params, tracer.rows))
+        registered = user_rule(call.module) is not known_rule(call.module)
+        kind = UserModule if registered else KnownModule
+        units.append(kind(call, params, tracer.rows))
     uses: dict[nn.Parameter, list[OpCall]] = {}
     live: list[tuple[OpCall, list[nn.Parameter]]] = []
     for op in tracer.ops:
@@ -270,19 +338,84 @@ def _backward(
 # -- the guard ------------------------------------------------------------------------
 
 
+_EXACT: tuple[type[Unit], ...] = (*RULES.values(), KnownModule)
+"""The built-in layer rules: for the inputs and output gradients they read, their sum over
+samples is the batch gradient's own formula (one matrix product, one scatter), so what
+the guard must establish for them is only that no other path reaches the parameter."""
+
+
+def _sum_checked(
+    traced: _Traced, units: list[Unit], params: list[nn.Parameter]
+) -> list[nn.Parameter]:
+    """The parameters whose per-sample sum the guard compares with the batch gradient:
+    those with a generic or user-registered rule, those with no rule at all, and those
+    that the loss reaches by a path through no use a built-in rule reads (a use the
+    trace did not see). Found by a walk over the autograd graph before the backward,
+    in which the output of every use a built-in rule reads leads only to that use's
+    data inputs; a parameter reached there has such a path. Call before `_backward`
+    (which lets go of the rules' outputs)."""
+    exact: set[nn.Parameter] = set()
+    others: set[nn.Parameter] = set()
+    cuts: dict[Any, list[Any]] = {}
+    for unit in units:
+        if not isinstance(unit, _EXACT):
+            others.update(unit.params)
+            continue
+        exact.update(unit.params)
+        ids = {id(p) for p in unit.params}
+        onward = [
+            get_gradient_edge(t).node
+            for t in unit.site.inputs
+            if isinstance(t, Tensor) and t.requires_grad and id(t) not in ids
+        ]
+        for t in unit.outputs():
+            cuts.setdefault(get_gradient_edge(t).node, []).extend(onward)
+    watched = {id(p): p for p in exact - others}
+    total = traced.loss.total
+    reached: set[nn.Parameter] = set()
+    if watched and total.grad_fn is not None:
+        seen: set[Any] = set()
+        stack: list[Any] = [total.grad_fn]
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            variable = getattr(node, "variable", None)  # an AccumulateGrad node
+            if variable is not None:
+                if id(variable) in watched:
+                    reached.add(watched[id(variable)])
+                continue
+            cut = cuts.get(node)
+            stack.extend(cut if cut is not None else [n for n, _ in node.next_functions])
+    return [p for p in params if p not in exact or p in others or p in reached]
+
+
+def _checked(
+    traced: _Traced, units: list[Unit], params: list[nn.Parameter], verify: bool, thorough: bool
+) -> list[nn.Parameter]:
+    """The parameters whose batch gradient the backward forms for the guard."""
+    if not verify:
+        return []
+    return list(params) if thorough else _sum_checked(traced, units, params)
+
+
 def _tolerance(dtype: torch.dtype) -> float:
     """Far above rounding, far below any real error: ``√ε`` of the dtype."""
     return float(torch.finfo(dtype).eps) ** 0.5 if dtype.is_floating_point else 1e-6
 
 
 def _check_sums(
-    stats: dict[nn.Parameter, tuple[float, float, float]], traced: _Traced, index: int
+    stats: dict[nn.Parameter, tuple[float, float, float]],
+    traced: _Traced,
+    index: int,
+    scale: float,
 ) -> None:
     """``Σ_i g_i = ∇ total`` per parameter (``stats``: the error, ``‖∇ total‖`` and
     ``‖Σ_i g_i‖`` or a bound on it), to ``√ε`` of their norms; below ``64 ε`` of the
     whole gradient's size a difference is rounding (a gradient that is 0 in exact
     arithmetic, as a key bias before softmax, is rounding noise both ways)."""
-    whole = sum(w + g for _, w, g in stats.values())
+    whole = scale + sum(w + g for _, w, g in stats.values())
     for p, (error, want_norm, got_norm) in stats.items():
         eps = float(torch.finfo(p.dtype).eps) if p.dtype.is_floating_point else 1e-12
         bound = _tolerance(p.dtype) * (want_norm + got_norm) + 64 * eps * whole
@@ -415,9 +548,11 @@ def per_sample_grads(
     this forward. Modules that mix samples (BatchNorm in training mode) are refused.
 
     Args:
-        verify: check every micro-batch's result against its batch gradient (and, when
-            its forward draws no random numbers, one sample against a forward and
-            backward on that sample alone); costs about one more backward.
+        verify: the guard (see the module's documentation): every micro-batch's result
+            checked for uses no rule read (against its batch gradient where one may be)
+            and, when its forward draws no random numbers, one sample against a forward
+            and backward on that sample alone; costs about a walk over the autograd
+            graph and a one-sample step.
 
     Raises:
         PerSampleError: a use of a parameter has no exact rule, or ``verify`` found the
@@ -434,6 +569,19 @@ def per_sample_grads(
         >>> grads["weight"].shape
         torch.Size([5, 2, 3])
     """
+    return _per_sample_grads(model, loss_fn, batch, micro_batch_size, verify, thorough=False)
+
+
+def _per_sample_grads(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Batch | Iterable[Batch],
+    micro_batch_size: int | None,
+    verify: bool,
+    thorough: bool,
+) -> dict[str, Tensor]:
+    """`per_sample_grads`; ``thorough``: the guard compares every parameter's per-sample
+    sum with its batch gradient, not only those `_sum_checked` picks (`batchgrad.check`)."""
     check_micro_batch_size(micro_batch_size)
     named = _trainable(model)
     trainable = [p for _, p in named]
@@ -442,7 +590,8 @@ def per_sample_grads(
         traced = _trace(model, loss_fn, micro_batch, index)
         size = traced.tracer.rows
         units = _plan(traced)
-        batch_grads = _backward(traced, units, trainable if verify else [])
+        checked = _checked(traced, units, trainable, verify, thorough)
+        batch_grads = _backward(traced, units, checked)
         found: dict[nn.Parameter, Tensor] = {}
         with torch.no_grad():
             for unit in units:
@@ -450,7 +599,9 @@ def per_sample_grads(
                     found[p] = found[p] + grad if p in found else grad
         complete = {p: found[p] if p in found else p.new_zeros(size, *p.shape) for p in trainable}
         if verify:
-            _verify_sums(units, batch_grads, traced, index)
+            with torch.no_grad():  # Σ_i ‖g_i‖, estimated from the last sample's
+                last = sum(float(g[size - 1].norm()) for g in complete.values())
+            _verify_sums(units, batch_grads, traced, index, size * last)
             if not traced.random and trainable:
                 _check_sample_grads(model, loss_fn, micro_batch, traced, index, complete)
         for p in trainable:
@@ -474,17 +625,29 @@ def per_sample_norms(
     ``verify`` as in `per_sample_grads` (the sum is checked through the per-use
     weighted sums, one sample through its norm).
     """
+    return _per_sample_norms(model, loss_fn, batch, micro_batch_size, verify, thorough=False)
+
+
+def _per_sample_norms(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Batch | Iterable[Batch],
+    micro_batch_size: int | None,
+    verify: bool,
+    thorough: bool,
+) -> Tensor:
+    """`per_sample_norms`; ``thorough`` as in `_per_sample_grads`."""
     check_micro_batch_size(micro_batch_size)
     trainable = [p for _, p in _trainable(model)]
     norms = []
     for index, micro_batch in enumerate(micro_batches(batch, micro_batch_size)):
         traced = _trace(model, loss_fn, micro_batch, index)
         units = _plan(traced)
-        batch_grads = _backward(traced, units, trainable if verify else [])
+        batch_grads = _backward(traced, units, _checked(traced, units, trainable, verify, thorough))
         with torch.no_grad():
             norm = _sq_norms(units, traced.tracer.rows).sqrt()
         if verify:
-            _verify_sums(units, batch_grads, traced, index)
+            _verify_sums(units, batch_grads, traced, index, float(norm.sum()))
             if not traced.random and trainable:
                 row = traced.tracer.rows - 1
                 _check_sample_norm(model, loss_fn, micro_batch, traced, index, norm[row], trainable)
@@ -497,16 +660,19 @@ def _verify_sums(
     batch_grads: dict[nn.Parameter, Tensor | None],
     traced: _Traced,
     index: int,
+    scale: float,
 ) -> None:
-    """The first half of the guard: ``Σ_i g_i`` per parameter, formed by each rule as
-    its weighted sum with all weights 1 (for linear, convolution and embedding rules
-    one matrix product, no pass over per-sample tensors), against the batch gradient.
+    """The sums half of the guard, for the parameters in ``batch_grads`` (those
+    `_sum_checked` picked): ``Σ_i g_i``, formed by each rule as its weighted sum with all
+    weights 1, against the batch gradient. ``scale``: about ``Σ_i ‖g_i‖`` over all
+    parameters, the size below which a difference is rounding.
 
     The guard holds no second copy of the gradients: a parameter with one use has its
     sum subtracted in place from its batch gradient (`Unit.subtract_sum`, which for
     `nn.Linear` writes the product straight into it); one with several uses is summed
     and compared after its last; ``batch_grads`` is emptied on the way, only three
     numbers per parameter kept until the verdict (`_check_sums`)."""
+    checked = set(batch_grads)
     left: dict[nn.Parameter, int] = {}
     for unit in units:
         for p in unit.params:
@@ -526,6 +692,8 @@ def _verify_sums(
 
     with torch.no_grad():
         for unit in units:
+            if not any(p in checked for p in unit.params):
+                continue
             targets: dict[nn.Parameter, Tensor] = {}
             for p in unit.params:
                 want = batch_grads.get(p) if p in alone else None
@@ -543,6 +711,8 @@ def _verify_sums(
                 continue
             ones = torch.ones(traced.tracer.rows, dtype=torch.float64)
             for p, g in unit.weighted(ones).items():
+                if p not in checked:
+                    continue
                 g = partial.pop(p) + g if p in partial else g
                 left[p] = left.get(p, 1) - 1
                 if left[p] > 0:
@@ -555,7 +725,7 @@ def _verify_sums(
             want = batch_grads.pop(p)
             norm = 0.0 if want is None else float(want.norm())
             stats[p] = (norm, norm, 0.0)
-    _check_sums(stats, traced, index)
+    _check_sums(stats, traced, index, scale)
 
 
 def _sq_norms(units: list[Unit], size: int) -> Tensor:
@@ -603,7 +773,7 @@ def clipped_sum(
     traced = _trace(model, loss_fn, micro_batch, index)
     size = traced.tracer.rows
     units = _plan(traced)
-    batch_grads = _backward(traced, units, trainable if check else [])
+    batch_grads = _backward(traced, units, _checked(traced, units, trainable, check, False))
     with torch.no_grad():
         norms = _sq_norms(units, size).sqrt()
     if not bool(torch.isfinite(norms).all()):
@@ -613,7 +783,7 @@ def clipped_sum(
             f"cannot be clipped. Look at that sample's data and at the loss for it."
         )
     if check:
-        _verify_sums(units, batch_grads, traced, index)
+        _verify_sums(units, batch_grads, traced, index, float(norms.sum()))
         if not traced.random and trainable:
             _check_sample_norm(
                 model, loss_fn, micro_batch, traced, index, norms[size - 1], trainable

@@ -749,7 +749,44 @@ def user_rule(module: nn.Module) -> UserRule | None:
     for cls in type(module).__mro__:
         if cls in MODULE_RULES:
             return MODULE_RULES[cls]
+    return known_rule(module)
+
+
+def known_rule(module: nn.Module) -> UserRule | None:
+    """A built-in module rule (layers of other libraries, recognised without importing
+    them); a rule the user registers for the class comes first."""
+    if _is_transformers_conv1d(module):
+        return _transformers_conv1d
     return None
+
+
+def _is_transformers_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's ``Conv1D`` (GPT-2's projections), known without importing it."""
+    cls = type(module)
+    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+    return (
+        cls.__name__ == "Conv1D"
+        and cls.__module__.startswith("transformers.")
+        and isinstance(weight, nn.Parameter)
+        and weight.ndim == 2
+        and (bias is None or (isinstance(bias, nn.Parameter) and bias.shape == weight.shape[1:]))
+    )
+
+
+def _transformers_conv1d(
+    module: nn.Module, args: tuple[Any, ...], grad_outputs: tuple[Tensor, ...]
+) -> dict[str, Tensor]:
+    """``Conv1D``: ``y = x W + b`` at every position, ``W`` stored ``[in, out]``, which it
+    computes on the samples flattened with the positions (``addmm`` on ``x.view(-1,
+    in)``), so no rule of a use can read it; its gradients are those of a linear layer,
+    and their sum over samples is the batch gradient's own formula (`KnownModule`)."""
+    (x, *_), (g, *_) = args, grad_outputs
+    a = x.reshape(x.shape[0], -1, x.shape[-1])
+    g = g.reshape(g.shape[0], -1, g.shape[-1]).to(a.dtype)
+    out = {"weight": torch.bmm(a.transpose(1, 2), g)}
+    if getattr(module, "bias", None) is not None:
+        out["bias"] = g.sum(1)
+    return out
 
 
 class UserModule(Unit):
@@ -796,6 +833,11 @@ class UserModule(Unit):
             if id(p) in wanted:
                 out[p] = grad
         return out
+
+
+class KnownModule(UserModule):
+    """A module call with a built-in rule (`known_rule`): exact like the layer rules, so
+    the guard checks the paths around it, not its sums."""
 
 
 RULES: dict[Callable[..., Any], type[OpRule]] = {

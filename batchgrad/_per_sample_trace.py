@@ -27,6 +27,7 @@ each sample's own.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
@@ -182,6 +183,86 @@ def _has_param(args: tuple[Any, ...], kwargs: dict[str, Any] | None, ids: Abstra
     return False
 
 
+@dataclass(frozen=True)
+class Probe:
+    """What the real forward needs of the probe: its rows and the shapes it recorded,
+    modules by id (so that a cached probe keeps no module or tensor alive)."""
+
+    rows: int
+    op_shapes: list[tuple[Callable[..., Any], list[Any], list[Any], tuple[int, ...]]]
+    call_shapes: list[tuple[int, list[Any], list[Any]]]
+
+
+class Diverged(PerSampleError):
+    """The real forward called other functions or modules than the probe."""
+
+
+_PROBES: weakref.WeakKeyDictionary[nn.Module, dict[Any, Probe]] = weakref.WeakKeyDictionary()
+_PROBES_PER_MODEL = 8
+
+
+def _leaf_key(leaf: Any) -> Any:
+    if isinstance(leaf, Tensor):
+        return (tuple(leaf.shape), leaf.dtype, leaf.device, leaf.requires_grad)
+    try:
+        hash(leaf)
+    except TypeError:
+        return (type(leaf), id(leaf))
+    return (type(leaf), leaf)
+
+
+def probe_key(model: nn.Module, loss_fn: Any, batch: Any) -> Any:
+    """What a probe's shapes depend on other than the values: the batch's structure and
+    its tensors' shapes, the modules and their modes, the trainable parameters, the
+    loss function and the grad mode."""
+    try:
+        hash(loss_fn)  # kept in the key (not its id, which a new function may reuse)
+    except TypeError:
+        return None
+    leaves, spec = pytree.tree_flatten(batch)
+    return (
+        spec,
+        tuple(_leaf_key(leaf) for leaf in leaves),
+        tuple((id(m), type(m), m.training) for m in model.modules()),
+        tuple(id(p) for p in model.parameters() if p.requires_grad),
+        loss_fn,
+        torch.is_grad_enabled(),
+    )
+
+
+def cached_probe(model: nn.Module, key: Any) -> Probe | None:
+    if key is None:
+        return None
+    try:
+        return _PROBES.get(model, {}).get(key)
+    except TypeError:  # a model or batch leaf that cannot be a key: no cache
+        return None
+
+
+def remember_probe(model: nn.Module, key: Any, tracer: Tracer) -> Probe:
+    probe = Probe(
+        tracer.rows,
+        tracer.op_shapes,
+        [(id(module), ins, outs) for module, ins, outs in tracer.call_shapes],
+    )
+    if key is None:
+        return probe
+    try:
+        probes = _PROBES.setdefault(model, {})
+        probes.pop(key, None)
+    except TypeError:
+        return probe
+    probes[key] = probe
+    while len(probes) > _PROBES_PER_MODEL:
+        del probes[next(iter(probes))]
+    return probe
+
+
+def forget_probe(model: nn.Module, key: Any) -> None:
+    if key is not None:
+        _PROBES.get(model, {}).pop(key, None)
+
+
 class Tracer(TorchFunctionMode):
     """Records module calls and parameter uses of one forward (probe or real)."""
 
@@ -189,7 +270,7 @@ class Tracer(TorchFunctionMode):
         self,
         model: nn.Module,
         rows: int,
-        probe: Tracer | None = None,
+        probe: Probe | None = None,
         expand: bool = True,
     ) -> None:
         super().__init__()
@@ -203,7 +284,8 @@ class Tracer(TorchFunctionMode):
         self.names = {m: n for n, m in model.named_modules(remove_duplicate=False)}
         self.ops: list[OpCall] = []
         self.calls: list[ModuleCall] = []
-        self.op_shapes: list[tuple[Callable[..., Any], list[Any], list[Any]]] = []
+        # per use: the function, its inputs' and outputs' shapes, its parameters' ids
+        self.op_shapes: list[tuple[Callable[..., Any], list[Any], list[Any], tuple[int, ...]]] = []
         self.call_shapes: list[tuple[nn.Module, list[Any], list[Any]]] = []
         self.stack: list[ModuleCall] = []
         self.handles: list[Any] = []
@@ -258,7 +340,7 @@ class Tracer(TorchFunctionMode):
         if self.probe is None:
             self.call_shapes.append((module, _shapes(call.inputs), _shapes(call.outputs)))
             return
-        if index >= len(self.probe.call_shapes) or self.probe.call_shapes[index][0] is not module:
+        if index >= len(self.probe.call_shapes) or self.probe.call_shapes[index][0] != id(module):
             raise _diverged(f"module {call.name!r} ({type(module).__name__})")
         _, in_shapes, out_shapes = self.probe.call_shapes[index]
         call.in_dims = self._dims(call.inputs, in_shapes)
@@ -301,12 +383,17 @@ class Tracer(TorchFunctionMode):
         scope = self.stack[-1] if self.stack else None
         index = len(self.ops)
         if self.probe is None:
-            self.op_shapes.append((func, _shapes(inputs), _shapes(outputs)))
+            used = tuple(id(p) for p in params)
+            self.op_shapes.append((func, _shapes(inputs), _shapes(outputs), used))
             self.ops.append(OpCall(func, inputs, spec, [output], scope, params, []))
             return output
-        if index >= len(self.probe.op_shapes) or self.probe.op_shapes[index][0] is not func:
+        if (
+            index >= len(self.probe.op_shapes)
+            or self.probe.op_shapes[index][0] is not func
+            or self.probe.op_shapes[index][3] != tuple(id(p) for p in params)
+        ):
             raise _diverged(f"the call of {getattr(func, '__name__', func)}")
-        _, in_shapes, out_shapes = self.probe.op_shapes[index]
+        _, in_shapes, out_shapes, _ = self.probe.op_shapes[index]
         in_dims = self._dims(inputs, in_shapes)
         out_dims = self._dims(outputs, out_shapes)
         if (
@@ -371,7 +458,7 @@ def _expand(t: Any, rows: int, new: bool) -> Any:
 
 
 def _diverged(what: str) -> PerSampleError:
-    return PerSampleError(
+    return Diverged(
         f"The forward runs differently on a batch of a different size: {what} happens at "
         f"another point than in a forward on a few rows of the same batch. Per-sample "
         f"gradients need the same computation for any number of samples; make control "

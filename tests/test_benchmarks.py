@@ -174,10 +174,14 @@ def test_per_sample_quick_run_checks_and_times_every_method(per_sample, tmp_path
     assert settings["quick"] is True
     assert settings["repeats"] == 2
     with_opacus = per_sample.opacus_missing() is None
+    with_backpack = per_sample.backpack_missing() is None
     assert (settings["opacus_skipped"] is None) == with_opacus
+    models = ("mlp", "cnn", "transformer")
+    if per_sample.transformers_missing() is None:
+        models += ("gpt2",)
     expected = {
         (model, task, method)
-        for model in ("mlp", "cnn", "transformer")
+        for model in models
         for task in ("grads", "norms", "clipped")
         for method in per_sample.METHODS
         if not (method == "opacus ghost" and task == "grads")
@@ -186,9 +190,15 @@ def test_per_sample_quick_run_checks_and_times_every_method(per_sample, tmp_path
     assert len(rows) == len(expected)
     assert {(row["model"], row["task"], row["method"]) for row in rows} == expected
     for row in rows:
-        if row["method"] in ("opacus", "opacus ghost") and not with_opacus:
+        missing = (row["method"] in ("opacus", "opacus ghost") and not with_opacus) or (
+            row["method"] == "backpack" and not with_backpack
+        )
+        if missing:
             assert row["status"] == "skipped"
-            assert "opacus" in row["note"]
+            continue
+        if row["status"] == "failed":  # a peer that cannot run this model, or is wrong on it
+            assert row["method"] in ("opacus", "opacus ghost", "backpack")
+            assert row["note"].startswith(("fails", "wrong"))
             continue
         assert row["status"] == "ok"
         assert row["timings"]["n"] == len(row["timings"]["times_ms"]) == settings["repeats"]
@@ -197,8 +207,24 @@ def test_per_sample_quick_run_checks_and_times_every_method(per_sample, tmp_path
             assert row["max_rel_err"] is None
         else:  # every method is checked against torch.func before it is timed
             assert 0 <= row["max_rel_err"] <= settings["tolerance"]
-    assert len(results["targets"]) == 8
-    assert all(target["met"] in (True, False) for target in results["targets"]) == with_opacus
+    assert len(results["targets"]) == len(models) * 3 * 2 + 2
+    assert all(target["met"] in (True, False) for target in results["targets"])
+
+
+def test_per_sample_reports_a_failing_peer_and_goes_on(per_sample, tmp_path, monkeypatch):
+    def broken(self, batch):
+        raise RuntimeError("no rule for this layer (test)")
+
+    monkeypatch.setattr(per_sample.Naive, "norms", broken)
+    monkeypatch.setattr(per_sample, "build_workloads", _first_workload(per_sample))
+    out = tmp_path / "per_sample.json"
+
+    assert per_sample.main(["--quick", "--no-opacus", "--no-backpack", "--out", str(out)]) == 0
+
+    rows = json.loads(out.read_text())["rows"]
+    (row,) = [r for r in rows if (r["task"], r["method"]) == ("norms", "naive")]
+    assert row["status"] == "failed"
+    assert "no rule for this layer (test)" in row["note"]
 
 
 def test_per_sample_skips_opacus_rows_when_it_is_missing(per_sample, tmp_path, monkeypatch):

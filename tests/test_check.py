@@ -248,3 +248,41 @@ def test_a_float64_llama_from_a_config_checks_ok_and_names_its_float32_modules()
     kinds = {f.kind for f in report.findings}
     assert kinds == {"precision"}
     assert any("RMSNorm" in f.message for f in report.findings)
+
+
+class _HiddenUse(nn.Module):
+    """Its weight is used where no trace sees it (as a compiled kernel would): micro-
+    batching is exact, per-sample gradients would miss that use."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = self.lin(x)
+        with torch._C.DisableTorchFunction():
+            return h + torch.tanh(x @ self.lin.weight.T)
+
+
+def _values(model, x):
+    return bg.Loss.from_values(model(x).pow(2).sum(1))
+
+
+def test_check_reports_whether_per_sample_gradients_pass_their_guard():
+    torch.manual_seed(0)
+    x = torch.randn(6, 3).double()
+    clean = bg.check(nn.Linear(3, 2).double(), _values, x, micro_batch_size=4)
+    assert clean.ok
+    assert clean.per_sample is True
+    assert clean.findings == ()
+    hidden = bg.check(_HiddenUse().double(), _values, x, micro_batch_size=4)
+    assert hidden.ok  # micro-batching itself is exact
+    assert hidden.per_sample is False
+    (finding,) = hidden.findings
+    assert finding.kind == "per-sample"
+    assert re.search(r"'lin\.weight' .* do not add up", finding.message)
+    coupled = bg.check(
+        nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2)).double(), _values, x, micro_batch_size=4
+    )
+    assert coupled.per_sample is None  # the batchnorm finding says it already
+    assert [f.kind for f in coupled.findings] == ["batchnorm"]

@@ -461,6 +461,49 @@ def test_the_guard_leaves_existing_gradients_and_adds_to_them_exactly():
         assert_close_rel(p.grad, b + expected[name])
 
 
+class HalfHidden(nn.Module):
+    """Uses its weight twice: once where the trace sees it, once where it cannot."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = self.lin(x)
+        with torch._C.DisableTorchFunction():
+            return h + torch.tanh(x @ self.lin.weight.T)
+
+
+def test_the_guard_catches_a_hidden_second_use_of_a_parameter_a_rule_reads():
+    """The sums are compared only where a path to the parameter bypasses the uses the
+    built-in rules read; this one does."""
+    from batchgrad._per_sample import _plan, _sum_checked, _trace
+
+    model, x = HalfHidden().double(), torch.randn(4, 3).double()
+    traced = _trace(model, _squares, x, 0)
+    assert _sum_checked(traced, _plan(traced), list(model.parameters())) == [model.lin.weight]
+    for run in (
+        lambda: bg.per_sample_grads(model, _squares, x),
+        lambda: bg.per_sample_norms(model, _squares, x),
+        lambda: bg.accumulate(model, _squares, x, clip_per_sample=1.0),
+    ):
+        with pytest.raises(bg.PerSampleError, match=r"'lin\.weight' .* do not add up"):
+            run()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_the_guard_forms_no_batch_gradient_where_the_rules_read_every_use():
+    from batchgrad._per_sample import _plan, _sum_checked, _trace
+
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.LayerNorm(8), nn.Linear(8, 2))
+    traced = _trace(model, _squares, torch.randn(3, 1, 4, 4), 0)
+    assert _sum_checked(traced, _plan(traced), list(model.parameters())) == []
+    scaled = nn.Sequential(nn.Linear(3, 3), Scale(3))  # the generic rule: its sums compared
+    traced = _trace(scaled, _squares, torch.randn(3, 3), 0)
+    checked = _sum_checked(traced, _plan(traced), list(scaled.parameters()))
+    assert checked == [scaled[1].weight, scaled[1].shift]
+
+
 def test_without_the_guard_a_hidden_use_is_wrong():
     """What the guard is for: ``verify=False`` trusts the trace, which misses this use."""
     model = Hidden().double()

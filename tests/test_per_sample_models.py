@@ -105,6 +105,23 @@ def test_hugging_face_models_as_shipped(name):
     assert_close({k: p.grad for k, p in model.named_parameters()}, expected)
 
 
+def test_gpt2_projections_use_the_conv1d_rule_not_vmap():
+    """Hugging Face's Conv1D flattens the samples with the positions; a built-in rule
+    reads it as a linear layer, exact like the layer rules (no sums compared)."""
+    from batchgrad._per_sample import _plan, _sum_checked, _trace
+    from batchgrad._per_sample_rules import KnownModule, VmapModule
+
+    torch.manual_seed(0)
+    model, loss_fn = hf("gpt2")
+    traced = _trace(model.double(), loss_fn, padded_batch(11), 0)
+    units = _plan(traced)
+    conv1d = [u for u in units if type(getattr(u.site, "module", None)).__name__ == "Conv1D"]
+    assert len(conv1d) == 4
+    assert all(isinstance(u, KnownModule) for u in conv1d)
+    assert not any(isinstance(u, VmapModule) for u in units)
+    assert _sum_checked(traced, units, list(model.parameters())) == []
+
+
 class CausalSelfAttention(nn.Module):
     """nanoGPT's attention: one fused c_attn, a causal mask, SDPA."""
 

@@ -77,3 +77,48 @@ def test_every_use_of_a_parameter_is_recorded_where_it_happens():
         (F.embedding, "emb"),
         (F.linear, None),  # in the loss function, outside any module
     ]
+
+
+def test_a_batch_of_the_same_shapes_reuses_the_probe():
+    from batchgrad._per_sample_trace import _PROBES
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    first = bg.per_sample_grads(model, values, torch.randn(5, 3).double())
+    (probe,) = _PROBES[model].values()
+    x = torch.randn(5, 3).double()
+    again = bg.per_sample_grads(model, values, x)
+    assert list(_PROBES[model].values()) == [probe]  # no second probe
+    assert first.keys() == again.keys()
+    for name, p in model.named_parameters():
+        expected = torch.stack(
+            [torch.autograd.grad(values(model, x[i : i + 1]).total, p)[0] for i in range(5)]
+        )
+        torch.testing.assert_close(again[name], expected, rtol=1e-10, atol=1e-12)
+    bg.per_sample_grads(model, values, torch.randn(6, 3).double())
+    assert len(_PROBES[model]) == 2  # another batch size: probed anew
+
+
+class Branchy(nn.Module):
+    """Takes another path depending on the values: a cached probe no longer fits."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 2), nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.a(x) if bool(x.sum() > 0) else self.b(torch.tanh(x))
+
+
+def test_a_forward_that_differs_from_the_cached_probe_is_probed_again():
+    model = Branchy().double()
+    x = torch.randn(4, 3).double().abs()
+    bg.per_sample_grads(model, values, x)
+    grads = bg.per_sample_grads(model, values, -x)  # the other branch, same shapes
+    assert not grads["a.weight"].any()
+    expected = torch.stack(
+        [
+            torch.autograd.grad(values(model, -x[i : i + 1]).total, model.b.weight)[0]
+            for i in range(4)
+        ]
+    )
+    torch.testing.assert_close(grads["b.weight"], expected, rtol=1e-10, atol=1e-12)
