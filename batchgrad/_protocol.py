@@ -68,6 +68,29 @@ class Local:
     sq_norm: float = 0.0  # ‖local gradient‖², with noise=
     samples: int = 0
 
+    def header(self) -> list[float]:
+        """The `_HEADER` values, summed over the ranks."""
+        return [
+            self.loss_sum,
+            self.count,
+            float(self.micro_batches),
+            float(self.clipped),
+            float(self.clip_samples),
+        ]
+
+    def block(self) -> list[float]:
+        """The `_BLOCK` values only this rank fills."""
+        return [
+            float(self.failure is not None),
+            -1.0 if self.failed_at is None else float(self.failed_at),
+            float(settings_hash(self.settings)),
+            float(self.layout_hash),
+            float(self.works),
+            float(self.unused),
+            self.sq_norm,
+            float(self.samples),
+        ]
+
 
 @dataclass(frozen=True, slots=True)
 class Agreement:
@@ -115,24 +138,9 @@ def agree(
     """The one control collective; raises the same `BatchError` on every rank if any
     rank failed or the ranks' settings or layouts differ."""
     values = [0.0] * (_HEADER + _BLOCK * world_size)
-    values[0:_HEADER] = [
-        mine.loss_sum,
-        mine.count,
-        float(mine.micro_batches),
-        float(mine.clipped),
-        float(mine.clip_samples),
-    ]
+    values[0:_HEADER] = mine.header()
     block = _HEADER + _BLOCK * rank
-    values[block : block + _BLOCK] = [
-        float(mine.failure is not None),
-        -1.0 if mine.failed_at is None else float(mine.failed_at),
-        float(settings_hash(mine.settings)),
-        float(mine.layout_hash),
-        float(mine.works),
-        float(mine.unused),
-        mine.sq_norm,
-        float(mine.samples),
-    ]
+    values[block : block + _BLOCK] = mine.block()
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     try:
         dist.all_reduce(tensor, group=group)
@@ -260,23 +268,7 @@ def agree_in_sum(
     (then every rank runs `agree` and its own all-reduce); else the agreement and
     each working rank's ``presumed`` divisor, after raising as `agree` does.
     """
-    values = [
-        float(fallback),
-        float(mine.failure is not None),
-        -1.0 if mine.failed_at is None else float(mine.failed_at),
-        float(settings_hash(mine.settings)),
-        float(mine.layout_hash),
-        float(mine.works),
-        float(mine.unused),
-        mine.sq_norm,
-        float(mine.samples),
-        mine.loss_sum,
-        mine.count,
-        float(mine.micro_batches),
-        float(mine.clipped),
-        float(mine.clip_samples),
-        presumed,
-    ]
+    values = [float(fallback), *mine.block(), *mine.header(), presumed]
     encoded = _encode(values, flat.dtype, entry.pieces)
     if encoded is None:  # a value the pieces cannot hold exactly (inf, overflow)
         encoded = _encode([1.0] + [0.0] * (_FUSED_BLOCK - 1), flat.dtype, entry.pieces)
