@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ._distributed import Replica, replica, unpack
+from ._distributed import Replica, replica, unpack, wide_sums
 from ._errors import (
     ConfigError,
     DistributedError,
@@ -316,7 +316,8 @@ def accumulate(
         stash.put_back()
         buffers.put_back()
         raise
-    return _report(done, stash, existing_grad, reduction, noise, 1, running, scaling)
+    exact = None if running is None else running.exact_sums()
+    return _report(done, stash, existing_grad, reduction, noise, 1, exact, scaling)
 
 
 def _report(
@@ -326,15 +327,17 @@ def _report(
     reduction: Reduction,
     noise: bool | NoiseScale,
     world_size: int,
-    running: RunningSum | None = None,
+    exact: dict[int, Tensor] | None = None,
     scaling: Scaling | None = None,
 ) -> AccumulateReport:
+    """The report; ``exact``: the new gradients before their rounding into ``p.grad``
+    (a wider running sum), by parameter id, for ``"add"`` to round once."""
     estimate = done.noise
     if estimate is not None and isinstance(noise, NoiseScale):
         noise.update(estimate)
         estimate = noise.estimate()
     if existing_grad == "add":
-        grad_norm = _add_back(stash, None if running is None else running.exact_sums())
+        grad_norm = _add_back(stash, exact)
         if scaling is not None:
             grad_norm /= scaling.scale
     else:
@@ -524,6 +527,7 @@ def _data_parallel(
     fits = False  # ... and it is the agreed one
     run = _Run(None)
     running: RunningSum | None = None
+    exact: dict[int, Tensor] | None = None  # the new gradients before their rounding
     held: list[Tensor | None] | None = None
     flat_dtype: torch.dtype | None = None
     clipper: _Clipped | None = None
@@ -645,12 +649,14 @@ def _data_parallel(
             agreed_layout.divisor = averaged
         else:
             noised = max_norm is not None and bool(settings["noise_multiplier"])
-            grads = peer.sync_grads(
+            grads, summed = peer.sync_grads(
                 params,
                 flat,
                 lambda sums: _normalise([sums], None, averaged, presumed),
                 agreed.some_unused and not noised,
             )
+            if running is not None and existing_grad == "add":
+                exact = wide_sums(params, summed)
             if mine_fused is not None:  # no hook on any rank: the settings agreed
                 mine_fused.divisor = averaged
                 remember(peer.group, mine_fused)
@@ -682,7 +688,9 @@ def _data_parallel(
         estimate,
         overflow,
     )
-    return _report(done, stash, existing_grad, reduction, noise, peer.world_size, None, run.scaling)
+    return _report(
+        done, stash, existing_grad, reduction, noise, peer.world_size, exact, run.scaling
+    )
 
 
 def _carried(run: _Run) -> float:

@@ -143,7 +143,7 @@ class Replica:
         flat: Tensor,
         normalise: Callable[[Tensor], None],
         with_unused: bool,
-    ) -> list[Tensor]:
+    ) -> tuple[list[Tensor], Tensor]:
         """Sum the gradients in ``flat`` (`flatten`) over the ranks in one collective,
         ``normalise`` d first (in place, on the buffer the collective sends: no pass
         of its own), and make them every ``p.grad``.
@@ -152,10 +152,11 @@ class Replica:
         the ranks, as DDP's hooks do). ``with_unused``: some rank left a parameter
         without a gradient; one that no rank gave a gradient keeps None, as in one
         process. Returns the gradients, views of one flat tensor where the dtypes
-        and devices allow.
+        and devices allow, and the summed buffer in its own dtype (which may be
+        wider than the parameters': see `wide_sums`).
         """
         if not params:
-            return []
+            return [], flat
         total = sum(p.numel() for p in params)
         normalise(flat[:total])
         used: Tensor | None = None
@@ -175,7 +176,7 @@ class Replica:
                 )
                 dist.all_reduce(counts, group=self.group)
                 used = counts > 0
-        return unpack(params, flat, None if used is None else used.tolist())
+        return unpack(params, flat, None if used is None else used.tolist()), flat
 
     def pack(self, params: list[nn.Parameter], size: int, dtype: torch.dtype) -> Tensor:
         """`flatten`'s ``[gradients | flags]`` at the start of a buffer of ``size``
@@ -214,6 +215,19 @@ class Replica:
                 f"collective; look at rank {first_rank}'s traceback"
             )
         raise error_type(f"On rank {first_rank}: {message}{also}")
+
+
+def wide_sums(params: list[nn.Parameter], flat: Tensor) -> dict[int, Tensor]:
+    """By parameter id, the summed gradients in ``flat`` of the parameters whose dtype
+    is narrower than the buffer's: what ``p.grad`` was rounded from (for adding the
+    gradients held before the call with one rounding)."""
+    sums: dict[int, Tensor] = {}
+    offset = 0
+    for p in params:
+        if p.dtype != flat.dtype:
+            sums[id(p)] = flat[offset : offset + p.numel()].view(p.shape)
+        offset += p.numel()
+    return sums
 
 
 def unpack(params: list[nn.Parameter], flat: Tensor, keep: list[bool] | None) -> list[Tensor]:

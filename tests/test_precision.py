@@ -401,6 +401,16 @@ def _ddp_cases():
         wrapped = DistributedDataParallel(model) if wrap == "ddp" else model
         bg.accumulate(wrapped, _linear_loss, local, micro_batch_size=12)
         out[f"bf16-{wrap}"] = (model.weight.grad.clone(), _rel(model.weight.grad, _exact(x)))
+        # gradients held before the call, added before the one rounding (each rank its own)
+        old_values = torch.randn(4, FEATURES, generator=torch.Generator().manual_seed(rank))
+        old = old_values.to(torch.bfloat16)
+        model.weight.grad = old.clone()
+        bg.accumulate(wrapped, _linear_loss, local, micro_batch_size=12, existing_grad="add")
+        exact = old.double() + _exact(x)
+        out[f"bf16-add-{wrap}"] = (
+            _rel(model.weight.grad, exact),
+            _rel(exact.to(torch.bfloat16), exact),
+        )
         # an overflow in one micro-batch of rank 1 only: every rank skips
         torch.manual_seed(0)
         model = nn.Linear(6, 1, bias=False)
@@ -476,6 +486,13 @@ def _ddp_cases():
 @pytest.fixture(scope="module")
 def ddp():
     return launch(_ddp_cases, 2, timeout=180)
+
+
+@pytest.mark.parametrize("wrap", ["ddp", "plain"])
+def test_ddp_existing_gradients_are_added_before_the_one_rounding(ddp, wrap):
+    for rank in range(2):
+        err, once = ddp[rank][f"bf16-add-{wrap}"]
+        assert err <= 1.1 * once, (rank, err, once)  # rounded twice: about 1.4x
 
 
 @pytest.mark.parametrize("wrap", ["ddp", "plain"])
