@@ -151,6 +151,7 @@ FAULTS = [
     ("bad-grad-sync", "ConfigError", r"grad_sync must be one of"),
     ("reduction-mismatch", "ConfigError", r"reduction: rank 0: 'mean'"),
     ("stale-grads", "ExistingGradError", r"already hold non-zero gradients"),
+    ("scaler", "ConfigError", r"scaler= and accumulate_dtype= are not supported on FSDP"),
 ]
 
 
@@ -197,6 +198,8 @@ def _faults() -> dict[str, object]:
                 kwargs["grad_sync"] = "sometimes"
             if rank == failing and fault == "reduction-mismatch":
                 kwargs["reduction"] = "sum"
+            if rank == failing and fault == "scaler":
+                kwargs["scaler"] = torch.amp.GradScaler("cpu")
             try:
                 bg.accumulate(model, faulty(fault), local, **kwargs)
                 got, message = "no error", ""
