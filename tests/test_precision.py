@@ -451,6 +451,20 @@ def _ddp_cases():
             out[f"nan-{wrap}"] = None
         except bg.BatchError as error:
             out[f"nan-{wrap}"] = (type(error).__name__, str(error))
+    # float32 parameters summed in float64: never through the agreement that rides in
+    # the parameters' own buffer (it would read p.grad, not the float64 sums), also on
+    # the calls after the group's first
+    model, x = _linear_problem(torch.float32)
+    local = x[: ROWS // 3] if rank == 0 else x[ROWS // 3 :]
+    wrapped = DistributedDataParallel(model)
+    errors = []
+    for _ in range(3):
+        model.zero_grad(set_to_none=True)
+        bg.accumulate(
+            wrapped, _linear_loss, local, micro_batch_size=12, accumulate_dtype=torch.float64
+        )
+        errors.append(_rel(model.weight.grad, _exact(x)))
+    out["float64-sum"] = errors
     # autocast inside the loss, the ranks' shares against the whole batch under it
     model, x, y = _autocast_problem()
     share = slice(0, 40) if rank == 0 else slice(40, 96)
@@ -486,6 +500,11 @@ def _ddp_cases():
 @pytest.fixture(scope="module")
 def ddp():
     return launch(_ddp_cases, 2, timeout=180)
+
+
+def test_ddp_a_wider_running_sum_is_exact_on_every_call(ddp):
+    for rank in range(2):
+        assert max(ddp[rank]["float64-sum"]) <= 1e-6, rank  # float32 parameters
 
 
 @pytest.mark.parametrize("wrap", ["ddp", "plain"])
