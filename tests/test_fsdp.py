@@ -353,10 +353,20 @@ def test_hsdp_on_a_2d_mesh_equals_one_process_on_the_whole_batch():
             assert report.grad_norm == pytest.approx(norm, rel=1e-10)
 
 
+@pytest.fixture(scope="module")
+def world2():
+    return 2, launch(_run, 2, 2, timeout=240)
+
+
+@pytest.fixture(scope="module")
+def world3():
+    return 3, launch(_run, 3, 3, timeout=240)
+
+
 @pytest.fixture(scope="module", params=[2, 3], ids=["2-ranks", "3-ranks"])
 def world(request):
-    nproc = request.param
-    return nproc, launch(_run, nproc, nproc, timeout=240)
+    """Each world size launched once, shared with the tests of one size only."""
+    return request.getfixturevalue(f"world{request.param}")
 
 
 def test_every_scenario_equals_one_process_on_the_whole_batch(world):
@@ -432,10 +442,8 @@ def test_check_in_one_process_refuses_a_sharded_model_and_names_the_way(world):
         )
 
 
-def test_bf16_parameters_with_float32_reduction_are_exact_to_bf16_rounding(world):
-    nproc, results = world
-    if nproc != 2:
-        pytest.skip("run with 2 ranks")
+def test_bf16_parameters_with_float32_reduction_are_exact_to_bf16_rounding(world2):
+    nproc, results = world2
     case = CASE["lm-padded"]
     model, batch = case.build(N, torch.float32, seed=7)
     expected = reference_grads(case, model, batch, "mean")
@@ -445,10 +453,8 @@ def test_bf16_parameters_with_float32_reduction_are_exact_to_bf16_rounding(world
         assert rel_err(mine, expected) <= 2e-2, rank  # bf16 has 8 bits of mantissa
 
 
-def test_fit_on_a_sharded_model_follows_one_process(world):
-    nproc, results = world
-    if nproc != 2:
-        pytest.skip("run with 2 ranks")
+def test_fit_on_a_sharded_model_follows_one_process(world2):
+    nproc, results = world2
     expected = _fit(sharded=False)
     for rank in range(nproc):
         got = results[rank]["fit"]
@@ -458,10 +464,8 @@ def test_fit_on_a_sharded_model_follows_one_process(world):
             assert norm == pytest.approx(norm_1, rel=1e-10)
 
 
-def test_an_exception_inside_a_forward_stops_every_rank_with_distributed_error(world):
-    nproc, results = world
-    if nproc != 3:
-        pytest.skip("run with 3 ranks")
+def test_an_exception_inside_a_forward_stops_every_rank_with_distributed_error(world3):
+    nproc, results = world3
     for rank in range(nproc):
         kind, text = results[rank]["forward"]
         assert kind == "DistributedError", (rank, text)
@@ -471,10 +475,8 @@ def test_an_exception_inside_a_forward_stops_every_rank_with_distributed_error(w
             assert "Restart the job" in text or "restart the job" in text, (rank, text)
 
 
-def test_an_exception_inside_a_backward_stops_every_rank_with_distributed_error(world):
-    nproc, results = world
-    if nproc != 2:
-        pytest.skip("run with 2 ranks")
+def test_an_exception_inside_a_backward_stops_every_rank_with_distributed_error(world2):
+    _, results = world2
     (kind0, text0), (kind1, text1) = results[0]["backward"], results[1]["backward"]
     assert kind0 == kind1 == "DistributedError"
     assert "Another rank failed inside the sharded model's backward" in text0
