@@ -262,7 +262,11 @@ def accumulate(
     }
     if dist.is_available() and dist.is_initialized() and is_sharded(model):
         return accumulate_sharded(
-            model, loss_fn, batch, micro_batch_size, {**settings, "grad_sync": grad_sync}
+            model,
+            loss_fn,
+            batch,
+            micro_batch_size,
+            {**settings, "grad_sync": grad_sync, "group": group is not None},
         )
     if grad_sync not in GRAD_SYNCS:  # nothing to choose: synchronised once (or never)
         raise ConfigError(f"grad_sync must be one of {GRAD_SYNCS}, got {grad_sync!r}.")

@@ -381,6 +381,12 @@ def accumulate_sharded(
                 )
             if grad_sync not in GRAD_SYNCS:
                 raise ConfigError(f"grad_sync must be one of {GRAD_SYNCS}, got {grad_sync!r}.")
+            if settings["group"]:
+                raise ConfigError(
+                    "group= is not used on FSDP models: the ranks sharing the logical batch "
+                    "are those of the model's device mesh. Leave group= out (shard the model "
+                    "on a mesh over the ranks you mean)."
+                )
             # (the settings hold what the ranks agree on: the scale, the dtype's name)
             if settings["scaler"] != "NoneType" or settings["accumulate_dtype"] != "None":
                 raise ConfigError(

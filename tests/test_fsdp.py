@@ -152,6 +152,7 @@ FAULTS = [
     ("reduction-mismatch", "ConfigError", r"reduction: rank 0: 'mean'"),
     ("stale-grads", "ExistingGradError", r"already hold non-zero gradients"),
     ("scaler", "ConfigError", r"scaler= and accumulate_dtype= are not supported on FSDP"),
+    ("group", "ConfigError", r"group= is not used on FSDP models"),
 ]
 
 
@@ -200,6 +201,8 @@ def _faults() -> dict[str, object]:
                 kwargs["reduction"] = "sum"
             if rank == failing and fault == "scaler":
                 kwargs["scaler"] = torch.amp.GradScaler("cpu")
+            if rank == failing and fault == "group":
+                kwargs["group"] = dist.group.WORLD
             try:
                 bg.accumulate(model, faulty(fault), local, **kwargs)
                 got, message = "no error", ""
