@@ -209,6 +209,24 @@ def describe(env: dict[str, Any], *also: str) -> str:
     )
 
 
+def time_on_ranks(
+    model: nn.Module, steps: dict[str, Callable[[], object]], repeats: int
+) -> dict[str, list[float]]:
+    """Seconds of each step on this rank, ``repeats`` times, interleaved so that drift
+    hits every method alike; the ranks start each step together (a barrier)."""
+    import torch.distributed as dist
+
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            model.zero_grad(set_to_none=True)
+            dist.barrier()
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 def use_threads(requested: int | None) -> int:
     """Set torch's intra-op threads: ``requested``, or one. Every model here is small
     (see `batchgrad._threads`): more threads only add synchronisation, and on a busy

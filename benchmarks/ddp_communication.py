@@ -27,7 +27,6 @@ import argparse
 import copy
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -35,7 +34,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from common import RESULTS, environment, write_results
+from common import RESULTS, environment, time_on_ranks, write_results
 from rich.console import Console
 from rich.table import Table
 from torch import nn
@@ -159,14 +158,7 @@ def _measure(
         other[k] = {
             name: tallies[name] for name in ("batchgrad, comm hook", "batchgrad, first call")
         }
-        times: dict[str, list[float]] = {name: [] for name in steps}
-        for _ in range(repeats):  # interleaved, so drift hits every method alike
-            for name, step in steps.items():
-                model.zero_grad(set_to_none=True)
-                dist.barrier()
-                start = time.perf_counter()
-                step()
-                times[name].append(time.perf_counter() - start)
+        times = time_on_ranks(model, steps, repeats)
         for name in steps:
             rows.append(
                 {

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -36,7 +35,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from common import RESULTS, environment, write_results
+from common import RESULTS, environment, time_on_ranks, write_results
 from rich.console import Console
 from rich.table import Table
 from torch import nn
@@ -195,14 +194,7 @@ def _worker(sequences: int, counts: list[int], repeats: int, layers: int) -> dic
             )
             for name in steps
         }
-        times: dict[str, list[float]] = {name: [] for name in steps}
-        for _ in range(repeats):  # interleaved, so drift hits every method alike
-            for name, step in steps.items():
-                model.zero_grad(set_to_none=True)
-                dist.barrier()
-                start = time.perf_counter()
-                step()
-                times[name].append(time.perf_counter() - start)
+        times = time_on_ranks(model, steps, repeats)
         for name in steps:
             results.append(
                 {
