@@ -53,13 +53,16 @@ class ExactAccumulation(pl.LightningModule):
             device or DDP, or for 16-bit mixed precision with loss scaling (use
             ``"bf16-mixed"``).
 
-    Example:
-        >>> import torch, batchgrad as bg  # doctest: +SKIP
-        >>> class Model(ExactAccumulation):  # doctest: +SKIP
-        ...     accumulate_grad_batches = 4
-        ...     def training_loss(self, batch):
-        ...         x, y = batch
-        ...         return bg.Loss.from_criterion(torch.nn.CrossEntropyLoss(), self.net(x), y)
+    Example (run for real by ``examples/lightning_train.py`` and its test)::
+
+        import torch, batchgrad as bg
+
+        class Model(ExactAccumulation):
+            accumulate_grad_batches = 4
+
+            def training_loss(self, batch):
+                x, y = batch
+                return bg.Loss.from_criterion(torch.nn.CrossEntropyLoss(), self.net(x), y)
     """
 
     accumulate_grad_batches: int = 1

@@ -216,10 +216,12 @@ class Trainer(transformers.Trainer):
             model whose loss it does not know with neither ``compute_loss`` returning
             a `bg.Loss` nor ``compute_loss_func``).
 
-    Example:
-        >>> from batchgrad.integrations.transformers import Trainer  # doctest: +SKIP
-        >>> trainer = Trainer(model=model, args=args, train_dataset=data)  # doctest: +SKIP
-        >>> trainer.train()  # doctest: +SKIP
+    Example (run for real by ``examples/hf_trainer.py`` and its test)::
+
+        from batchgrad.integrations.transformers import Trainer
+
+        trainer = Trainer(model=model, args=args, train_dataset=data)
+        trainer.train()
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
