@@ -59,7 +59,7 @@ from ._loop import (
     _with_last,
 )
 from ._loss import LossFn
-from ._noise import NoiseEstimate, NoiseScale
+from ._noise import NoiseEstimate, NoiseScale, small_batches
 from ._noise import estimate as noise_estimate
 from ._per_sample import check_clipping
 from ._precision import (
@@ -204,8 +204,9 @@ def accumulate(
             `torch.distributed`, rank 0's: seeded like one process's, the result
             is one process's).
         noise: ``True`` or a `NoiseScale`: estimate the gradient noise scale from the
-            micro-batches' gradients and the logical batch's (see
-            `batchgrad._noise`); it costs one norm per micro-batch. Under
+            first micro-batch's gradient and the logical batch's (see
+            `batchgrad._noise`); it costs one gradient norm per step (more with
+            `NoiseScale(small_batches=...)`). Under
             `torch.distributed` the small batches are the ranks' shares (one norm per
             rank, before the synchronisation) and the big one the logical batch. A
             `NoiseScale` is updated and keeps averages across steps.
@@ -427,7 +428,7 @@ def _local_finish(
     """
     presumption = _Presumption(batch, micro_batch_size) if reduction == "mean" else None
     run.presumption = presumption
-    micro = _MicroBatchGrads(params) if noise is not False else None
+    micro = _MicroBatchGrads(params, small_batches(noise)) if noise is not False else None
     _loop(run, model, loss_fn, parts, micro or _gradient)
     grads = _grads(params)  # with a running sum, the parameters outside it
     loss_sum, unit_counts, norms = _check_losses(run.totals, run.counts, _norms(grads))

@@ -73,10 +73,12 @@ measured on a short run is itself uncertain."""
 
 
 class _Recorded(NoiseScale):
-    """A `NoiseScale` that also keeps every step's estimates (for the tail's spread)."""
+    """A `NoiseScale` that also keeps every step's estimates (for the tail's spread),
+    measuring every micro-batch but the last: a measurement, where the variance of
+    each step's estimate matters more than its cost."""
 
     def __init__(self, beta: float) -> None:
-        super().__init__(beta)
+        super().__init__(beta, small_batches=None)
         self.estimates: list[NoiseEstimate] = []
 
     def update(self, step: NoiseEstimate) -> None:

@@ -4,13 +4,14 @@ Run from the repository root::
 
     python benchmarks/noise_overhead.py
 
-Each workload runs one logical batch in micro-batches two ways on the same model
-and data, timed in interleaved rounds: ``bg.accumulate(...)`` and
-``bg.accumulate(..., noise=scale)`` with a `bg.NoiseScale` updated every step. The
-extra work is one gradient norm per micro-batch (but the last) and putting the
-earlier micro-batches' sum aside and back (see `batchgrad._loop._MicroBatchGrads`).
-The result is the ratio of the medians, noise / plain accumulate (target: at most 1.05). Before
-timing, both must leave the same gradients.
+Each workload runs one logical batch in micro-batches three ways on the same model
+and data, timed in interleaved rounds: ``bg.accumulate(...)``,
+``bg.accumulate(..., noise=bg.NoiseScale())`` (the default: the first micro-batch is
+the small batch, one gradient norm a step) and ``noise=bg.NoiseScale(small_batches=None)``
+(every micro-batch but the last, as `batchgrad advise` measures: a norm and the earlier
+micro-batches' sum put aside and back for each; see `batchgrad._loop._MicroBatchGrads`).
+The result is the ratio of the medians to plain accumulate (target for the default: at
+most 1.05). Before timing, all must leave the same gradients.
 
 - ``mlp``: the MLP 784-256-256-10, 256 random samples in 4 micro-batches of 64;
 - ``tiny_lm``: `TinyLM` (2 layers, d_model 64) on 256 counting sequences of at most
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -86,7 +88,7 @@ def workloads(quick: bool) -> list[Workload]:
 
 
 def measure(workload: Workload, rounds: int) -> dict[str, Any]:
-    model, scale = workload.model, bg.NoiseScale()
+    model, scale, every = workload.model, bg.NoiseScale(), bg.NoiseScale(small_batches=None)
 
     def plain() -> bg.AccumulateReport:
         model.zero_grad(set_to_none=True)
@@ -94,23 +96,29 @@ def measure(workload: Workload, rounds: int) -> dict[str, Any]:
             model, workload.loss_fn, workload.batch, micro_batch_size=workload.micro_batch_size
         )
 
-    def with_noise() -> bg.AccumulateReport:
-        model.zero_grad(set_to_none=True)
-        return bg.accumulate(
-            model,
-            workload.loss_fn,
-            workload.batch,
-            micro_batch_size=workload.micro_batch_size,
-            noise=scale,
-        )
+    def noise_with(noise: bg.NoiseScale) -> Callable[[], bg.AccumulateReport]:
+        def run() -> bg.AccumulateReport:
+            model.zero_grad(set_to_none=True)
+            return bg.accumulate(
+                model,
+                workload.loss_fn,
+                workload.batch,
+                micro_batch_size=workload.micro_batch_size,
+                noise=noise,
+            )
 
+        return run
+
+    with_noise, with_every = noise_with(scale), noise_with(every)
     plain()
     expected = gradients(model)
-    report = with_noise()
-    error = max_rel_err(gradients(model), expected)
+    error = 0.0
+    for run in (with_noise, with_every):
+        report = run()
+        error = max(error, max_rel_err(gradients(model), expected))
     if not error <= GRAD_TOLERANCE:
         raise RuntimeError(f"{workload.name}: noise= changed the gradient (rel err {error:.3g})")
-    base, noisy = interleaved([plain, with_noise], rounds)
+    base, noisy, noisy_every = interleaved([plain, with_noise, with_every], rounds)
     paired = [b / a for a, b in zip(base.seconds, noisy.seconds, strict=True)]
     return {
         "model": workload.name,
@@ -119,15 +127,22 @@ def measure(workload: Workload, rounds: int) -> dict[str, Any]:
         "max_grad_rel_err": error,
         "ratio": statistics.median(noisy.seconds) / statistics.median(base.seconds),
         "ratio_paired_median": statistics.median(paired),
+        "ratio_every": statistics.median(noisy_every.seconds) / statistics.median(base.seconds),
         "b_simple": scale.b_simple,
+        "b_simple_every": every.b_simple,
         "accumulate": base.summary(),
         "accumulate_noise": noisy.summary(),
+        "accumulate_noise_every": noisy_every.summary(),
     }
 
 
 def table(rows: list[dict[str, Any]]) -> Table:
-    result = Table(title=f"bg.accumulate(noise=...) / bg.accumulate (target ≤ {TARGET_RATIO})")
-    for header in ("model", "micro-batches", "accumulate ms", "+ noise ms", "ratio", "paired"):
+    result = Table(
+        title=f"bg.accumulate(noise=...) / bg.accumulate (target ≤ {TARGET_RATIO}); "
+        "every: small_batches=None"
+    )
+    headers = ("model", "micro-batches", "accumulate ms", "+ noise ms", "ratio", "paired")
+    for header in (*headers, "every"):
         result.add_column(header, justify="left" if header == "model" else "right")
     for row in rows:
         style = "green" if row["ratio"] <= TARGET_RATIO else "bold red"
@@ -138,6 +153,7 @@ def table(rows: list[dict[str, Any]]) -> Table:
             f"{row['accumulate_noise']['median_ms']:.2f}",
             f"[{style}]{row['ratio']:.3f}[/{style}]",
             f"{row['ratio_paired_median']:.3f}",
+            f"{row['ratio_every']:.3f}",
         )
     return result
 
