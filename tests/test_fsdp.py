@@ -268,9 +268,204 @@ def _fit(sharded: bool) -> list[tuple[float, float, int]]:
     return [(r.loss, r.grad_norm, r.count) for r in history.steps]
 
 
+class _Relay(torch.autograd.Function):
+    """The identity forward, an exception in the backward."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[no-untyped-def]
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[no-untyped-def]
+        raise RuntimeError("raised in backward")
+
+
+def _deep(reshard_after_forward: bool = True) -> nn.Module:
+    """Three sharded linear blocks (first, middle, last) and the root."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1)
+    ).double()
+    for block in (model[0], model[2], model[4]):
+        fully_shard(block, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, reshard_after_forward=reshard_after_forward)
+    return model
+
+
+def _deep_x(world: int) -> torch.Tensor:
+    return torch.randn(
+        5 * world, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3)
+    )
+
+
+# (where, micro-batch): an exception in a block's forward (a pre-hook: after that
+# block's all-gather), or in the backward at a block's output (before any of the
+# backward's collectives, or between the last block's reduce-scatter and the others')
+INNER = [
+    ("forward-first", 0),
+    ("forward-middle", 1),
+    ("forward-middle", 2),
+    ("backward-last", 1),
+    ("backward-middle", 1),
+    ("backward-middle", 2),
+]
+
+
+def _inner_cases(world: int) -> list[tuple[str, int, int, str, bool]]:
+    return [
+        (where, at, failing, grad_sync, reshard)
+        for where, at in INNER
+        for failing in (0, world - 1)
+        for grad_sync in ("once", "per_micro_batch")
+        for reshard in (True, False)
+    ]
+
+
+def _square(m, b):  # type: ignore[no-untyped-def]
+    return bg.Loss.from_values(m(b).square())
+
+
+def _inner_faults() -> dict[object, object]:
+    """An exception inside one rank's forward or backward, in the middle of FSDP's
+    collectives, for every case of `_inner_cases`: the error on every rank, the
+    gradients before the call kept, the next call exact; on one model per
+    ``reshard_after_forward``, reused throughout."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    models = {reshard: _deep(reshard) for reshard in (True, False)}
+    local = _deep_x(world)[5 * rank : 5 * (rank + 1)]
+    for model in models.values():  # learns the sequence of collectives
+        bg.accumulate(model, _square, local, micro_batch_size=2)
+    out: dict[object, object] = {}
+    for case in _inner_cases(world):
+        where, at, failing, grad_sync, reshard = case
+        model = models[reshard]
+        block = {"first": model[0], "middle": model[2], "last": model[4]}[where.split("-")[1]]
+        calls = itertools.count()
+
+        def loss_fn(m, b, where=where, at=at, failing=failing, block=block, calls=calls):  # type: ignore[no-untyped-def]
+            if rank != failing or next(calls) != at:
+                return _square(m, b)
+            if where.startswith("forward"):
+                handle = block.register_forward_pre_hook(_raise_in_forward)
+            else:
+                handle = block.register_forward_hook(lambda _m, _a, out: _Relay.apply(out))
+            try:
+                return _square(m, b)
+            finally:
+                handle.remove()
+
+        bg.accumulate(model, _square, local, micro_batch_size=2, existing_grad="replace")
+        before = [p.grad for p in model.parameters()]
+        values = _full(model)
+        try:
+            bg.accumulate(
+                model, loss_fn, local, micro_batch_size=2, grad_sync=grad_sync, existing_grad="add"
+            )
+            got, message = "no error", ""
+        except bg.BatchError as error:
+            got, message = type(error).__name__, str(error)
+        kept = all(p.grad is b for p, b in zip(model.parameters(), before, strict=True))
+        same = rel_err(_full(model), values) == 0.0
+        model.zero_grad()
+        bg.accumulate(model, _square, local, micro_batch_size=2, grad_sync=grad_sync)
+        out[case] = (got, message, kept and same, _full(model))
+    return out
+
+
+def _raise_in_forward(module, args):  # type: ignore[no-untyped-def]
+    raise RuntimeError("raised in forward")
+
+
+def _deep_reference(x: torch.Tensor) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1)
+    ).double()
+    return list(torch.autograd.grad(model(x).square().mean(0).sum(), list(model.parameters())))
+
+
+def _first_forward_fault() -> tuple[str, str, list[torch.Tensor]]:
+    """An exception inside the last rank's very first forward of a fresh model
+    (nothing learned yet: FSDP's own order of its modules is completed), then the
+    next call."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = _deep()
+    local = _deep_x(world)[5 * rank : 5 * (rank + 1)]
+    handle = model[2].register_forward_pre_hook(_raise_in_forward) if rank == world - 1 else None
+    try:
+        bg.accumulate(model, _square, local, micro_batch_size=2)
+        got, message = "no error", ""
+    except bg.BatchError as error:
+        got, message = type(error).__name__, str(error)
+    if handle is not None:
+        handle.remove()
+    bg.accumulate(model, _square, local, micro_batch_size=2)
+    return got, message, _full(model)
+
+
+def _fetch_fault() -> tuple[str, str, list[torch.Tensor]]:
+    """The last rank's iterable of micro-batches raises at its third, while the
+    others run that step's forward (and its all-gathers); then the next call."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = _deep()
+    local = _deep_x(world)[5 * rank : 5 * (rank + 1)]
+
+    def parts():  # type: ignore[no-untyped-def]
+        for start in range(0, 5, 2):
+            if rank == world - 1 and start == 4:
+                raise OSError("the data loader broke")
+            yield local[start : start + 2]
+
+    try:
+        bg.accumulate(model, _square, parts(), grad_sync="per_micro_batch")
+        got, message = "no error", ""
+    except bg.BatchError as error:
+        got, message = type(error).__name__, str(error)
+    bg.accumulate(model, _square, local, micro_batch_size=2)
+    return got, message, _full(model)
+
+
+class _Unused(nn.Module):
+    """A block holding a layer that no loss reaches (in the same parameter group)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.used, self.spare = nn.Linear(3, 2).double(), nn.Linear(3, 2).double()
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        return self.used(x)
+
+
+def _unused_model() -> nn.Module:
+    model = nn.Sequential(_Unused(), nn.Linear(2, 1).double())
+    fully_shard(model[0])
+    fully_shard(model)
+    return model
+
+
+def _unused() -> dict[str, object]:
+    """A parameter no rank's loss reaches: batchgrad against plain FSDP2 (its
+    defaults, a hand-written loop)."""
+    rank = dist.get_rank()
+    x = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    local = x[4 * rank : 4 * (rank + 1)] if rank < 2 else x[:0]
+    out: dict[str, object] = {}
+    for grad_sync in ("once", "per_micro_batch"):
+        model = _unused_model()
+        bg.accumulate(model, _square, local, micro_batch_size=3, grad_sync=grad_sync)
+        out[grad_sync] = [p.grad is None for p in model.parameters()]
+    model = _unused_model()
+    for start in range(0, 4, 2):  # plain FSDP2: every rank runs two micro-batches
+        model(local[start : start + 2]).square().sum().backward()
+    out["plain"] = [p.grad is None for p in model.parameters()]
+    return out
+
+
 def _backward_fault() -> tuple[str, str]:
-    """An exception inside one rank's backward, in the middle of FSDP's collectives:
-    every rank raises `DistributedError` at once (the group is shut down)."""
+    """An exception inside one rank's very first backward of a fresh model: no
+    sequence of the backward's collectives known yet, so every rank raises
+    `DistributedError` at once (the group is shut down)."""
     rank = dist.get_rank()
     model = _shard(_net())
     x = torch.randn(6, 3, dtype=torch.float64)
@@ -288,37 +483,18 @@ def _backward_fault() -> tuple[str, str]:
     return "no error", ""
 
 
-def _forward_fault() -> tuple[str, str]:
-    """An exception inside the last rank's forward, between FSDP's all-gathers."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    model = _shard(_net())
-
-    def boom(module, args):  # type: ignore[no-untyped-def]
-        raise RuntimeError("raised in forward")
-
-    if rank == world - 1:
-        model[2].register_forward_pre_hook(boom)  # after the first block's all-gather
-    try:
-        bg.accumulate(
-            model,
-            lambda m, b: bg.Loss.from_values(m(b).square()),
-            torch.randn(4, 3).double(),
-            micro_batch_size=2,
-        )
-    except bg.BatchError as error:
-        return type(error).__name__, str(error)
-    return "no error", ""
-
-
 def _run(nproc: int) -> dict[str, object]:
     warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
     results: dict[str, object] = {"scenarios": _scenarios(nproc), **_faults()}
+    results["inner"] = _inner_faults()
+    results["first-forward"] = _first_forward_fault()
+    results["fetch"] = _fetch_fault()
     if nproc == 2:
         results["mixed"] = _mixed_precision()
         results["fit"] = _fit(sharded=True)
         results["backward"] = _backward_fault()  # last: it shuts the group down
     else:
-        results["forward"] = _forward_fault()  # last: it shuts the group down
+        results["unused"] = _unused()
     return results
 
 
@@ -467,20 +643,62 @@ def test_fit_on_a_sharded_model_follows_one_process(world2):
             assert norm == pytest.approx(norm_1, rel=1e-10)
 
 
-def test_an_exception_inside_a_forward_stops_every_rank_with_distributed_error(world3):
-    nproc, results = world3
+@pytest.mark.parametrize("grad_sync", ["once", "per_micro_batch"])
+@pytest.mark.parametrize("reshard", [True, False], ids=["reshard", "no-reshard"])
+@pytest.mark.parametrize(("where", "at"), INNER)
+def test_an_exception_inside_one_ranks_forward_or_backward_raises_everywhere_and_recovers(
+    world, where, at, grad_sync, reshard
+):
+    nproc, results = world
+    expected = _deep_reference(_deep_x(nproc))
+    for failing in (0, nproc - 1):
+        case = (where, at, failing, grad_sync, reshard)
+        kind = where.split("-")[0]
+        for rank in range(nproc):
+            got, message, kept, after = results[rank]["inner"][case]
+            assert got == "DistributedError", (case, rank, message)
+            assert message.startswith(
+                f"On rank {failing}, micro-batch {at}: RuntimeError: raised in {kind}"
+            ), (case, rank, message)
+            assert kept, (case, rank)  # the same tensors, the same values
+            assert rel_err(after, expected) <= 1e-10, (case, rank)
+
+
+def test_an_exception_in_a_fresh_models_first_forward_is_completed_in_fsdps_order(world):
+    nproc, results = world
+    expected = _deep_reference(_deep_x(nproc))
     for rank in range(nproc):
-        kind, text = results[rank]["forward"]
-        assert kind == "DistributedError", (rank, text)
-        if rank == nproc - 1:
-            assert text.startswith("On rank 2, micro-batch 0: RuntimeError: raised in forward")
-        else:
-            assert "Restart the job" in text or "restart the job" in text, (rank, text)
+        got, message, after = results[rank]["first-forward"]
+        assert got == "DistributedError", message
+        assert message.startswith(f"On rank {nproc - 1}, micro-batch 0: RuntimeError: raised in")
+        assert rel_err(after, expected) <= 1e-10, rank
 
 
-def test_an_exception_inside_a_backward_stops_every_rank_with_distributed_error(world2):
+def test_a_data_loader_failing_mid_call_on_one_rank_raises_everywhere_and_recovers(world):
+    nproc, results = world
+    expected = _deep_reference(_deep_x(nproc))
+    for rank in range(nproc):
+        got, message, after = results[rank]["fetch"]
+        assert got == "DistributedError", message
+        assert message.startswith(f"On rank {nproc - 1}, micro-batch 2: OSError: the data loader")
+        assert rel_err(after, expected) <= 1e-10, rank
+
+
+def test_a_parameter_no_rank_uses_has_no_gradient_as_in_one_process(world3):
+    nproc, results = world3
+    # used.weight, used.bias, spare.weight, spare.bias, then the root's layer; rank 2
+    # is idle
+    unused = [False, False, True, True, False, False]
+    for rank in range(nproc):
+        out = results[rank]["unused"]
+        assert out["once"] == out["per_micro_batch"] == unused, rank
+        assert out["plain"] == unused, rank  # FSDP2's own defaults
+
+
+def test_an_exception_in_a_fresh_models_first_backward_stops_every_rank(world2):
     _, results = world2
     (kind0, text0), (kind1, text1) = results[0]["backward"], results[1]["backward"]
     assert kind0 == kind1 == "DistributedError"
     assert "Another rank failed inside the sharded model's backward" in text0
     assert text1.startswith("On rank 1, micro-batch 0: RuntimeError: raised in backward")
+    assert "no backward of this model had succeeded yet" in text1
