@@ -283,6 +283,10 @@ _LEARNED: weakref.WeakKeyDictionary[nn.Module, tuple[object, list[_Event], list[
 )
 
 
+# Models whose sequence has differed between two steps with the same settings.
+_CHANGING: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
 class _Unrecoverable(Exception):
     """No sequence of collectives to complete, or this rank's part differs from it."""
 
@@ -358,10 +362,18 @@ class _Schedule:
 
     def learn(self) -> None:
         learned = (self.key(), self.events[: self.forward_end], self.backward_events())
-        if _LEARNED.get(self.model) != learned:
+        before = _LEARNED.get(self.model)
+        if before != learned:
+            if before is not None and before[0] == learned[0]:
+                _CHANGING.add(self.model)  # the order depends on the data: not predictable
             _LEARNED[self.model] = learned
 
     def expected(self, where: str) -> list[_Event]:
+        if self.model in _CHANGING:
+            raise _Unrecoverable(
+                "the model's sequence of FSDP collectives has changed between steps, so "
+                "the others' is not known"
+            )
         learned = _LEARNED.get(self.model)
         if learned is not None and learned[0] == self.key():
             return learned[1] if where == "forward" else learned[2]

@@ -20,7 +20,10 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import batchgrad as bg
+from batchgrad import _check
 from batchgrad._distributed import launch
+from batchgrad.cli import main
+from tests import factories
 from tests.cases import CASES, reference_grads, rel_err
 
 CASE = {case.id: case for case in CASES}
@@ -188,9 +191,9 @@ def _faults() -> dict[str, object]:
         return loss_fn
 
     out: dict[str, object] = {}
+    bg.accumulate(model, square, local, micro_batch_size=2)
     for grad_sync in ("once", "per_micro_batch"):
-        for fault, _, _ in FAULTS:
-            bg.accumulate(model, square, local, micro_batch_size=2, existing_grad="replace")
+        for fault, _, _ in FAULTS:  # each call after a failure is the next one's start
             before = [p.grad for p in model.parameters()]
             values = _full(model)
             kwargs: dict[str, object] = {"micro_batch_size": 2, "grad_sync": grad_sync}
@@ -311,13 +314,21 @@ INNER = [
 ]
 
 
+# (failing rank: the first or the last, grad_sync, reshard_after_forward): half of
+# the 8 combinations, every pair of values of two of them once
+COMBOS = [
+    ("first", "once", True),
+    ("first", "per_micro_batch", False),
+    ("last", "once", False),
+    ("last", "per_micro_batch", True),
+]
+
+
 def _inner_cases(world: int) -> list[tuple[str, int, int, str, bool]]:
     return [
-        (where, at, failing, grad_sync, reshard)
+        (where, at, 0 if failing == "first" else world - 1, grad_sync, reshard)
         for where, at in INNER
-        for failing in (0, world - 1)
-        for grad_sync in ("once", "per_micro_batch")
-        for reshard in (True, False)
+        for failing, grad_sync, reshard in COMBOS
     ]
 
 
@@ -335,7 +346,7 @@ def _inner_faults() -> dict[object, object]:
     local = _deep_x(world)[5 * rank : 5 * (rank + 1)]
     for model in models.values():  # learns the sequence of collectives
         bg.accumulate(model, _square, local, micro_batch_size=2)
-    out: dict[object, object] = {}
+    out: dict[object, object] = {}  # each call after a failure is the next one's start
     for case in _inner_cases(world):
         where, at, failing, grad_sync, reshard = case
         model = models[reshard]
@@ -354,7 +365,6 @@ def _inner_faults() -> dict[object, object]:
             finally:
                 handle.remove()
 
-        bg.accumulate(model, _square, local, micro_batch_size=2, existing_grad="replace")
         before = [p.grad for p in model.parameters()]
         values = _full(model)
         try:
@@ -369,7 +379,44 @@ def _inner_faults() -> dict[object, object]:
         model.zero_grad()
         bg.accumulate(model, _square, local, micro_batch_size=2, grad_sync=grad_sync)
         out[case] = (got, message, kept and same, _full(model))
+    out["lm"] = _lm_backward_fault()
     return out
+
+
+def _lm_backward_fault() -> tuple[str, str, bool, list[torch.Tensor]]:
+    """The transformer LM (embeddings and head in the root, the layer sharded): the
+    last rank's backward raises at the layer's output in its second micro-batch."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    case = CASE["lm-padded"]
+    model, batch = case.build(N, torch.float64, seed=7)
+    _shard(model)
+    shards = [(N * r // world, N * (r + 1) // world) for r in range(world)]
+    local = _local(batch, shards, 2, rank)
+    bg.accumulate(model, case.loss_fn, local, micro_batch_size=2)
+    before = [p.grad for p in model.parameters()]
+    values = _full(model)
+    calls = itertools.count()
+
+    def loss_fn(m, b):  # type: ignore[no-untyped-def]
+        if rank != world - 1 or next(calls) != 1:
+            return case.loss_fn(m, b)
+        layer = m.blocks.layers[0]
+        handle = layer.register_forward_hook(lambda _m, _a, out: _Relay.apply(out))
+        try:
+            return case.loss_fn(m, b)
+        finally:
+            handle.remove()
+
+    try:
+        bg.accumulate(model, loss_fn, local, micro_batch_size=2, existing_grad="add")
+        got, message = "no error", ""
+    except bg.BatchError as error:
+        got, message = type(error).__name__, str(error)
+    kept = all(p.grad is b for p, b in zip(model.parameters(), before, strict=True))
+    kept = kept and rel_err(_full(model), values) == 0.0
+    model.zero_grad()
+    bg.accumulate(model, case.loss_fn, local, micro_batch_size=2)
+    return got, message, kept, _full(model)
 
 
 def _raise_in_forward(module, args):  # type: ignore[no-untyped-def]
@@ -495,6 +542,8 @@ def _run(nproc: int) -> dict[str, object]:
         results["backward"] = _backward_fault()  # last: it shuts the group down
     else:
         results["unused"] = _unused()
+        # what `batchgrad check tests/factories.py:exact --nproc 3 --fsdp` runs on each rank
+        results["check"] = _check._rank_check(factories.exact, 4, "mean", None, True)
     return results
 
 
@@ -513,6 +562,28 @@ def _hsdp() -> dict[str, object]:
         local = _local(batch, HSDP_SHARDS, 2, dist.get_rank())
         report = bg.accumulate(model, case.loss_fn, local, micro_batch_size=2, grad_sync=grad_sync)
         out[grad_sync] = (_full(model), report)
+    # the last rank's backward raises in its second micro-batch; then the next call
+    before, values, calls = [p.grad for p in model.parameters()], _full(model), itertools.count()
+
+    def loss_fn(m, b):  # type: ignore[no-untyped-def]
+        if dist.get_rank() != 3 or next(calls) != 1:
+            return case.loss_fn(m, b)
+        handle = m.blocks.layers[0].register_forward_hook(lambda _m, _a, o: _Relay.apply(o))
+        try:
+            return case.loss_fn(m, b)
+        finally:
+            handle.remove()
+
+    try:
+        bg.accumulate(model, loss_fn, local, micro_batch_size=2, existing_grad="add")
+        got = "no error"
+    except bg.BatchError as error:
+        got = f"{type(error).__name__}: {error}"
+    kept = all(p.grad is b for p, b in zip(model.parameters(), before, strict=True))
+    kept = kept and rel_err(_full(model), values) == 0.0
+    model.zero_grad()
+    bg.accumulate(model, case.loss_fn, local, micro_batch_size=2)
+    out["fault"] = (got, kept, _full(model))
     return out
 
 
@@ -530,6 +601,11 @@ def test_hsdp_on_a_2d_mesh_equals_one_process_on_the_whole_batch():
             assert report.micro_batches == 1 + 0 + 3 + 3
             assert report.world_size == 4
             assert report.grad_norm == pytest.approx(norm, rel=1e-10)
+    for rank in range(4):  # a failure inside one rank's backward, contained
+        got, kept, after = results[rank]["fault"]
+        assert got.startswith("DistributedError: On rank 3, micro-batch 1: RuntimeError"), got
+        assert kept, rank
+        assert rel_err(after, expected) <= 1e-10, rank
 
 
 @pytest.fixture(scope="module")
@@ -643,25 +719,36 @@ def test_fit_on_a_sharded_model_follows_one_process(world2):
             assert norm == pytest.approx(norm_1, rel=1e-10)
 
 
-@pytest.mark.parametrize("grad_sync", ["once", "per_micro_batch"])
-@pytest.mark.parametrize("reshard", [True, False], ids=["reshard", "no-reshard"])
+@pytest.mark.parametrize(("failing", "grad_sync", "reshard"), COMBOS)
 @pytest.mark.parametrize(("where", "at"), INNER)
 def test_an_exception_inside_one_ranks_forward_or_backward_raises_everywhere_and_recovers(
-    world, where, at, grad_sync, reshard
+    world, where, at, failing, grad_sync, reshard
 ):
     nproc, results = world
     expected = _deep_reference(_deep_x(nproc))
-    for failing in (0, nproc - 1):
-        case = (where, at, failing, grad_sync, reshard)
-        kind = where.split("-")[0]
-        for rank in range(nproc):
-            got, message, kept, after = results[rank]["inner"][case]
-            assert got == "DistributedError", (case, rank, message)
-            assert message.startswith(
-                f"On rank {failing}, micro-batch {at}: RuntimeError: raised in {kind}"
-            ), (case, rank, message)
-            assert kept, (case, rank)  # the same tensors, the same values
-            assert rel_err(after, expected) <= 1e-10, (case, rank)
+    case = (where, at, 0 if failing == "first" else nproc - 1, grad_sync, reshard)
+    kind = where.split("-")[0]
+    for rank in range(nproc):
+        got, message, kept, after = results[rank]["inner"][case]
+        assert got == "DistributedError", (case, rank, message)
+        assert message.startswith(
+            f"On rank {case[2]}, micro-batch {at}: RuntimeError: raised in {kind}"
+        ), (case, rank, message)
+        assert kept, (case, rank)  # the same tensors, the same values
+        assert rel_err(after, expected) <= 1e-10, (case, rank)
+
+
+def test_an_exception_in_one_ranks_backward_of_a_transformer_lm_raises_and_recovers(world):
+    nproc, results = world
+    case = CASE["lm-padded"]
+    model, batch = case.build(N, torch.float64, seed=7)
+    expected = reference_grads(case, model, batch, "mean")
+    for rank in range(nproc):
+        got, message, kept, after = results[rank]["inner"]["lm"]
+        assert got == "DistributedError", message
+        assert message.startswith(f"On rank {nproc - 1}, micro-batch 1: RuntimeError: raised in")
+        assert kept, rank
+        assert rel_err(after, expected) <= 1e-10, rank
 
 
 def test_an_exception_in_a_fresh_models_first_forward_is_completed_in_fsdps_order(world):
@@ -702,3 +789,28 @@ def test_an_exception_in_a_fresh_models_first_backward_stops_every_rank(world2):
     assert "Another rank failed inside the sharded model's backward" in text0
     assert text1.startswith("On rank 1, micro-batch 0: RuntimeError: raised in backward")
     assert "no backward of this model had succeeded yet" in text1
+
+
+def test_the_cli_check_across_processes_sharded_with_fsdp(world3, monkeypatch, capsys):
+    """`batchgrad check ... --nproc 3 --fsdp`, its launch being the 3-rank one above."""
+    nproc, results = world3
+
+    def launched(fn, n, make, size, reduction, tolerance, fsdp, timeout):  # type: ignore[no-untyped-def]
+        assert (fn, n, size, reduction, tolerance, fsdp) == (
+            _check._rank_check,
+            3,
+            4,
+            "mean",
+            None,
+            True,
+        )
+        return [results[rank]["check"] for rank in range(nproc)]
+
+    monkeypatch.setattr(_check, "launch", launched)
+    assert main(["check", "tests/factories.py:exact", "--nproc", "3", "--fsdp"]) == 0
+    captured = capsys.readouterr()
+    out = " ".join((captured.out + captured.err).split())
+    assert "on 3 ranks" in out
+    assert "OK" in out
+    assert results[0]["check"].ok
+    assert results[1]["check"] is results[2]["check"] is None
