@@ -136,6 +136,18 @@ class _Steps:
     steps: int = 0
     rank: int = 0
     tell_at_the_end: bool = False  # this rank's last backward failed: say so at the end
+    inside: bool = False  # the root module's forward is running
+
+    def watch(self, model: nn.Module) -> list[Any]:
+        """Hooks telling whether an error came from inside the model's forward."""
+
+        def enter(*_: object) -> None:
+            self.inside = True
+
+        def leave(*_: object) -> None:
+            self.inside = False
+
+        return [model.register_forward_pre_hook(enter), model.register_forward_hook(leave)]
 
     def parts(self, own: Iterator[tuple[Batch, bool]]) -> Iterator[tuple[Any, bool]]:
         """This rank's micro-batches, then padding while another rank has more."""
@@ -194,8 +206,7 @@ class _Steps:
                     raise DistributedError("No padding micro-batch for this rank.")
                 total = loss_fn(model, self.template).total
         except BaseException as error:  # reported to every rank below, so none waits
-            # The others ran the whole forward: issue the all-gathers this rank missed.
-            self.complete(error, index, "forward", self.schedule.events)
+            self.finish_forward(error, index)
             failure = error
         self.schedule.forward_done()
         more = real and not last
@@ -223,6 +234,21 @@ class _Steps:
             self.complete(error, index, "backward", self.schedule.backward_events())
             self.tell(error, index if real else None)
         self.schedule.learn()
+
+    def finish_forward(self, error: BaseException, index: int) -> None:
+        """The others run the whole forward: issue the all-gathers this rank missed.
+        Nothing is missing when the error came after the model's forward (a NaN
+        loss, a bad count), whatever was learned."""
+        done, inside = self.schedule.events, self.inside
+        self.inside = False
+        if not inside and done:  # the model ran; loss_fn raised afterwards
+            try:
+                expected = self.schedule.expected("forward")
+            except _Unrecoverable:
+                return
+            if len(done) >= len(expected) or expected[: len(done)] != done:
+                return  # (a strict prefix: raised between two calls of the model)
+        self.complete(error, index, "forward", done)
 
     def complete(self, error: BaseException, index: int, where: str, done: list[_Event]) -> None:
         """Issue the rest of this step's forward or backward collectives that the
@@ -585,6 +611,7 @@ def accumulate_sharded(
     schedule = _Schedule(model, knobs.groups, params)
     steps = _Steps(group, grad_sync == "once", knobs, None, schedule, rank=rank)
     schedule.wrap()
+    handles = steps.watch(model)
     try:
         try:
             _check_settings(
@@ -701,6 +728,8 @@ def accumulate_sharded(
     finally:
         schedule.unwrap()
         knobs.put_back()
+        for handle in handles:
+            handle.remove()
     return AccumulateReport(
         loss=steps.loss_sum / divisor,
         count=_number(steps.count),

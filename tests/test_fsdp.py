@@ -7,10 +7,15 @@ fault on its ranks; the parent compares each rank's full gradients
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
+import json
 import random
 import re
+import sys
 import warnings
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -20,7 +25,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import batchgrad as bg
-from batchgrad import _check
+from batchgrad import _check, _distributed
 from batchgrad._distributed import launch
 from batchgrad.cli import main
 from tests import factories
@@ -530,6 +535,25 @@ def _backward_fault() -> tuple[str, str]:
     return "no error", ""
 
 
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+BENCHMARK_QUICK = (8, [4], 1, 2)  # sequences per rank, micro-batch counts, repeats, layers
+
+
+def _fsdp_benchmark() -> ModuleType:
+    """``benchmarks/fsdp_communication.py`` from its file (benchmarks/ is no package)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))  # as when it runs as a script: finds common.py
+    name = "benchmarks_fsdp_communication"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / "fsdp_communication.py")
+        assert spec is not None
+        assert spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 def _run(nproc: int) -> dict[str, object]:
     warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
     results: dict[str, object] = {"scenarios": _scenarios(nproc), **_faults()}
@@ -539,6 +563,8 @@ def _run(nproc: int) -> dict[str, object]:
     if nproc == 2:
         results["mixed"] = _mixed_precision()
         results["fit"] = _fit(sharded=True)
+        # what `python benchmarks/fsdp_communication.py --quick` runs on each rank
+        results["benchmark"] = _fsdp_benchmark()._worker(*BENCHMARK_QUICK)
         results["backward"] = _backward_fault()  # last: it shuts the group down
     else:
         results["unused"] = _unused()
@@ -814,3 +840,32 @@ def test_the_cli_check_across_processes_sharded_with_fsdp(world3, monkeypatch, c
     assert "OK" in out
     assert results[0]["check"].ok
     assert results[1]["check"] is results[2]["check"] is None
+
+
+def test_the_fsdp_communication_benchmark_counts_the_same_gradient_traffic(
+    world2, monkeypatch, tmp_path
+):
+    """`python benchmarks/fsdp_communication.py --quick`, its launch the 2-rank one."""
+    nproc, results = world2
+
+    def launched(fn, n, *args, timeout):  # type: ignore[no-untyped-def]
+        assert (fn.__name__, n, args) == ("_worker", 2, BENCHMARK_QUICK)
+        return [results[rank]["benchmark"] for rank in range(nproc)]
+
+    monkeypatch.setattr(_distributed, "launch", launched)
+    out = tmp_path / "fsdp.json"
+    _fsdp_benchmark().main(["--quick", "--out", str(out)])
+    rows = {row["method"]: row for row in json.loads(out.read_text())["rows"]}
+    titan, no_sync = rows["torchtitan loop"], rows["no-sync loop"]
+    every, once = rows["batchgrad per_micro_batch"], rows["batchgrad once"]
+    groups = 3  # 2 layers and the root, each its own fully_shard
+    assert titan["reduce_scatters"] == every["reduce_scatters"] == 4 * groups  # 4 micro-batches
+    assert no_sync["reduce_scatters"] == once["reduce_scatters"] == groups
+    assert every["reduce_scatter_bytes"] == titan["reduce_scatter_bytes"]
+    assert once["reduce_scatter_bytes"] == no_sync["reduce_scatter_bytes"]
+    for row in (every, once):
+        assert row["all_gathers"] == titan["all_gathers"]  # even shares: no padding step
+        assert row["control_all_reduces"] == 4 + 2  # one per step, one before, one after
+        assert row["max_rel_diff_vs_torchtitan"] <= 1e-5  # float32
+    # unsharded gradients kept between micro-batches: twice the shard on 2 ranks
+    assert once["peak_grad_bytes"] == 2 * every["peak_grad_bytes"]
