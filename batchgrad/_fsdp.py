@@ -303,8 +303,9 @@ class _Steps:
 
 _Event = tuple[str, int]  # ("ag": an all-gather, "pb": a post-backward; group index)
 
-# The last successful step's collectives of each model (and the settings they hold for).
-_LEARNED: weakref.WeakKeyDictionary[nn.Module, tuple[object, list[_Event], list[_Event]]] = (
+# The last successful step's collectives of each model, by what they hold for (the
+# settings, the loss function's code): the forward's and the backward's.
+_LEARNED: weakref.WeakKeyDictionary[nn.Module, dict[object, tuple[list[_Event], list[_Event]]]] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -327,8 +328,11 @@ class _Schedule:
     it succeeded. The wrapped ``post_backward`` also notes which parameters got a
     gradient on this rank (the unused ones get None)."""
 
-    def __init__(self, model: nn.Module, groups: list[Any], params: list[nn.Parameter]) -> None:
+    def __init__(
+        self, model: nn.Module, groups: list[Any], params: list[nn.Parameter], loss_fn: object
+    ) -> None:
         self.model, self.groups = model, groups
+        self.code = getattr(loss_fn, "__code__", type(loss_fn))  # which blocks it runs
         self.events: list[_Event] = []
         self.forward_end = 0
         position = {id(p): i for i, p in enumerate(params)}
@@ -337,7 +341,7 @@ class _Schedule:
 
     def key(self) -> object:
         """What decides the sequence besides the model's code."""
-        return tuple(
+        return self.code, tuple(
             (g.post_forward_mesh_info is not None, g.unshard_in_backward, g.reshard_after_backward)
             for g in self.groups
         )
@@ -387,12 +391,13 @@ class _Schedule:
         return self.events[self.forward_end :]
 
     def learn(self) -> None:
-        learned = (self.key(), self.events[: self.forward_end], self.backward_events())
-        before = _LEARNED.get(self.model)
+        key, learned = self.key(), (self.events[: self.forward_end], self.backward_events())
+        known = _LEARNED.setdefault(self.model, {})
+        before = known.get(key)
         if before != learned:
-            if before is not None and before[0] == learned[0]:
+            if before is not None:
                 _CHANGING.add(self.model)  # the order depends on the data: not predictable
-            _LEARNED[self.model] = learned
+            known[key] = learned
 
     def expected(self, where: str) -> list[_Event]:
         if self.model in _CHANGING:
@@ -400,9 +405,9 @@ class _Schedule:
                 "the model's sequence of FSDP collectives has changed between steps, so "
                 "the others' is not known"
             )
-        learned = _LEARNED.get(self.model)
-        if learned is not None and learned[0] == self.key():
-            return learned[1] if where == "forward" else learned[2]
+        learned = _LEARNED.get(self.model, {}).get(self.key())
+        if learned is not None:
+            return learned[0] if where == "forward" else learned[1]
         if where == "forward":  # FSDP's own order: the modules', the root first
             return [("ag", index) for index in range(len(self.groups))]
         raise _Unrecoverable(
@@ -608,7 +613,7 @@ def accumulate_sharded(
     mine = Local(settings, layout_hash, entries)
     own: Iterator[tuple[Batch, bool]] = iter(())
     template: Batch | None = None
-    schedule = _Schedule(model, knobs.groups, params)
+    schedule = _Schedule(model, knobs.groups, params, loss_fn)
     steps = _Steps(group, grad_sync == "once", knobs, None, schedule, rank=rank)
     schedule.wrap()
     handles = steps.watch(model)
