@@ -554,6 +554,51 @@ def _fsdp_benchmark() -> ModuleType:
     return sys.modules[name]
 
 
+class _Skipping(nn.Module):
+    """Three sharded blocks; the middle one skipped while ``skip`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(nn.Linear(3, 3).double() for _ in range(3))
+        self.skip = False
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        for index, block in enumerate(self.blocks):
+            if not (self.skip and index == 1):
+                x = block(x)
+        return x
+
+
+def _changing_fault() -> tuple[str, str]:
+    """A model whose sequence of collectives has changed between steps (the same
+    loss_fn): an exception in the last rank's backward then is not completed but
+    stops every rank at once (the group is shut down)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = _Skipping()
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+    local = _deep_x(world)[5 * rank : 5 * (rank + 1)]
+    state = {"fail": False}
+
+    def loss_fn(m, b):  # type: ignore[no-untyped-def]
+        out = m(b)
+        if state["fail"] and rank == world - 1:
+            out = _Relay.apply(out)
+        return bg.Loss.from_values(out.square())
+
+    for skip in (False, True):
+        model.skip = skip
+        bg.accumulate(model, loss_fn, local, micro_batch_size=2, existing_grad="replace")
+    model.skip, state["fail"] = False, True
+    try:
+        bg.accumulate(model, loss_fn, local, micro_batch_size=2, existing_grad="replace")
+    except bg.BatchError as error:
+        return type(error).__name__, str(error)
+    return "no error", ""
+
+
 def _run(nproc: int) -> dict[str, object]:
     warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
     results: dict[str, object] = {"scenarios": _scenarios(nproc), **_faults()}
@@ -570,6 +615,7 @@ def _run(nproc: int) -> dict[str, object]:
         results["unused"] = _unused()
         # what `batchgrad check tests/factories.py:exact --nproc 3 --fsdp` runs on each rank
         results["check"] = _check._rank_check(factories.exact, 4, "mean", None, True)
+        results["changing"] = _changing_fault()  # last: it shuts the group down
     return results
 
 
@@ -869,3 +915,13 @@ def test_the_fsdp_communication_benchmark_counts_the_same_gradient_traffic(
         assert row["max_rel_diff_vs_torchtitan"] <= 1e-5  # float32
     # unsharded gradients kept between micro-batches: twice the shard on 2 ranks
     assert once["peak_grad_bytes"] == 2 * every["peak_grad_bytes"]
+
+
+def test_an_exception_on_a_model_whose_sequence_changed_stops_every_rank(world3):
+    nproc, results = world3
+    for rank in range(nproc):
+        kind, text = results[rank]["changing"]
+        assert kind == "DistributedError", (rank, text)
+    text = results[nproc - 1]["changing"][1]
+    assert text.startswith(f"On rank {nproc - 1}, micro-batch 0: RuntimeError: raised in backward")
+    assert "has changed between steps" in text
