@@ -23,18 +23,35 @@ micro-batch. So:
   ``set_force_sum_reduction_for_comms(True)``: gloo has no PREMUL_SUM), and the
   sharded sum is divided by ``N(B)`` once, on each rank's shard.
 
-What cannot be contained: an exception *inside* the model's forward or backward on
-one rank (a hook, a custom autograd Function, running out of memory) leaves it out
-of the all-gather or reduce-scatter the others are in; they wait until the process
-group's timeout, or until the failing rank's process ends (gloo and NCCL then
-report the closed connection, raised here as `DistributedError`). The process group
-cannot be used after that; restart the job from the last checkpoint.
+An exception *inside* the model's forward or backward on one rank (a hook, a
+custom autograd Function) leaves it out of the all-gathers and reduce-scatters the
+others are in. That rank then *completes their schedule* (`_Schedule`): every
+parameter group's all-gather (``unshard``) and post-backward (its reduce-scatter)
+is recorded as FSDP issues it, on every successful step, and the failing rank
+issues the rest of the step's sequence itself through FSDP's own methods (its
+contributions are thrown away with everything else of the call). It then tells
+the others at their next agreement (the step's, after a forward; the next step's
+or the final one, after a backward), every rank puts every gradient back, resets
+FSDP's state of the pass (``_reset_iter_state``) and raises the same
+`DistributedError`; the process group stays usable and the next call is exact.
+What is still fatal (`DistributedError`, the process group shut down at once so
+that no rank waits for its timeout): a failure with no sequence to complete (a
+backward before any backward of this model succeeded, or a rank whose part of the
+sequence does not match), an exception inside FSDP's own collectives, a rank that
+died. Restart the job from the last checkpoint then.
+
+Unused parameters: FSDP reduce-scatters every parameter of a group (so that the
+ranks' collectives match whatever each used), a zero for one a rank did not use;
+a parameter that no rank used gets ``None``, as in one process (the ranks agree on
+it in the final all-reduce).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
+import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -85,9 +102,19 @@ _PAD = _Padding()
 
 @dataclass
 class _Failed:
-    """Fetching this rank's next micro-batch raised."""
+    """Fetching this rank's next micro-batch raised (micro-batch ``at``, when a read
+    ahead failed)."""
 
     error: BaseException
+    at: int | None = None
+
+
+class _FetchFailed(Exception):
+    """Reading micro-batch ``at`` ahead of its step raised ``error``."""
+
+    def __init__(self, at: int, error: BaseException) -> None:
+        super().__init__(at, error)
+        self.at, self.error = at, error
 
 
 @dataclass(slots=True)
@@ -98,6 +125,7 @@ class _Steps:
     once: bool
     knobs: _Knobs
     template: Batch | None  # a 0-row micro-batch, for padding steps
+    schedule: _Schedule
     more: bool = True  # some rank holds a micro-batch for the next step
     loss_sum: float = 0.0  # over every rank
     count: float = 0.0  # over every rank
@@ -107,6 +135,7 @@ class _Steps:
     failed_at: int | None = None
     steps: int = 0
     rank: int = 0
+    tell_at_the_end: bool = False  # this rank's last backward failed: say so at the end
     inside: bool = False  # the root module's forward is running
 
     def watch(self, model: nn.Module) -> list[Any]:
@@ -127,7 +156,10 @@ class _Steps:
                 item = next(own)
             except StopIteration:
                 break
-            except BaseException as error:  # reported at the step's agreement
+            except _FetchFailed as failed:  # reported at the step's agreement
+                yield _Failed(failed.error, failed.at), True
+                return
+            except BaseException as error:
                 yield _Failed(error), True
                 return
             yield item
@@ -149,6 +181,7 @@ class _Steps:
         count = 0.0
         value = 0.0
         failure: BaseException | None = None
+        self.schedule.begin()
         try:
             if isinstance(micro_batch, _Failed):
                 raise micro_batch.error
@@ -173,15 +206,18 @@ class _Steps:
                     raise DistributedError("No padding micro-batch for this rank.")
                 total = loss_fn(model, self.template).total
         except BaseException as error:  # reported to every rank below, so none waits
-            if self.inside:  # out of the model's all-gathers: the others wait in one
-                self.abandon(error, index, "forward")
+            self.finish_forward(error, index)
             failure = error
+        self.schedule.forward_done()
         more = real and not last
         agreed = _step(self.group, [float(failure is not None), value, count, float(real), more])
         self.steps += 1
         if agreed[0]:
             if failure is not None:
-                self.failure, self.failed_at = failure, index if real else None
+                at = None if isinstance(micro_batch, _Padding) else index
+                if isinstance(micro_batch, _Failed) and micro_batch.at is not None:
+                    at = micro_batch.at
+                self.failure, self.failed_at = failure, at
             raise _Stop
         self.loss_sum += agreed[1]
         self.count += agreed[2]
@@ -195,13 +231,29 @@ class _Steps:
         try:
             _backward(total, None if real else torch.zeros_like(total))
         except BaseException as error:  # FSDP's collectives run inside the backward
-            self.abandon(error, index, "backward")
+            self.complete(error, index, "backward", self.schedule.backward_events())
+            self.tell(error, index if real else None)
+        self.schedule.learn()
 
-    def abandon(self, error: BaseException, index: int, where: str) -> None:
-        """An error inside the model's forward or backward, in the middle of FSDP's
-        collectives: this rank cannot take its place in them any more. Shut the process
-        group down, so that the others hear of it now (the closed connection) instead
-        of at its timeout, and raise `DistributedError` here as there."""
+    def finish_forward(self, error: BaseException, index: int) -> None:
+        """The others run the whole forward: issue the all-gathers this rank missed.
+        Nothing is missing when the error came after the model's forward (a NaN
+        loss, a bad count), whatever was learned."""
+        done, inside = self.schedule.events, self.inside
+        self.inside = False
+        if not inside and done:  # the model ran; loss_fn raised afterwards
+            try:
+                expected = self.schedule.expected("forward")
+            except _Unrecoverable:
+                return
+            if len(done) >= len(expected) or expected[: len(done)] != done:
+                return  # (a strict prefix: raised between two calls of the model)
+        self.complete(error, index, "forward", done)
+
+    def complete(self, error: BaseException, index: int, where: str, done: list[_Event]) -> None:
+        """Issue the rest of this step's forward or backward collectives that the
+        other ranks are in (`_Schedule.complete`); what cannot be completed stops the
+        process group (`abandon`)."""
         if _peer_gone(error):
             raise DistributedError(
                 f"Another rank failed inside the sharded model's {where} (micro-batch "
@@ -209,16 +261,206 @@ class _Steps:
                 f"group cannot be used any more: look at the other ranks' tracebacks, and "
                 f"restart the job from your last checkpoint (torchrun --max-restarts)."
             ) from error
+        try:
+            self.schedule.complete(where, list(done))
+        except BaseException as reason:
+            self.abandon(error, index, where, reason)
+
+    def tell(self, error: BaseException, index: int | None) -> None:
+        """After this rank's backward failed (and its collectives were completed):
+        join the others at their next agreement, the next step's (after its forward's
+        all-gathers) or the final one, with the failure."""
+        self.failure, self.failed_at = error, index
+        reset_pass(self.knobs)
+        if not self.more:
+            self.tell_at_the_end = True
+            raise _Stop
+        try:
+            self.schedule.begin()
+            self.schedule.complete("forward", [])
+        except BaseException as reason:
+            self.abandon(error, index or 0, "backward", reason)
+        _step(self.group, [1.0, 0.0, 0.0, 0.0, 0.0])
+        raise _Stop
+
+    def abandon(self, error: BaseException, index: int, where: str, reason: BaseException) -> None:
+        """An error in the middle of FSDP's collectives that this rank cannot take its
+        place in any more (`_Schedule.complete` could not): shut the process group
+        down, so that the others hear of it now (the closed connection) instead of at
+        its timeout, and raise `DistributedError` here as there."""
         with contextlib.suppress(Exception):
             # Closes this rank's connections; the others' collectives fail at once.
             dist.distributed_c10d._abort_process_group()
         raise DistributedError(
             f"On rank {self.rank}, micro-batch {index}: {type(error).__name__}: {error}, "
             f"raised inside the sharded model's {where}, in the middle of FSDP's "
-            f"collectives, where the other ranks cannot be told and wait for this one. The "
-            f"process group was shut down so that they stop now (not at its timeout); fix "
-            f"the error (see the traceback) and restart the job from your last checkpoint."
+            f"collectives, where this rank could not take its place in the others' "
+            f"collectives ({reason}). The process group was shut down so that they stop "
+            f"now (not at its timeout); fix the error (see the traceback) and restart the "
+            f"job from your last checkpoint."
         ) from error
+
+
+_Event = tuple[str, int]  # ("ag": an all-gather, "pb": a post-backward; group index)
+
+# The last successful step's collectives of each model, by what they hold for (the
+# settings, the loss function's code): the forward's and the backward's.
+_LEARNED: weakref.WeakKeyDictionary[nn.Module, dict[object, tuple[list[_Event], list[_Event]]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+# Models whose sequence has differed between two steps with the same settings.
+_CHANGING: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+class _Unrecoverable(Exception):
+    """No sequence of collectives to complete, or this rank's part differs from it."""
+
+
+class _Schedule:
+    """FSDP's collectives of a step, as this rank issues them, for a rank that fails
+    in the middle of them to issue the rest (see the module's docstring).
+
+    Each parameter group's ``unshard`` (an all-gather, when it issues one) and
+    ``post_backward`` (a reduce-scatter when gradients are synced, with HSDP's
+    all-reduce) are wrapped for the call, and each step's sequence is learned once
+    it succeeded. The wrapped ``post_backward`` also notes which parameters got a
+    gradient on this rank (the unused ones get None)."""
+
+    def __init__(
+        self, model: nn.Module, groups: list[Any], params: list[nn.Parameter], loss_fn: object
+    ) -> None:
+        self.model, self.groups = model, groups
+        self.code = getattr(loss_fn, "__code__", type(loss_fn))  # which blocks it runs
+        self.events: list[_Event] = []
+        self.forward_end = 0
+        position = {id(p): i for i, p in enumerate(params)}
+        self.used = [False] * len(params)
+        self.where = [[position.get(id(f.sharded_param)) for f in g.fsdp_params] for g in groups]
+
+    def key(self) -> object:
+        """What decides the sequence besides the model's code."""
+        return self.code, tuple(
+            (g.post_forward_mesh_info is not None, g.unshard_in_backward, g.reshard_after_backward)
+            for g in self.groups
+        )
+
+    def wrap(self) -> None:
+        for index, group in enumerate(self.groups):
+            group.unshard = self._unshard(group, index)
+            group.post_backward = self._post_backward(group, index)
+
+    def unwrap(self) -> None:
+        for group in self.groups:
+            group.__dict__.pop("unshard", None)
+            group.__dict__.pop("post_backward", None)
+
+    def _unshard(self, group: Any, index: int) -> Any:
+        original = type(group).unshard
+
+        def unshard(async_op: bool = False) -> None:
+            pending = group._all_gather_result is None
+            original(group, async_op)
+            if pending and group._all_gather_result is not None:
+                self.events.append(("ag", index))
+
+        return unshard
+
+    def _post_backward(self, group: Any, index: int) -> Any:
+        original = type(group).post_backward
+        where = self.where[index]
+
+        def post_backward(*unused: Any) -> None:
+            for fsdp_param, at in zip(group.fsdp_params, where, strict=True):
+                if at is not None and not self.used[at] and _has_grad(fsdp_param):
+                    self.used[at] = True
+            original(group, *unused)
+            self.events.append(("pb", index))
+
+        return post_backward
+
+    def begin(self) -> None:
+        self.events = []
+        self.forward_end = 0
+
+    def forward_done(self) -> None:
+        self.forward_end = len(self.events)
+
+    def backward_events(self) -> list[_Event]:
+        return self.events[self.forward_end :]
+
+    def learn(self) -> None:
+        key, learned = self.key(), (self.events[: self.forward_end], self.backward_events())
+        known = _LEARNED.setdefault(self.model, {})
+        before = known.get(key)
+        if before != learned:
+            if before is not None:
+                _CHANGING.add(self.model)  # the order depends on the data: not predictable
+            known[key] = learned
+
+    def expected(self, where: str) -> list[_Event]:
+        if self.model in _CHANGING:
+            raise _Unrecoverable(
+                "the model's sequence of FSDP collectives has changed between steps, so "
+                "the others' is not known"
+            )
+        learned = _LEARNED.get(self.model, {}).get(self.key())
+        if learned is not None:
+            return learned[0] if where == "forward" else learned[1]
+        if where == "forward":  # FSDP's own order: the modules', the root first
+            return [("ag", index) for index in range(len(self.groups))]
+        raise _Unrecoverable(
+            "no backward of this model had succeeded yet, so the others' sequence of "
+            "collectives is not known"
+        )
+
+    def complete(self, where: str, done: list[_Event]) -> None:
+        """Issue the collectives of ``where`` that follow ``done`` (this rank's part),
+        with FSDP's own methods; what they contribute is thrown away."""
+        from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
+
+        expected = self.expected(where)
+        if expected[: len(done)] != done:
+            raise _Unrecoverable(f"this rank's {where} issued {done}, not the start of {expected}")
+        with torch.no_grad():
+            for kind, index in expected[len(done) :]:
+                group = self.groups[index]
+                with group.use_training_state(TrainingState.IDLE):
+                    if kind == "ag":
+                        if group._all_gather_result is not None:
+                            group.wait_for_unshard()
+                        group.reshard()
+                        type(group).unshard(group)
+                        group.wait_for_unshard()
+                        group.reshard()
+                    else:
+                        type(group).post_backward(group)
+
+
+def _has_grad(fsdp_param: Any) -> bool:
+    """Whether this rank's backward gave the parameter a gradient so far."""
+    if fsdp_param.unsharded_accumulated_grad is not None:
+        return True
+    unsharded = getattr(fsdp_param, "_unsharded_param", None)
+    return unsharded is not None and unsharded.grad is not None
+
+
+def reset_pass(knobs: _Knobs) -> None:
+    """Put FSDP's state of an interrupted forward or backward back to that of a new
+    pass: every parameter group sharded, no gradient kept unsharded."""
+    root = knobs.modules[0]._get_fsdp_state() if knobs.modules else None
+    if root is not None and getattr(root, "_is_root", False):
+        reset = getattr(root, "_reset_iter_state", None)
+        if reset is not None:
+            reset()
+        else:  # an older torch: what it resets that the next pass would trip on
+            root._state_ctx.post_backward_final_callback_queued = False
+            root._state_ctx.iter_forward_root = None
+            root._comm_ctx.post_forward_order.clear()
+            for group in knobs.groups:
+                group._post_forward_indices.clear()
+    knobs.reset()
 
 
 def _peer_gone(error: BaseException) -> bool:
@@ -240,6 +482,14 @@ def _step(group: dist.ProcessGroup | None, values: list[float]) -> list[float]:
             f"A rank has probably died or hangs in a collective; the process group cannot "
             f"be used any more. Restart the job from your last checkpoint."
         ) from error
+    got: list[float] = tensor.tolist()
+    return got
+
+
+def _final(group: dist.ProcessGroup | None, values: list[float]) -> list[float]:
+    """The final agreement: one all-reduce of float64 numbers."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=_device(group))
+    dist.all_reduce(tensor, group=group)
     got: list[float] = tensor.tolist()
     return got
 
@@ -363,7 +613,9 @@ def accumulate_sharded(
     mine = Local(settings, layout_hash, entries)
     own: Iterator[tuple[Batch, bool]] = iter(())
     template: Batch | None = None
-    steps = _Steps(group, grad_sync == "once", knobs, None, rank=rank)
+    schedule = _Schedule(model, knobs.groups, params, loss_fn)
+    steps = _Steps(group, grad_sync == "once", knobs, None, schedule, rank=rank)
+    schedule.wrap()
     handles = steps.watch(model)
     try:
         try:
@@ -410,7 +662,7 @@ def accumulate_sharded(
                     template = _empty(first[0])
                     own = _chain(first, own)
         except BaseException as error:  # reported to every rank below, so none waits
-            mine.failure = error
+            mine.failure = error.error if isinstance(error, _FetchFailed) else error
         agreed = agree(group, rank, world_size, _device(group), mine)
         if len(agreed.idle) == world_size:
             raise EmptyBatchError(
@@ -422,7 +674,9 @@ def accumulate_sharded(
         try:
             _loop(_Run(None), model, loss_fn, steps.parts(own), steps)
         except _Stop:
-            knobs.reset()
+            reset_pass(knobs)
+            if steps.tell_at_the_end:  # the others are in the final agreement
+                _final(group, [0.0, 0.0, 1.0] + [0.0] * len(params))
             raise_failures(group, rank, world_size, steps.failure, steps.failed_at)
             raise DistributedError("A rank failed but did not say how.") from None
         divisor = _divisor(steps.count, reduction, f"all {world_size} ranks")
@@ -440,10 +694,15 @@ def accumulate_sharded(
         else:
             sq = new_sq
         finite = math.isfinite(new_sq)
-        values = [float(not finite), sq if finite else 0.0]
-        tensor = torch.tensor(values, dtype=torch.float64, device=_device(group))
-        dist.all_reduce(tensor, group=group)
-        bad, sq_sum = tensor.tolist()
+        # with whether a rank's last backward failed, and which parameters each used
+        used = [float(u) for u in schedule.used]
+        bad, sq_sum, failed, *users = _final(
+            group, [float(not finite), sq if finite else 0.0, 0.0, *used]
+        )
+        if failed:
+            reset_pass(knobs)
+            raise_failures(group, rank, world_size, None)
+            raise DistributedError("A rank failed but did not say how.")
         if bad:
             raise NonFiniteError(
                 f"The summed gradient is NaN or infinite on {int(bad)} of {world_size} ranks' "
@@ -451,6 +710,10 @@ def accumulate_sharded(
                 f"derivatives at the values reached (sqrt or norm at 0, log near 0), or run "
                 f"the micro-batches under torch.autograd.detect_anomaly()."
             )
+        for p, n_users in zip(params, users, strict=True):
+            if not n_users:  # no rank's loss reached it: None, as in one process
+                p.grad = None
+        new = [p.grad for p in params]
         if existing_grad == "add":
             for p, old, n in zip(params, stash.grads, new, strict=True):
                 if old is not None:
@@ -468,6 +731,7 @@ def accumulate_sharded(
         buffers.put_back()
         raise
     finally:
+        schedule.unwrap()
         knobs.put_back()
         for handle in handles:
             handle.remove()
@@ -527,12 +791,18 @@ def _pairs(parts: list[Batch]) -> Iterator[tuple[Batch, bool]]:
 
 
 def _ahead(items: Iterator[Batch]) -> Iterator[tuple[Batch, bool]]:
-    """``(item, is_last)``, reading one ahead."""
+    """``(item, is_last)``, reading one ahead (a failure to read one names it)."""
     try:
         current = next(items)
     except StopIteration:
         return
-    for following in items:
+    for at in itertools.count(1):
+        try:
+            following = next(items)
+        except StopIteration:
+            break
+        except Exception as error:
+            raise _FetchFailed(at, error) from error
         yield current, False
         current = following
     yield current, True

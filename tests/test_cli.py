@@ -42,13 +42,6 @@ def test_check_across_processes(capsys):
     assert "averaged over ranks" in out
 
 
-def test_check_across_processes_sharded_with_fsdp(capsys):
-    assert main(["check", f"{FACTORIES}:exact", "--nproc", "3", "--fsdp"]) == 0
-    out = _output(capsys)
-    assert "on 3 ranks" in out
-    assert "OK" in out
-
-
 def test_check_across_processes_names_the_batchnorm(capsys):
     args = ["check", f"{FACTORIES}:with_batchnorm", "--nproc", "2", "--micro-batch-size", "3"]
     assert main(args) == 1

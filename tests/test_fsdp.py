@@ -7,10 +7,15 @@ fault on its ranks; the parent compares each rank's full gradients
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
+import json
 import random
 import re
+import sys
 import warnings
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -20,7 +25,10 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import batchgrad as bg
+from batchgrad import _check, _distributed
 from batchgrad._distributed import launch
+from batchgrad.cli import main
+from tests import factories
 from tests.cases import CASES, reference_grads, rel_err
 
 CASE = {case.id: case for case in CASES}
@@ -188,9 +196,9 @@ def _faults() -> dict[str, object]:
         return loss_fn
 
     out: dict[str, object] = {}
+    bg.accumulate(model, square, local, micro_batch_size=2)
     for grad_sync in ("once", "per_micro_batch"):
-        for fault, _, _ in FAULTS:
-            bg.accumulate(model, square, local, micro_batch_size=2, existing_grad="replace")
+        for fault, _, _ in FAULTS:  # each call after a failure is the next one's start
             before = [p.grad for p in model.parameters()]
             values = _full(model)
             kwargs: dict[str, object] = {"micro_batch_size": 2, "grad_sync": grad_sync}
@@ -268,9 +276,248 @@ def _fit(sharded: bool) -> list[tuple[float, float, int]]:
     return [(r.loss, r.grad_norm, r.count) for r in history.steps]
 
 
+class _Relay(torch.autograd.Function):
+    """The identity forward, an exception in the backward."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[no-untyped-def]
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[no-untyped-def]
+        raise RuntimeError("raised in backward")
+
+
+def _deep(reshard_after_forward: bool = True) -> nn.Module:
+    """Three sharded linear blocks (first, middle, last) and the root."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1)
+    ).double()
+    for block in (model[0], model[2], model[4]):
+        fully_shard(block, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, reshard_after_forward=reshard_after_forward)
+    return model
+
+
+def _deep_x(world: int) -> torch.Tensor:
+    return torch.randn(
+        5 * world, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3)
+    )
+
+
+# (where, micro-batch): an exception in a block's forward (a pre-hook: after that
+# block's all-gather), or in the backward at a block's output (before any of the
+# backward's collectives, or between the last block's reduce-scatter and the others')
+INNER = [
+    ("forward-first", 0),
+    ("forward-middle", 1),
+    ("forward-middle", 2),
+    ("backward-last", 1),
+    ("backward-middle", 1),
+    ("backward-middle", 2),
+]
+
+
+# (failing rank: the first or the last, grad_sync, reshard_after_forward): half of
+# the 8 combinations, every pair of values of two of them once
+COMBOS = [
+    ("first", "once", True),
+    ("first", "per_micro_batch", False),
+    ("last", "once", False),
+    ("last", "per_micro_batch", True),
+]
+
+
+def _inner_cases(world: int) -> list[tuple[str, int, int, str, bool]]:
+    return [
+        (where, at, 0 if failing == "first" else world - 1, grad_sync, reshard)
+        for where, at in INNER
+        for failing, grad_sync, reshard in COMBOS
+    ]
+
+
+def _square(m, b):  # type: ignore[no-untyped-def]
+    return bg.Loss.from_values(m(b).square())
+
+
+def _inner_faults() -> dict[object, object]:
+    """An exception inside one rank's forward or backward, in the middle of FSDP's
+    collectives, for every case of `_inner_cases`: the error on every rank, the
+    gradients before the call kept, the next call exact; on one model per
+    ``reshard_after_forward``, reused throughout."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    models = {reshard: _deep(reshard) for reshard in (True, False)}
+    local = _deep_x(world)[5 * rank : 5 * (rank + 1)]
+    for model in models.values():  # learns the sequence of collectives
+        bg.accumulate(model, _square, local, micro_batch_size=2)
+    out: dict[object, object] = {}  # each call after a failure is the next one's start
+    for case in _inner_cases(world):
+        where, at, failing, grad_sync, reshard = case
+        model = models[reshard]
+        block = {"first": model[0], "middle": model[2], "last": model[4]}[where.split("-")[1]]
+        calls = itertools.count()
+
+        def loss_fn(m, b, where=where, at=at, failing=failing, block=block, calls=calls):  # type: ignore[no-untyped-def]
+            if rank != failing or next(calls) != at:
+                return _square(m, b)
+            if where.startswith("forward"):
+                handle = block.register_forward_pre_hook(_raise_in_forward)
+            else:
+                handle = block.register_forward_hook(lambda _m, _a, out: _Relay.apply(out))
+            try:
+                return _square(m, b)
+            finally:
+                handle.remove()
+
+        before = [p.grad for p in model.parameters()]
+        values = _full(model)
+        try:
+            bg.accumulate(
+                model, loss_fn, local, micro_batch_size=2, grad_sync=grad_sync, existing_grad="add"
+            )
+            got, message = "no error", ""
+        except bg.BatchError as error:
+            got, message = type(error).__name__, str(error)
+        kept = all(p.grad is b for p, b in zip(model.parameters(), before, strict=True))
+        same = rel_err(_full(model), values) == 0.0
+        model.zero_grad()
+        bg.accumulate(model, _square, local, micro_batch_size=2, grad_sync=grad_sync)
+        out[case] = (got, message, kept and same, _full(model))
+    out["lm"] = _lm_backward_fault()
+    return out
+
+
+def _lm_backward_fault() -> tuple[str, str, bool, list[torch.Tensor]]:
+    """The transformer LM (embeddings and head in the root, the layer sharded): the
+    last rank's backward raises at the layer's output in its second micro-batch."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    case = CASE["lm-padded"]
+    model, batch = case.build(N, torch.float64, seed=7)
+    _shard(model)
+    shards = [(N * r // world, N * (r + 1) // world) for r in range(world)]
+    local = _local(batch, shards, 2, rank)
+    bg.accumulate(model, case.loss_fn, local, micro_batch_size=2)
+    before = [p.grad for p in model.parameters()]
+    values = _full(model)
+    calls = itertools.count()
+
+    def loss_fn(m, b):  # type: ignore[no-untyped-def]
+        if rank != world - 1 or next(calls) != 1:
+            return case.loss_fn(m, b)
+        layer = m.blocks.layers[0]
+        handle = layer.register_forward_hook(lambda _m, _a, out: _Relay.apply(out))
+        try:
+            return case.loss_fn(m, b)
+        finally:
+            handle.remove()
+
+    try:
+        bg.accumulate(model, loss_fn, local, micro_batch_size=2, existing_grad="add")
+        got, message = "no error", ""
+    except bg.BatchError as error:
+        got, message = type(error).__name__, str(error)
+    kept = all(p.grad is b for p, b in zip(model.parameters(), before, strict=True))
+    kept = kept and rel_err(_full(model), values) == 0.0
+    model.zero_grad()
+    bg.accumulate(model, case.loss_fn, local, micro_batch_size=2)
+    return got, message, kept, _full(model)
+
+
+def _raise_in_forward(module, args):  # type: ignore[no-untyped-def]
+    raise RuntimeError("raised in forward")
+
+
+def _deep_reference(x: torch.Tensor) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1)
+    ).double()
+    return list(torch.autograd.grad(model(x).square().mean(0).sum(), list(model.parameters())))
+
+
+def _first_forward_fault() -> tuple[str, str, list[torch.Tensor]]:
+    """An exception inside the last rank's very first forward of a fresh model
+    (nothing learned yet: FSDP's own order of its modules is completed), then the
+    next call."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = _deep()
+    local = _deep_x(world)[5 * rank : 5 * (rank + 1)]
+    handle = model[2].register_forward_pre_hook(_raise_in_forward) if rank == world - 1 else None
+    try:
+        bg.accumulate(model, _square, local, micro_batch_size=2)
+        got, message = "no error", ""
+    except bg.BatchError as error:
+        got, message = type(error).__name__, str(error)
+    if handle is not None:
+        handle.remove()
+    bg.accumulate(model, _square, local, micro_batch_size=2)
+    return got, message, _full(model)
+
+
+def _fetch_fault() -> tuple[str, str, list[torch.Tensor]]:
+    """The last rank's iterable of micro-batches raises at its third, while the
+    others run that step's forward (and its all-gathers); then the next call."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = _deep()
+    local = _deep_x(world)[5 * rank : 5 * (rank + 1)]
+
+    def parts():  # type: ignore[no-untyped-def]
+        for start in range(0, 5, 2):
+            if rank == world - 1 and start == 4:
+                raise OSError("the data loader broke")
+            yield local[start : start + 2]
+
+    try:
+        bg.accumulate(model, _square, parts(), grad_sync="per_micro_batch")
+        got, message = "no error", ""
+    except bg.BatchError as error:
+        got, message = type(error).__name__, str(error)
+    bg.accumulate(model, _square, local, micro_batch_size=2)
+    return got, message, _full(model)
+
+
+class _Unused(nn.Module):
+    """A block holding a layer that no loss reaches (in the same parameter group)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.used, self.spare = nn.Linear(3, 2).double(), nn.Linear(3, 2).double()
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        return self.used(x)
+
+
+def _unused_model() -> nn.Module:
+    model = nn.Sequential(_Unused(), nn.Linear(2, 1).double())
+    fully_shard(model[0])
+    fully_shard(model)
+    return model
+
+
+def _unused() -> dict[str, object]:
+    """A parameter no rank's loss reaches: batchgrad against plain FSDP2 (its
+    defaults, a hand-written loop)."""
+    rank = dist.get_rank()
+    x = torch.randn(8, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    local = x[4 * rank : 4 * (rank + 1)] if rank < 2 else x[:0]
+    out: dict[str, object] = {}
+    for grad_sync in ("once", "per_micro_batch"):
+        model = _unused_model()
+        bg.accumulate(model, _square, local, micro_batch_size=3, grad_sync=grad_sync)
+        out[grad_sync] = [p.grad is None for p in model.parameters()]
+    model = _unused_model()
+    for start in range(0, 4, 2):  # plain FSDP2: every rank runs two micro-batches
+        model(local[start : start + 2]).square().sum().backward()
+    out["plain"] = [p.grad is None for p in model.parameters()]
+    return out
+
+
 def _backward_fault() -> tuple[str, str]:
-    """An exception inside one rank's backward, in the middle of FSDP's collectives:
-    every rank raises `DistributedError` at once (the group is shut down)."""
+    """An exception inside one rank's very first backward of a fresh model: no
+    sequence of the backward's collectives known yet, so every rank raises
+    `DistributedError` at once (the group is shut down)."""
     rank = dist.get_rank()
     model = _shard(_net())
     x = torch.randn(6, 3, dtype=torch.float64)
@@ -288,23 +535,65 @@ def _backward_fault() -> tuple[str, str]:
     return "no error", ""
 
 
-def _forward_fault() -> tuple[str, str]:
-    """An exception inside the last rank's forward, between FSDP's all-gathers."""
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+BENCHMARK_QUICK = (8, [4], 1, 2)  # sequences per rank, micro-batch counts, repeats, layers
+
+
+def _fsdp_benchmark() -> ModuleType:
+    """``benchmarks/fsdp_communication.py`` from its file (benchmarks/ is no package)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))  # as when it runs as a script: finds common.py
+    name = "benchmarks_fsdp_communication"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / "fsdp_communication.py")
+        assert spec is not None
+        assert spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+class _Skipping(nn.Module):
+    """Three sharded blocks; the middle one skipped while ``skip`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.blocks = nn.ModuleList(nn.Linear(3, 3).double() for _ in range(3))
+        self.skip = False
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        for index, block in enumerate(self.blocks):
+            if not (self.skip and index == 1):
+                x = block(x)
+        return x
+
+
+def _changing_fault() -> tuple[str, str]:
+    """A model whose sequence of collectives has changed between steps (the same
+    loss_fn): an exception in the last rank's backward then is not completed but
+    stops every rank at once (the group is shut down)."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    model = _shard(_net())
+    model = _Skipping()
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+    local = _deep_x(world)[5 * rank : 5 * (rank + 1)]
+    state = {"fail": False}
 
-    def boom(module, args):  # type: ignore[no-untyped-def]
-        raise RuntimeError("raised in forward")
+    def loss_fn(m, b):  # type: ignore[no-untyped-def]
+        out = m(b)
+        if state["fail"] and rank == world - 1:
+            out = _Relay.apply(out)
+        return bg.Loss.from_values(out.square())
 
-    if rank == world - 1:
-        model[2].register_forward_pre_hook(boom)  # after the first block's all-gather
+    for skip in (False, True):
+        model.skip = skip
+        bg.accumulate(model, loss_fn, local, micro_batch_size=2, existing_grad="replace")
+    model.skip, state["fail"] = False, True
     try:
-        bg.accumulate(
-            model,
-            lambda m, b: bg.Loss.from_values(m(b).square()),
-            torch.randn(4, 3).double(),
-            micro_batch_size=2,
-        )
+        bg.accumulate(model, loss_fn, local, micro_batch_size=2, existing_grad="replace")
     except bg.BatchError as error:
         return type(error).__name__, str(error)
     return "no error", ""
@@ -313,12 +602,20 @@ def _forward_fault() -> tuple[str, str]:
 def _run(nproc: int) -> dict[str, object]:
     warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
     results: dict[str, object] = {"scenarios": _scenarios(nproc), **_faults()}
+    results["inner"] = _inner_faults()
+    results["first-forward"] = _first_forward_fault()
+    results["fetch"] = _fetch_fault()
     if nproc == 2:
         results["mixed"] = _mixed_precision()
         results["fit"] = _fit(sharded=True)
+        # what `python benchmarks/fsdp_communication.py --quick` runs on each rank
+        results["benchmark"] = _fsdp_benchmark()._worker(*BENCHMARK_QUICK)
         results["backward"] = _backward_fault()  # last: it shuts the group down
     else:
-        results["forward"] = _forward_fault()  # last: it shuts the group down
+        results["unused"] = _unused()
+        # what `batchgrad check tests/factories.py:exact --nproc 3 --fsdp` runs on each rank
+        results["check"] = _check._rank_check(factories.exact, 4, "mean", None, True)
+        results["changing"] = _changing_fault()  # last: it shuts the group down
     return results
 
 
@@ -337,6 +634,28 @@ def _hsdp() -> dict[str, object]:
         local = _local(batch, HSDP_SHARDS, 2, dist.get_rank())
         report = bg.accumulate(model, case.loss_fn, local, micro_batch_size=2, grad_sync=grad_sync)
         out[grad_sync] = (_full(model), report)
+    # the last rank's backward raises in its second micro-batch; then the next call
+    before, values, calls = [p.grad for p in model.parameters()], _full(model), itertools.count()
+
+    def loss_fn(m, b):  # type: ignore[no-untyped-def]
+        if dist.get_rank() != 3 or next(calls) != 1:
+            return case.loss_fn(m, b)
+        handle = m.blocks.layers[0].register_forward_hook(lambda _m, _a, o: _Relay.apply(o))
+        try:
+            return case.loss_fn(m, b)
+        finally:
+            handle.remove()
+
+    try:
+        bg.accumulate(model, loss_fn, local, micro_batch_size=2, existing_grad="add")
+        got = "no error"
+    except bg.BatchError as error:
+        got = f"{type(error).__name__}: {error}"
+    kept = all(p.grad is b for p, b in zip(model.parameters(), before, strict=True))
+    kept = kept and rel_err(_full(model), values) == 0.0
+    model.zero_grad()
+    bg.accumulate(model, case.loss_fn, local, micro_batch_size=2)
+    out["fault"] = (got, kept, _full(model))
     return out
 
 
@@ -354,6 +673,11 @@ def test_hsdp_on_a_2d_mesh_equals_one_process_on_the_whole_batch():
             assert report.micro_batches == 1 + 0 + 3 + 3
             assert report.world_size == 4
             assert report.grad_norm == pytest.approx(norm, rel=1e-10)
+    for rank in range(4):  # a failure inside one rank's backward, contained
+        got, kept, after = results[rank]["fault"]
+        assert got.startswith("DistributedError: On rank 3, micro-batch 1: RuntimeError"), got
+        assert kept, rank
+        assert rel_err(after, expected) <= 1e-10, rank
 
 
 @pytest.fixture(scope="module")
@@ -467,20 +791,137 @@ def test_fit_on_a_sharded_model_follows_one_process(world2):
             assert norm == pytest.approx(norm_1, rel=1e-10)
 
 
-def test_an_exception_inside_a_forward_stops_every_rank_with_distributed_error(world3):
-    nproc, results = world3
+@pytest.mark.parametrize(("failing", "grad_sync", "reshard"), COMBOS)
+@pytest.mark.parametrize(("where", "at"), INNER)
+def test_an_exception_inside_one_ranks_forward_or_backward_raises_everywhere_and_recovers(
+    world, where, at, failing, grad_sync, reshard
+):
+    nproc, results = world
+    expected = _deep_reference(_deep_x(nproc))
+    case = (where, at, 0 if failing == "first" else nproc - 1, grad_sync, reshard)
+    kind = where.split("-")[0]
     for rank in range(nproc):
-        kind, text = results[rank]["forward"]
-        assert kind == "DistributedError", (rank, text)
-        if rank == nproc - 1:
-            assert text.startswith("On rank 2, micro-batch 0: RuntimeError: raised in forward")
-        else:
-            assert "Restart the job" in text or "restart the job" in text, (rank, text)
+        got, message, kept, after = results[rank]["inner"][case]
+        assert got == "DistributedError", (case, rank, message)
+        assert message.startswith(
+            f"On rank {case[2]}, micro-batch {at}: RuntimeError: raised in {kind}"
+        ), (case, rank, message)
+        assert kept, (case, rank)  # the same tensors, the same values
+        assert rel_err(after, expected) <= 1e-10, (case, rank)
 
 
-def test_an_exception_inside_a_backward_stops_every_rank_with_distributed_error(world2):
+def test_an_exception_in_one_ranks_backward_of_a_transformer_lm_raises_and_recovers(world):
+    nproc, results = world
+    case = CASE["lm-padded"]
+    model, batch = case.build(N, torch.float64, seed=7)
+    expected = reference_grads(case, model, batch, "mean")
+    for rank in range(nproc):
+        got, message, kept, after = results[rank]["inner"]["lm"]
+        assert got == "DistributedError", message
+        assert message.startswith(f"On rank {nproc - 1}, micro-batch 1: RuntimeError: raised in")
+        assert kept, rank
+        assert rel_err(after, expected) <= 1e-10, rank
+
+
+def test_an_exception_in_a_fresh_models_first_forward_is_completed_in_fsdps_order(world):
+    nproc, results = world
+    expected = _deep_reference(_deep_x(nproc))
+    for rank in range(nproc):
+        got, message, after = results[rank]["first-forward"]
+        assert got == "DistributedError", message
+        assert message.startswith(f"On rank {nproc - 1}, micro-batch 0: RuntimeError: raised in")
+        assert rel_err(after, expected) <= 1e-10, rank
+
+
+def test_a_data_loader_failing_mid_call_on_one_rank_raises_everywhere_and_recovers(world):
+    nproc, results = world
+    expected = _deep_reference(_deep_x(nproc))
+    for rank in range(nproc):
+        got, message, after = results[rank]["fetch"]
+        assert got == "DistributedError", message
+        assert message.startswith(f"On rank {nproc - 1}, micro-batch 2: OSError: the data loader")
+        assert rel_err(after, expected) <= 1e-10, rank
+
+
+def test_a_parameter_no_rank_uses_has_no_gradient_as_in_one_process(world3):
+    nproc, results = world3
+    # used.weight, used.bias, spare.weight, spare.bias, then the root's layer; rank 2
+    # is idle
+    unused = [False, False, True, True, False, False]
+    for rank in range(nproc):
+        out = results[rank]["unused"]
+        assert out["once"] == out["per_micro_batch"] == unused, rank
+        assert out["plain"] == unused, rank  # FSDP2's own defaults
+
+
+def test_an_exception_in_a_fresh_models_first_backward_stops_every_rank(world2):
     _, results = world2
     (kind0, text0), (kind1, text1) = results[0]["backward"], results[1]["backward"]
     assert kind0 == kind1 == "DistributedError"
     assert "Another rank failed inside the sharded model's backward" in text0
     assert text1.startswith("On rank 1, micro-batch 0: RuntimeError: raised in backward")
+    assert "no backward of this model had succeeded yet" in text1
+
+
+def test_the_cli_check_across_processes_sharded_with_fsdp(world3, monkeypatch, capsys):
+    """`batchgrad check ... --nproc 3 --fsdp`, its launch being the 3-rank one above."""
+    nproc, results = world3
+
+    def launched(fn, n, make, size, reduction, tolerance, fsdp, timeout):  # type: ignore[no-untyped-def]
+        assert (fn, n, size, reduction, tolerance, fsdp) == (
+            _check._rank_check,
+            3,
+            4,
+            "mean",
+            None,
+            True,
+        )
+        return [results[rank]["check"] for rank in range(nproc)]
+
+    monkeypatch.setattr(_check, "launch", launched)
+    assert main(["check", "tests/factories.py:exact", "--nproc", "3", "--fsdp"]) == 0
+    captured = capsys.readouterr()
+    out = " ".join((captured.out + captured.err).split())
+    assert "on 3 ranks" in out
+    assert "OK" in out
+    assert results[0]["check"].ok
+    assert results[1]["check"] is results[2]["check"] is None
+
+
+def test_the_fsdp_communication_benchmark_counts_the_same_gradient_traffic(
+    world2, monkeypatch, tmp_path
+):
+    """`python benchmarks/fsdp_communication.py --quick`, its launch the 2-rank one."""
+    nproc, results = world2
+
+    def launched(fn, n, *args, timeout):  # type: ignore[no-untyped-def]
+        assert (fn.__name__, n, args) == ("_worker", 2, BENCHMARK_QUICK)
+        return [results[rank]["benchmark"] for rank in range(nproc)]
+
+    monkeypatch.setattr(_distributed, "launch", launched)
+    out = tmp_path / "fsdp.json"
+    _fsdp_benchmark().main(["--quick", "--out", str(out)])
+    rows = {row["method"]: row for row in json.loads(out.read_text())["rows"]}
+    titan, no_sync = rows["torchtitan loop"], rows["no-sync loop"]
+    every, once = rows["batchgrad per_micro_batch"], rows["batchgrad once"]
+    groups = 3  # 2 layers and the root, each its own fully_shard
+    assert titan["reduce_scatters"] == every["reduce_scatters"] == 4 * groups  # 4 micro-batches
+    assert no_sync["reduce_scatters"] == once["reduce_scatters"] == groups
+    assert every["reduce_scatter_bytes"] == titan["reduce_scatter_bytes"]
+    assert once["reduce_scatter_bytes"] == no_sync["reduce_scatter_bytes"]
+    for row in (every, once):
+        assert row["all_gathers"] == titan["all_gathers"]  # even shares: no padding step
+        assert row["control_all_reduces"] == 4 + 2  # one per step, one before, one after
+        assert row["max_rel_diff_vs_torchtitan"] <= 1e-5  # float32
+    # unsharded gradients kept between micro-batches: twice the shard on 2 ranks
+    assert once["peak_grad_bytes"] == 2 * every["peak_grad_bytes"]
+
+
+def test_an_exception_on_a_model_whose_sequence_changed_stops_every_rank(world3):
+    nproc, results = world3
+    for rank in range(nproc):
+        kind, text = results[rank]["changing"]
+        assert kind == "DistributedError", (rank, text)
+    text = results[nproc - 1]["changing"][1]
+    assert text.startswith(f"On rank {nproc - 1}, micro-batch 0: RuntimeError: raised in backward")
+    assert "has changed between steps" in text
