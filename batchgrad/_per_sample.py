@@ -67,6 +67,7 @@ from ._per_sample_rules import (
     VmapModule,
     VmapOp,
     known_rule,
+    known_unit,
     user_rule,
 )
 from ._per_sample_trace import (
@@ -220,7 +221,9 @@ def _plan(traced: _Traced) -> list[Unit]:
     for call in tracer.calls:
         if user_rule(call.module) is None or any(c in covered for c in call.enclosing()):
             continue
-        problem = UserModule.unsupported(call)
+        registered = user_rule(call.module) is not known_rule(call.module)
+        kind = UserModule if registered else known_unit(call.module)
+        problem = kind.unsupported(call)
         if problem is not None:
             raise PerSampleError(
                 f"Module {call.name!r} ({type(call.module).__name__}) has a registered "
@@ -228,8 +231,6 @@ def _plan(traced: _Traced) -> list[Unit]:
             )
         params = [p for p in call.module.parameters() if p.requires_grad]
         covered[call] = set(params)
-        registered = user_rule(call.module) is not known_rule(call.module)
-        kind = UserModule if registered else KnownModule
         units.append(kind(call, params, tracer.rows))
     uses: dict[nn.Parameter, list[OpCall]] = {}
     live: list[tuple[OpCall, list[nn.Parameter]]] = []
