@@ -1158,12 +1158,13 @@ def main(argv: list[str] | None = None) -> int:
         gc.unfreeze()
     elapsed = time.perf_counter() - started
 
-    console.print(results_table(rows))
+    measured = tuple(dict.fromkeys(row["model"] for row in rows))
+    rows = [row for row in rows if row["status"] != "memory only"]
+    if rows:
+        console.print(results_table(rows))
     for row in rows:
         if row["status"] == "failed":
             console.print(f"  {row['model']} {row['task']}, {row['method']}: {row['note']}")
-    measured = tuple(dict.fromkeys(row["model"] for row in rows))
-    rows = [row for row in rows if row["status"] != "memory only"]
     wanted = args.memory or args.memory_only
     memory = measure_memory(args.quick, args.seed, names, measured) if wanted else []
     if memory:
