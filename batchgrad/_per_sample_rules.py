@@ -720,6 +720,12 @@ UserRule = Callable[[nn.Module, tuple[Any, ...], tuple[Tensor, ...]], dict[str, 
 """``rule(module, args, grad_outputs) -> {name: [B, *p.shape]}``, samples in dimension 0."""
 
 MODULE_RULES: dict[type[nn.Module], UserRule] = {}
+_registrations = [0]  # how many rules were registered: a guarded signature is guarded again
+
+
+def rules_generation() -> int:
+    """Changes whenever a rule is registered (the guard's record of what it checked)."""
+    return _registrations[0]
 
 
 def register_per_sample_rule(module_type: type[nn.Module]) -> Callable[[UserRule], UserRule]:
@@ -756,6 +762,7 @@ def register_per_sample_rule(module_type: type[nn.Module]) -> Callable[[UserRule
                 f"register_per_sample_rule takes an nn.Module class, got {module_type!r}."
             )
         MODULE_RULES[module_type] = rule
+        _registrations[0] += 1
         return rule
 
     return register

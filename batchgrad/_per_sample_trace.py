@@ -191,6 +191,8 @@ class Probe:
     rows: int
     op_shapes: list[tuple[Callable[..., Any], list[Any], list[Any], tuple[int, ...]]]
     call_shapes: list[tuple[int, list[Any], list[Any]]]
+    # what the per-sample guard has checked on this signature and found consistent
+    guarded: set[Any] = field(default_factory=set, compare=False, hash=False)
 
 
 class Diverged(PerSampleError):
