@@ -341,7 +341,10 @@ class _Conv(OpRule):
     def sq_norms(self) -> Tensor:
         """Whichever needs less memory: the ghost norm on unfolded patches ``p`` (``C·k``
         by ``L`` positions), ``Σ_{l,m} (p_l·p_m)(g_l·g_m)``, or per-sample gradients
-        (``O·C·k`` per sample), formed and dropped here (`weighted` needs none)."""
+        (``O·C·k`` per sample). Per-sample gradients no larger than the output gradient
+        (``C·k ≤ L``) are kept for `weighted` (a weighted sum of them, not a second
+        convolution backward) and the input and output gradient let go; larger ones are
+        formed and dropped here."""
         if self.has("weight"):
             x, grad, shape = self._geometry()
             weight = self.param("weight")
@@ -354,11 +357,29 @@ class _Conv(OpRule):
                 if self.has("bias"):
                     total = total + g.sum(2).pow(2).sum(1)
                 return total
-        squares = [g.flatten(1).pow(2).sum(1) for g in self.grads().values()]
+            del x, grad, g
+            if fan_in <= positions:
+                grads = self.per_sample()
+                self._let_go()
+                squares = [t.flatten(1).pow(2).sum(1) for t in grads.values()]
+                return torch.stack(squares).sum(0)
+        squares = [t.flatten(1).pow(2).sum(1) for t in self.grads().values()]
         return torch.stack(squares).sum(0)
 
+    def _let_go(self) -> None:
+        """Drop the input and output gradient once the per-sample gradients are kept."""
+        self.site.grads = [None] * len(self.site.grads)
+        self.bound["input"] = None
+        self.site.inputs = [
+            t if not isinstance(t, Tensor) or isinstance(t, nn.Parameter) else None
+            for t in self.site.inputs
+        ]
+
     def weighted(self, weights: Tensor) -> dict[nn.Parameter, Tensor]:
-        """The weight gradient kernel of a plain backward, on weighted output gradients."""
+        """The weight gradient kernel of a plain backward, on weighted output gradients;
+        a weighted sum of the per-sample gradients where `sq_norms` kept them."""
+        if self._per_sample is not None:
+            return super().weighted(weights)
         x, grad, shape = self._geometry()
         grad = grad * weights.to(grad.dtype).view(-1, 1, 1, 1)
         out: dict[nn.Parameter, Tensor] = {}
