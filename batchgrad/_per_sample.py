@@ -19,13 +19,14 @@ and one backward, without the parameters' own gradients:
    Every parameter is counted once per use, however many modules register it.
 
 Norms use the Goodfellow / ghost-norm identities where they are cheaper than the
-gradients (`nn.Linear`, `nn.Embedding`, convolutions on unfolded patches when their
-Gram matrices are smaller than the per-sample kernels):
+gradients (`nn.Linear`, Hugging Face's ``Conv1D``, `nn.Embedding`, convolutions on
+unfolded patches when their Gram matrices are smaller than the per-sample kernels):
 ``‖Σ_t g_t a_tᵀ‖² = Σ_{t,s} (a_t·a_s)(g_t·g_s)``; a convolution's per-sample gradients
-otherwise, formed for its norms and dropped. Clipping weighs each sample's output
+otherwise, formed for its norms and kept for the clipped sum where they are no larger
+than its output gradient (dropped otherwise). Clipping weighs each sample's output
 gradients by ``min(1, C / ‖g_i‖)`` and forms the weighted sum per use directly (one
 matrix product, as a plain backward does) where the rule allows (`nn.Linear`,
-convolutions, `nn.Embedding`); other rules form their per-sample gradients.
+``Conv1D``, convolutions, `nn.Embedding`); other rules form their per-sample gradients.
 
 **The guard**: every path from the loss to a parameter must run
 through a use its rules read (a walk over the autograd graph before the backward, in
@@ -664,8 +665,9 @@ def per_sample_norms(
 ) -> Tensor:
     """``[B]``: the L2 norm of each sample's gradient over all trainable parameters.
 
-    Equal to the norms of `per_sample_grads`, but `nn.Linear` and `nn.Embedding`
-    layers used once (and convolutions with few output positions) use the Goodfellow
+    Equal to the norms of `per_sample_grads`, but `nn.Linear`, Hugging Face ``Conv1D``
+    and `nn.Embedding` layers used once (and convolutions with few output positions)
+    use the Goodfellow
     and ghost-norm identities, so their per-sample gradients are never formed.
     ``verify`` as in `per_sample_grads` (the sum is checked through the per-use
     weighted sums, one sample through its norm; a signature guarded for gradients is

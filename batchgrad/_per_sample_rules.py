@@ -9,6 +9,7 @@ the output gradient:
 
 - ``F.linear`` (any middle dimensions): ``Σ_t g_t a_tᵀ`` and ``Σ_t g_t``;
 - ``F.conv1d`` / ``F.conv2d``: the weight gradient of one convolution grouped by sample;
+- Hugging Face's ``Conv1D`` (`TransformersConv1D`, a module rule): the linear layer's;
 - ``F.embedding``: the output gradients added into the rows of the sample's ids;
 - ``F.embedding_bag`` (sum / mean, with offsets): the same, per bag;
 - ``F.layer_norm``, ``F.group_norm``: the normalised input times the output gradient;
