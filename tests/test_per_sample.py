@@ -492,6 +492,53 @@ def test_the_guard_catches_a_hidden_second_use_of_a_parameter_a_rule_reads():
     assert all(p.grad is None for p in model.parameters())
 
 
+class HalfHiddenConv(nn.Module):
+    """A convolution whose per-sample kernel gradients are kept from its norms for the
+    clipped sum (C·k ≤ positions), its weight used again where no trace can see it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv(x)
+        with torch._C.DisableTorchFunction():
+            h = h + torch.tanh(torch.conv2d(x, self.conv.weight, padding=1))
+        return h.flatten(1)
+
+
+def test_the_guard_catches_a_hidden_use_of_a_convolution_whose_gradients_are_kept():
+    model, x = HalfHiddenConv().double(), torch.randn(4, 1, 4, 4).double()
+    for run in (
+        lambda: bg.per_sample_norms(model, _squares, x),
+        lambda: bg.accumulate(model, _squares, x, clip_per_sample=1.0),
+    ):
+        with pytest.raises(bg.PerSampleError, match=r"'conv\.weight' .* do not add up"):
+            run()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_kept_convolution_gradients_give_the_clipped_sum_of_the_loop(monkeypatch):
+    from batchgrad._per_sample_rules import _Conv
+
+    kept = []
+    let_go = _Conv._let_go
+    monkeypatch.setattr(_Conv, "_let_go", lambda self: kept.append(1) or let_go(self))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.Flatten()).double()
+    x = torch.randn(5, 1, 4, 4).double()  # C·k = 9 ≤ 16 positions: kept
+
+    def loss_fn(model, batch):
+        return _squares(model, batch[0])
+
+    batch = (x, torch.zeros(5))
+    expected, _ = reference_clipped(model, loss_fn, batch, 5, 0.05, "sum")
+    bg.accumulate(model, loss_fn, batch, reduction="sum", clip_per_sample=0.05)
+    assert kept
+    for name, p in model.named_parameters():
+        assert_close_rel(p.grad, expected[name])
+
+
 def test_the_guard_forms_no_batch_gradient_where_the_rules_read_every_use():
     from batchgrad._per_sample import _plan, _sum_checked, _trace
 
