@@ -193,8 +193,9 @@ def accumulate(
             layer allows and the clipped sum is formed per use; linear and embedding
             layers never hold samples × parameters, convolutions only one layer's
             for its norms, other layers hold their per-sample gradients (see
-            `batchgrad.per_sample_grads`). The first micro-batch is checked by the
-            per-sample guard. Under `torch.distributed` each rank clips its own samples.
+            `batchgrad.per_sample_grads`). The per-sample guard checks the first
+            micro-batch of each batch signature (its default, see `per_sample_grads`).
+            Under `torch.distributed` each rank clips its own samples.
         noise_multiplier: ``σ``: with ``clip_per_sample``, add Gaussian noise of
             standard deviation ``σ·C`` to the clipped sum, once per call (under
             `torch.distributed`, drawn on rank 0 and carried to every rank by the

@@ -19,15 +19,16 @@ and one backward, without the parameters' own gradients:
    Every parameter is counted once per use, however many modules register it.
 
 Norms use the Goodfellow / ghost-norm identities where they are cheaper than the
-gradients (`nn.Linear`, `nn.Embedding`, convolutions on unfolded patches when their
-Gram matrices are smaller than the per-sample kernels):
+gradients (`nn.Linear`, Hugging Face's ``Conv1D``, `nn.Embedding`, convolutions on
+unfolded patches when their Gram matrices are smaller than the per-sample kernels):
 ``‖Σ_t g_t a_tᵀ‖² = Σ_{t,s} (a_t·a_s)(g_t·g_s)``; a convolution's per-sample gradients
-otherwise, formed for its norms and dropped. Clipping weighs each sample's output
+otherwise, formed for its norms and kept for the clipped sum where they are no larger
+than its output gradient (dropped otherwise). Clipping weighs each sample's output
 gradients by ``min(1, C / ‖g_i‖)`` and forms the weighted sum per use directly (one
 matrix product, as a plain backward does) where the rule allows (`nn.Linear`,
-convolutions, `nn.Embedding`); other rules form their per-sample gradients.
+``Conv1D``, convolutions, `nn.Embedding`); other rules form their per-sample gradients.
 
-**The guard** (``verify=True``): every path from the loss to a parameter must run
+**The guard**: every path from the loss to a parameter must run
 through a use its rules read (a walk over the autograd graph before the backward, in
 which each such use leads only to its data inputs); where one does not (a use the
 trace did not see), and for parameters of the generic and user-registered rules, the
@@ -40,6 +41,24 @@ sums need no comparison: for the inputs and output gradients they read, their su
 the batch gradient's own formula; so on models they cover the guard costs the walk
 and the single-sample step, no weight gradient. (`batchgrad.check` compares every
 parameter's sum.)
+
+When it runs: ``verify=True`` on every micro-batch of every call; ``verify=False``
+never; by default (``verify=None``) on the first micro-batch of each *signature* until
+it passes there, the signature being what the probe's cached shapes are kept by (the
+batch's structure and tensor shapes, dtypes and devices; every module and its training
+mode; the trainable parameters; the loss function; the grad mode), together with the
+task (gradients, norms, clipping), the registered rules and whether the forward drew
+random numbers. A signature whose guard raised is checked again on its next call. What
+the guard checks is a property of the computation, which for one signature is the same
+on every call: the same functions use the same parameters in the same order (the real
+forward is checked against the probe on every call and probed afresh, so guarded
+afresh, where it is not). So the default catches on the first call of a signature all
+that ``verify=True`` catches there. It does not protect against what changes between
+calls of one signature without changing that sequence: a branch on the data's values
+around operations without parameters (a layer that mixes samples, or a use the trace
+cannot see, only for some batches), a registered rule wrong only for some values, code
+changed between calls (a forward hook added, a method replaced). Pass
+``verify=True`` where such code may run, as `batchgrad.check` does.
 
 Modules that mix samples (BatchNorm in training mode) have no per-sample gradients
 and are refused.
@@ -67,6 +86,8 @@ from ._per_sample_rules import (
     VmapModule,
     VmapOp,
     known_rule,
+    known_unit,
+    rules_generation,
     user_rule,
 )
 from ._per_sample_trace import (
@@ -99,6 +120,7 @@ class _Traced:
     loss: Loss
     random: bool  # the forward drew random numbers (dropout): no single-sample check
     names: dict[nn.Parameter, str]
+    probe: Probe  # the signature's probe, which keeps what the guard found consistent
 
 
 def _devices(model: nn.Module) -> list[torch.device]:
@@ -200,7 +222,7 @@ def _real_forward(
     random = any(not torch.equal(a, b) for a, b in zip(before, rng_states(model), strict=True))
     total, count = unpack_loss(loss, index)
     names = {p: n for n, p in reversed(list(model.named_parameters()))}
-    return _Traced(tracer, Loss(total, count), random, names)
+    return _Traced(tracer, Loss(total, count), random, names, probe)
 
 
 def _restore(model: nn.Module, rng: list[Tensor], buffers: list[tuple[Tensor, Tensor]]) -> None:
@@ -220,7 +242,9 @@ def _plan(traced: _Traced) -> list[Unit]:
     for call in tracer.calls:
         if user_rule(call.module) is None or any(c in covered for c in call.enclosing()):
             continue
-        problem = UserModule.unsupported(call)
+        registered = user_rule(call.module) is not known_rule(call.module)
+        kind = UserModule if registered else known_unit(call.module)
+        problem = kind.unsupported(call)
         if problem is not None:
             raise PerSampleError(
                 f"Module {call.name!r} ({type(call.module).__name__}) has a registered "
@@ -228,8 +252,6 @@ def _plan(traced: _Traced) -> list[Unit]:
             )
         params = [p for p in call.module.parameters() if p.requires_grad]
         covered[call] = set(params)
-        registered = user_rule(call.module) is not known_rule(call.module)
-        kind = UserModule if registered else KnownModule
         units.append(kind(call, params, tracer.rows))
     uses: dict[nn.Parameter, list[OpCall]] = {}
     live: list[tuple[OpCall, list[nn.Parameter]]] = []
@@ -391,6 +413,26 @@ def _sum_checked(
     return [p for p in params if p not in exact or p in others or p in reached]
 
 
+def _guarding(traced: _Traced, verify: bool | None, task: str) -> bool:
+    """Whether the guard runs on this micro-batch: always (``True``), never (``False``),
+    or (``None``, the default) unless it already passed on a micro-batch of the same
+    signature (the probe's key: the batch's structure and shapes, the modules and their
+    modes, the trainable parameters, the loss function, the grad mode), for the same
+    task, the same rules registered and a forward that drew random numbers or not
+    alike."""
+    if verify is not None:
+        return verify
+    return _guard_key(traced, task) not in traced.probe.guarded
+
+
+def _guard_key(traced: _Traced, task: str) -> tuple[str, int, bool]:
+    return (task, rules_generation(), traced.random)
+
+
+def _guard_passed(traced: _Traced, task: str) -> None:
+    traced.probe.guarded.add(_guard_key(traced, task))
+
+
 def _checked(
     traced: _Traced, units: list[Unit], params: list[nn.Parameter], verify: bool, thorough: bool
 ) -> list[nn.Parameter]:
@@ -535,7 +577,7 @@ def per_sample_grads(
     batch: Batch | Iterable[Batch],
     *,
     micro_batch_size: int | None = None,
-    verify: bool = True,
+    verify: bool | None = None,
 ) -> dict[str, Tensor]:
     """The gradient of each sample's own ``total``, per parameter: ``[B, *p.shape]``.
 
@@ -548,11 +590,13 @@ def per_sample_grads(
     this forward. Modules that mix samples (BatchNorm in training mode) are refused.
 
     Args:
-        verify: the guard (see the module's documentation): every micro-batch's result
+        verify: the guard (see the module's documentation): a micro-batch's result
             checked for uses no rule read (against its batch gradient where one may be)
             and, when its forward draws no random numbers, one sample against a forward
             and backward on that sample alone; costs about a walk over the autograd
-            graph and a one-sample step.
+            graph and a one-sample step. ``True``: every micro-batch; ``False``: never;
+            ``None`` (default): the first micro-batch of each batch signature (shapes,
+            model, loss function), until it has passed there.
 
     Raises:
         PerSampleError: a use of a parameter has no exact rule, or ``verify`` found the
@@ -577,7 +621,7 @@ def _per_sample_grads(
     loss_fn: LossFn,
     batch: Batch | Iterable[Batch],
     micro_batch_size: int | None,
-    verify: bool,
+    verify: bool | None,
     thorough: bool,
 ) -> dict[str, Tensor]:
     """`per_sample_grads`; ``thorough``: the guard compares every parameter's per-sample
@@ -590,7 +634,8 @@ def _per_sample_grads(
         traced = _trace(model, loss_fn, micro_batch, index)
         size = traced.tracer.rows
         units = _plan(traced)
-        checked = _checked(traced, units, trainable, verify, thorough)
+        guard = _guarding(traced, verify, "grads")
+        checked = _checked(traced, units, trainable, guard, thorough)
         batch_grads = _backward(traced, units, checked)
         found: dict[nn.Parameter, Tensor] = {}
         with torch.no_grad():
@@ -598,12 +643,13 @@ def _per_sample_grads(
                 for p, grad in unit.per_sample().items():
                     found[p] = found[p] + grad if p in found else grad
         complete = {p: found[p] if p in found else p.new_zeros(size, *p.shape) for p in trainable}
-        if verify:
+        if guard:
             with torch.no_grad():  # Σ_i ‖g_i‖, estimated from the last sample's
                 last = sum(float(g[size - 1].norm()) for g in complete.values())
             _verify_sums(units, batch_grads, traced, index, size * last)
             if not traced.random and trainable:
                 _check_sample_grads(model, loss_fn, micro_batch, traced, index, complete)
+            _guard_passed(traced, "grads")
         for p in trainable:
             parts[p].append(complete[p])
     return {name: parts[p][0] if len(parts[p]) == 1 else torch.cat(parts[p]) for name, p in named}
@@ -615,15 +661,17 @@ def per_sample_norms(
     batch: Batch | Iterable[Batch],
     *,
     micro_batch_size: int | None = None,
-    verify: bool = True,
+    verify: bool | None = None,
 ) -> Tensor:
     """``[B]``: the L2 norm of each sample's gradient over all trainable parameters.
 
-    Equal to the norms of `per_sample_grads`, but `nn.Linear` and `nn.Embedding`
-    layers used once (and convolutions with few output positions) use the Goodfellow
+    Equal to the norms of `per_sample_grads`, but `nn.Linear`, Hugging Face ``Conv1D``
+    and `nn.Embedding` layers used once (and convolutions with few output positions)
+    use the Goodfellow
     and ghost-norm identities, so their per-sample gradients are never formed.
     ``verify`` as in `per_sample_grads` (the sum is checked through the per-use
-    weighted sums, one sample through its norm).
+    weighted sums, one sample through its norm; a signature guarded for gradients is
+    guarded again for norms).
     """
     return _per_sample_norms(model, loss_fn, batch, micro_batch_size, verify, thorough=False)
 
@@ -633,7 +681,7 @@ def _per_sample_norms(
     loss_fn: LossFn,
     batch: Batch | Iterable[Batch],
     micro_batch_size: int | None,
-    verify: bool,
+    verify: bool | None,
     thorough: bool,
 ) -> Tensor:
     """`per_sample_norms`; ``thorough`` as in `_per_sample_grads`."""
@@ -643,14 +691,16 @@ def _per_sample_norms(
     for index, micro_batch in enumerate(micro_batches(batch, micro_batch_size)):
         traced = _trace(model, loss_fn, micro_batch, index)
         units = _plan(traced)
-        batch_grads = _backward(traced, units, _checked(traced, units, trainable, verify, thorough))
+        guard = _guarding(traced, verify, "norms")
+        batch_grads = _backward(traced, units, _checked(traced, units, trainable, guard, thorough))
         with torch.no_grad():
             norm = _sq_norms(units, traced.tracer.rows).sqrt()
-        if verify:
+        if guard:
             _verify_sums(units, batch_grads, traced, index, float(norm.sum()))
             if not traced.random and trainable:
                 row = traced.tracer.rows - 1
                 _check_sample_norm(model, loss_fn, micro_batch, traced, index, norm[row], trainable)
+            _guard_passed(traced, "norms")
         norms.append(norm)
     return norms[0] if len(norms) == 1 else torch.cat(norms)
 
@@ -765,12 +815,13 @@ def clipped_sum(
     gradient from dividing by 0). The weighted sum is formed per use from the
     recorded activations and output gradients, so no per-sample gradient is kept
     (but for rules that form them: the generic ones, and a parameter used twice).
-    ``verify`` (default: on the first micro-batch of a call) runs the guard of
-    `per_sample_norms` on this micro-batch.
+    ``verify`` as in `per_sample_norms`: the guard of `per_sample_norms` on this
+    micro-batch, by default unless it passed on a clipped micro-batch of the same
+    signature.
     """
-    check = index == 0 if verify is None else verify
     trainable = [p for _, p in _trainable(model)]
     traced = _trace(model, loss_fn, micro_batch, index)
+    check = _guarding(traced, verify, "clipped")
     size = traced.tracer.rows
     units = _plan(traced)
     batch_grads = _backward(traced, units, _checked(traced, units, trainable, check, False))
@@ -788,6 +839,7 @@ def clipped_sum(
             _check_sample_norm(
                 model, loss_fn, micro_batch, traced, index, norms[size - 1], trainable
             )
+        _guard_passed(traced, "clipped")
     weights = (max_norm / (norms + 1e-6)).clamp(max=1.0)
     with torch.no_grad():
         for unit in units:

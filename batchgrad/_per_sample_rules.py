@@ -9,6 +9,7 @@ the output gradient:
 
 - ``F.linear`` (any middle dimensions): ``Σ_t g_t a_tᵀ`` and ``Σ_t g_t``;
 - ``F.conv1d`` / ``F.conv2d``: the weight gradient of one convolution grouped by sample;
+- Hugging Face's ``Conv1D`` (`TransformersConv1D`, a module rule): the linear layer's;
 - ``F.embedding``: the output gradients added into the rows of the sample's ids;
 - ``F.embedding_bag`` (sum / mean, with offsets): the same, per bag;
 - ``F.layer_norm``, ``F.group_norm``: the normalised input times the output gradient;
@@ -210,15 +211,7 @@ class _Linear(OpRule):
         a, g = self._pair()
         total = torch.zeros(self.rows, dtype=g.dtype, device=g.device)
         if self.has("weight"):
-            steps, fan_in, fan_out = a.shape[1], a.shape[2], g.shape[2]
-            if steps == 1:  # Goodfellow: ‖g aᵀ‖ = ‖g‖ ‖a‖
-                total = total + a.pow(2).sum((1, 2)) * g.pow(2).sum((1, 2))
-            elif steps * steps <= fan_in * fan_out:  # ghost norm: no [B, out, in] tensor
-                total = total + (
-                    torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))
-                ).sum((1, 2))
-            else:
-                total = total + torch.bmm(g.transpose(1, 2), a).pow(2).sum((1, 2))
+            total = total + _outer_sq_norms(a, g)
         if self.has("bias"):
             total = total + g.sum(1).pow(2).sum(1)
         return total
@@ -227,30 +220,54 @@ class _Linear(OpRule):
         """One ``addmm_`` into the batch gradient: no temporary of the weight's size."""
         a, g = self._pair()
         if self.has("weight"):
-            target = targets[self.param("weight")]
-            grads = g.reshape(-1, g.shape[-1]).T.to(target.dtype)
-            target.addmm_(grads, a.reshape(-1, a.shape[-1]).to(target.dtype), alpha=-1)
+            _outer_subtract(targets[self.param("weight")], g, a)
         if self.has("bias"):
             target = targets[self.param("bias")]
             target.sub_(g.sum((0, 1)).to(target.dtype))
 
     def weighted(self, weights: Tensor) -> dict[nn.Parameter, Tensor]:
-        """``Σ_i w_i g_iᵀ a_i`` as one product, the weights on the narrower of the two
-        (the only temporary of the activations' size)."""
+        """``Σ_i w_i g_iᵀ a_i`` as one product (`_outer_weighted`)."""
         a, g = self._pair()
-        w = weights.to(g.dtype)[:, None, None]
         out: dict[nn.Parameter, Tensor] = {}
         if self.has("weight"):
-            if a.shape[-1] < g.shape[-1]:
-                a, scaled = (a.to(g.dtype) * w), g
-            else:
-                a, scaled = a.to(g.dtype), g * w
-            out[self.param("weight")] = scaled.reshape(-1, g.shape[-1]).T @ a.reshape(
-                -1, a.shape[-1]
-            )
+            out[self.param("weight")] = _outer_weighted(g, a, weights)
         if self.has("bias"):
-            out[self.param("bias")] = (g.sum(1) * w[:, 0]).sum(0)
+            out[self.param("bias")] = (g.sum(1) * weights.to(g.dtype)[:, None]).sum(0)
         return out
+
+
+def _outer_sq_norms(a: Tensor, g: Tensor) -> Tensor:
+    """``‖Σ_t g_t a_tᵀ‖²`` per sample (``a``: ``[B, T, in]``, ``g``: ``[B, T, out]``), the
+    same for ``Σ_t a_t g_tᵀ``: Goodfellow's product of norms for one step, the ghost norm
+    ``Σ_{t,s} (a_t·a_s)(g_t·g_s)`` while ``T²`` is at most ``in·out`` (no ``[B, out, in]``
+    tensor), the per-sample products otherwise."""
+    a = a.to(g.dtype)
+    steps, fan_in, fan_out = a.shape[1], a.shape[2], g.shape[2]
+    if steps == 1:
+        return a.pow(2).sum((1, 2)) * g.pow(2).sum((1, 2))
+    if steps * steps <= fan_in * fan_out:
+        return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
+    return torch.bmm(g.transpose(1, 2), a).pow(2).sum((1, 2))
+
+
+def _outer_weighted(left: Tensor, right: Tensor, weights: Tensor) -> Tensor:
+    """``Σ_i w_i Σ_t left_{i,t} right_{i,t}ᵀ`` (``[B, T, m]`` and ``[B, T, n]`` → ``[m, n]``)
+    as one matrix product, the weights on the narrower of the two (the only temporary of
+    the activations' size)."""
+    dtype = left.dtype if left.is_floating_point() else right.dtype
+    left, right = left.to(dtype), right.to(dtype)
+    w = weights.to(dtype)[:, None, None]
+    if left.shape[-1] < right.shape[-1]:
+        left = left * w
+    else:
+        right = right * w
+    return left.reshape(-1, left.shape[-1]).T @ right.reshape(-1, right.shape[-1])
+
+
+def _outer_subtract(target: Tensor, left: Tensor, right: Tensor) -> None:
+    """``target -= Σ_{i,t} left_{i,t} right_{i,t}ᵀ`` in place: one ``addmm_``."""
+    lhs = left.reshape(-1, left.shape[-1]).T.to(target.dtype)
+    target.addmm_(lhs, right.reshape(-1, right.shape[-1]).to(target.dtype), alpha=-1)
 
 
 def _pair(value: Any, n: int) -> tuple[int, ...]:
@@ -325,7 +342,10 @@ class _Conv(OpRule):
     def sq_norms(self) -> Tensor:
         """Whichever needs less memory: the ghost norm on unfolded patches ``p`` (``C·k``
         by ``L`` positions), ``Σ_{l,m} (p_l·p_m)(g_l·g_m)``, or per-sample gradients
-        (``O·C·k`` per sample), formed and dropped here (`weighted` needs none)."""
+        (``O·C·k`` per sample). Per-sample gradients no larger than the output gradient
+        (``C·k ≤ L``) are kept for `weighted` (a weighted sum of them, not a second
+        convolution backward) and the input and output gradient let go; larger ones are
+        formed and dropped here."""
         if self.has("weight"):
             x, grad, shape = self._geometry()
             weight = self.param("weight")
@@ -338,11 +358,29 @@ class _Conv(OpRule):
                 if self.has("bias"):
                     total = total + g.sum(2).pow(2).sum(1)
                 return total
-        squares = [g.flatten(1).pow(2).sum(1) for g in self.grads().values()]
+            del x, grad, g
+            if fan_in <= positions:
+                grads = self.per_sample()
+                self._let_go()
+                squares = [t.flatten(1).pow(2).sum(1) for t in grads.values()]
+                return torch.stack(squares).sum(0)
+        squares = [t.flatten(1).pow(2).sum(1) for t in self.grads().values()]
         return torch.stack(squares).sum(0)
 
+    def _let_go(self) -> None:
+        """Drop the input and output gradient once the per-sample gradients are kept."""
+        self.site.grads = [None] * len(self.site.grads)
+        self.bound["input"] = None
+        self.site.inputs = [
+            t if not isinstance(t, Tensor) or isinstance(t, nn.Parameter) else None
+            for t in self.site.inputs
+        ]
+
     def weighted(self, weights: Tensor) -> dict[nn.Parameter, Tensor]:
-        """The weight gradient kernel of a plain backward, on weighted output gradients."""
+        """The weight gradient kernel of a plain backward, on weighted output gradients;
+        a weighted sum of the per-sample gradients where `sq_norms` kept them."""
+        if self._per_sample is not None:
+            return super().weighted(weights)
         x, grad, shape = self._geometry()
         grad = grad * weights.to(grad.dtype).view(-1, 1, 1, 1)
         out: dict[nn.Parameter, Tensor] = {}
@@ -704,6 +742,12 @@ UserRule = Callable[[nn.Module, tuple[Any, ...], tuple[Tensor, ...]], dict[str, 
 """``rule(module, args, grad_outputs) -> {name: [B, *p.shape]}``, samples in dimension 0."""
 
 MODULE_RULES: dict[type[nn.Module], UserRule] = {}
+_registrations = [0]  # how many rules were registered: a guarded signature is guarded again
+
+
+def rules_generation() -> int:
+    """Changes whenever a rule is registered (the guard's record of what it checked)."""
+    return _registrations[0]
 
 
 def register_per_sample_rule(module_type: type[nn.Module]) -> Callable[[UserRule], UserRule]:
@@ -740,6 +784,7 @@ def register_per_sample_rule(module_type: type[nn.Module]) -> Callable[[UserRule
                 f"register_per_sample_rule takes an nn.Module class, got {module_type!r}."
             )
         MODULE_RULES[module_type] = rule
+        _registrations[0] += 1
         return rule
 
     return register
@@ -838,6 +883,89 @@ class UserModule(Unit):
 class KnownModule(UserModule):
     """A module call with a built-in rule (`known_rule`): exact like the layer rules, so
     the guard checks the paths around it, not its sums."""
+
+
+class TransformersConv1D(KnownModule):
+    """Hugging Face's ``Conv1D``, ``y = x W + b`` with ``W`` stored ``[in, out]``: the
+    linear layer's ghost norms and weighted product (`_Linear`), transposed, so that its
+    norms and clipped sums form no per-sample gradient."""
+
+    def __init__(self, site: ModuleCall, params: list[nn.Parameter], rows: int) -> None:
+        super().__init__(site, params, rows)
+        module = site.module
+        self.weight = cast(nn.Parameter, module.weight)
+        bias = getattr(module, "bias", None)
+        self.bias = bias if isinstance(bias, nn.Parameter) else None
+        self._like: tuple[torch.Size, torch.dtype, torch.device] | None = None
+
+    @classmethod
+    def unsupported(cls, site: ModuleCall) -> str | None:
+        problem = super().unsupported(site)
+        if problem is None and (len(site.inputs) != 1 or len(site.outputs) != 1):
+            return "it is called with other arguments than one input"
+        return problem
+
+    def release(self) -> None:
+        """Let go of the output (its shape kept): only its gradient is read."""
+        t = self.site.outputs[0]
+        self._like = (t.shape, t.dtype, t.device)
+        self.site.outputs = [None]
+
+    def _pair(self) -> tuple[Tensor, Tensor]:
+        x = self.site.inputs[0]
+        g = self.site.grads[0] if self.site.grads else None
+        if g is None:
+            if self._like is None:
+                g = torch.zeros_like(self.site.outputs[0])
+            else:
+                shape, dtype, device = self._like
+                g = torch.zeros(shape, dtype=dtype, device=device)
+        a = x.reshape(self.rows, -1, x.shape[-1])
+        g = g.reshape(self.rows, -1, g.shape[-1])
+        return a, g
+
+    def _has(self, p: nn.Parameter | None) -> bool:
+        return p is not None and any(p is q for q in self.params)
+
+    def grads(self) -> dict[nn.Parameter, Tensor]:
+        a, g = self._pair()
+        out: dict[nn.Parameter, Tensor] = {}
+        if self._has(self.weight):
+            out[self.weight] = torch.bmm(a.to(g.dtype).transpose(1, 2), g)
+        if self.bias is not None and self._has(self.bias):
+            out[self.bias] = g.sum(1)
+        return out
+
+    def sq_norms(self) -> Tensor:
+        a, g = self._pair()
+        total = torch.zeros(self.rows, dtype=g.dtype, device=g.device)
+        if self._has(self.weight):
+            total = total + _outer_sq_norms(a, g)
+        if self.bias is not None and self._has(self.bias):
+            total = total + g.sum(1).pow(2).sum(1)
+        return total
+
+    def weighted(self, weights: Tensor) -> dict[nn.Parameter, Tensor]:
+        a, g = self._pair()
+        out: dict[nn.Parameter, Tensor] = {}
+        if self._has(self.weight):
+            out[self.weight] = _outer_weighted(a, g, weights)
+        if self.bias is not None and self._has(self.bias):
+            out[self.bias] = (g.sum(1) * weights.to(g.dtype)[:, None]).sum(0)
+        return out
+
+    def subtract_sum(self, targets: dict[nn.Parameter, Tensor]) -> None:
+        a, g = self._pair()
+        if self._has(self.weight):
+            _outer_subtract(targets[self.weight], a, g)
+        if self.bias is not None and self._has(self.bias):
+            target = targets[self.bias]
+            target.sub_(g.sum((0, 1)).to(target.dtype))
+
+
+def known_unit(module: nn.Module) -> type[KnownModule]:
+    """The unit of a module with a built-in rule (`known_rule`)."""
+    return TransformersConv1D if _is_transformers_conv1d(module) else KnownModule
 
 
 RULES: dict[Callable[..., Any], type[OpRule]] = {

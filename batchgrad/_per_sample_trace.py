@@ -191,6 +191,8 @@ class Probe:
     rows: int
     op_shapes: list[tuple[Callable[..., Any], list[Any], list[Any], tuple[int, ...]]]
     call_shapes: list[tuple[int, list[Any], list[Any]]]
+    # what the per-sample guard has checked on this signature and found consistent
+    guarded: set[Any] = field(default_factory=set, compare=False, hash=False)
 
 
 class Diverged(PerSampleError):
@@ -303,10 +305,14 @@ class Tracer(TorchFunctionMode):
 
     # -- module calls -------------------------------------------------------------
 
+    # The hooks read shapes and versions of what they record with torch functions off:
+    # under the mode every ``t.shape`` would be a call of `__torch_function__`.
+
     def _enter(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self.busy = True
         try:
-            self._push(module, args, kwargs)
+            with torch._C.DisableTorchFunction():
+                self._push(module, args, kwargs)
         finally:
             self.busy = False
 
@@ -315,7 +321,8 @@ class Tracer(TorchFunctionMode):
     ) -> None:
         self.busy = True
         try:
-            self._pop(module, output)
+            with torch._C.DisableTorchFunction():
+                self._pop(module, output)
         finally:
             self.busy = False
 

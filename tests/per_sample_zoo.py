@@ -9,6 +9,7 @@ inside sees the layout of the case.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -283,6 +284,21 @@ class Bags(nn.Module):
         return self.bag(ids[keep], offsets)
 
 
+def _hf_conv1d(out_features: int, in_features: int) -> Callable[[], nn.Module]:
+    """Hugging Face's ``Conv1D`` (GPT-2's projections: ``x @ W + b``, ``W`` ``[in, out]``)."""
+
+    def make() -> nn.Module:
+        from transformers.pytorch_utils import Conv1D
+
+        layer = Conv1D(out_features, in_features)
+        with torch.no_grad():  # its init (std 0.02, zero bias) leaves the bias's gradient tiny
+            layer.weight.normal_()
+            layer.bias.normal_()
+        return layer
+
+    return make
+
+
 def _seq(*layers: nn.Module) -> Callable[[], nn.Module]:
     return lambda: nn.Sequential(*layers)
 
@@ -379,6 +395,17 @@ CASES = [
         _rnn(nn.LSTM, num_layers=2, dropout=0.3),
         randn(3, 3),
         raises=r"lstm in module 'rnn' \(LSTM\) draws dropout masks between its layers",
+    ),
+    *(
+        [
+            # one position (Goodfellow), T² ≤ in·out (ghost norm), T² > in·out (products)
+            Case("hf-conv1d-one-position", _hf_conv1d(2, 3), randn(3)),
+            Case("hf-conv1d-ghost-norm", _hf_conv1d(6, 5), randn(2, 5)),
+            Case("hf-conv1d-many-positions", _hf_conv1d(2, 3), randn(5, 3)),
+            Case("hf-conv1d-4d-B-equals-T", _hf_conv1d(4, 4), randn(4, 2, 4), batch=4),
+        ]
+        if importlib.util.find_spec("transformers") is not None
+        else []
     ),
     Case(
         "dropout-between-layers",

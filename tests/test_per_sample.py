@@ -492,6 +492,53 @@ def test_the_guard_catches_a_hidden_second_use_of_a_parameter_a_rule_reads():
     assert all(p.grad is None for p in model.parameters())
 
 
+class HalfHiddenConv(nn.Module):
+    """A convolution whose per-sample kernel gradients are kept from its norms for the
+    clipped sum (C·k ≤ positions), its weight used again where no trace can see it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv(x)
+        with torch._C.DisableTorchFunction():
+            h = h + torch.tanh(torch.conv2d(x, self.conv.weight, padding=1))
+        return h.flatten(1)
+
+
+def test_the_guard_catches_a_hidden_use_of_a_convolution_whose_gradients_are_kept():
+    model, x = HalfHiddenConv().double(), torch.randn(4, 1, 4, 4).double()
+    for run in (
+        lambda: bg.per_sample_norms(model, _squares, x),
+        lambda: bg.accumulate(model, _squares, x, clip_per_sample=1.0),
+    ):
+        with pytest.raises(bg.PerSampleError, match=r"'conv\.weight' .* do not add up"):
+            run()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_kept_convolution_gradients_give_the_clipped_sum_of_the_loop(monkeypatch):
+    from batchgrad._per_sample_rules import _Conv
+
+    kept = []
+    let_go = _Conv._let_go
+    monkeypatch.setattr(_Conv, "_let_go", lambda self: kept.append(1) or let_go(self))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.Flatten()).double()
+    x = torch.randn(5, 1, 4, 4).double()  # C·k = 9 ≤ 16 positions: kept
+
+    def loss_fn(model, batch):
+        return _squares(model, batch[0])
+
+    batch = (x, torch.zeros(5))
+    expected, _ = reference_clipped(model, loss_fn, batch, 5, 0.05, "sum")
+    bg.accumulate(model, loss_fn, batch, reduction="sum", clip_per_sample=0.05)
+    assert kept
+    for name, p in model.named_parameters():
+        assert_close_rel(p.grad, expected[name])
+
+
 def test_the_guard_forms_no_batch_gradient_where_the_rules_read_every_use():
     from batchgrad._per_sample import _plan, _sum_checked, _trace
 
@@ -511,6 +558,97 @@ def test_without_the_guard_a_hidden_use_is_wrong():
     grads = bg.per_sample_grads(model, _squares, x, verify=False)
     (expected,) = torch.autograd.grad(_squares(model, x).total, [model.weight])
     assert not torch.allclose(grads["weight"].sum(0), expected)
+
+
+@pytest.fixture
+def guard_runs(monkeypatch):
+    """How many micro-batches the guard checked (its sums half runs on every one)."""
+    from batchgrad import _per_sample
+
+    runs = []
+    verify_sums = _per_sample._verify_sums
+
+    def counted(*args, **kwargs):
+        runs.append(1)
+        return verify_sums(*args, **kwargs)
+
+    monkeypatch.setattr(_per_sample, "_verify_sums", counted)
+    return runs
+
+
+def test_the_default_guard_runs_once_per_signature_and_task(guard_runs, gain_rule):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x = torch.randn(5, 3)
+    for _ in range(3):
+        bg.per_sample_grads(model, _squares, x)
+    assert len(guard_runs) == 1
+    bg.per_sample_grads(model, _squares, x[:4])  # another shape: another signature
+    bg.per_sample_norms(model, _squares, x)  # another task
+    assert len(guard_runs) == 3
+    for _ in range(2):  # micro-batches of 2, 2 and 1: two signatures, each guarded once
+        bg.accumulate(
+            model, _squares, x, micro_batch_size=2, clip_per_sample=1.0, existing_grad="replace"
+        )
+    assert len(guard_runs) == 5
+    model.eval()  # another mode of a module
+    bg.per_sample_grads(model, _squares, x)
+    assert len(guard_runs) == 6
+    gain_rule(lambda module, args, grads: {})  # a registered rule: every signature again
+    bg.per_sample_grads(model, _squares, x)
+    assert len(guard_runs) == 7
+    bg.per_sample_grads(model, _squares, x, verify=True)  # every call
+    bg.per_sample_grads(model, _squares, x, verify=True)
+    assert len(guard_runs) == 9
+    bg.per_sample_grads(model, _squares, x[:3], verify=False)  # never, and nothing recorded
+    bg.per_sample_grads(model, _squares, x[:3])
+    assert len(guard_runs) == 10
+
+
+@pytest.mark.parametrize("make", [Hidden, BatchCentred, HalfHidden])
+def test_the_default_guard_catches_an_unsupported_layer_on_every_call(make, guard_runs):
+    """A signature whose guard raised is guarded again: the error repeats, never a
+    result; after a call without the guard too."""
+    model, x = make().double(), torch.randn(4, 3).double()
+    for run in (
+        lambda: bg.per_sample_grads(model, _squares, x),
+        lambda: bg.per_sample_norms(model, _squares, x),
+        lambda: bg.accumulate(model, _squares, x, clip_per_sample=1.0),
+    ):
+        for _ in range(2):
+            with pytest.raises(bg.PerSampleError):
+                run()
+    bg.per_sample_grads(model, _squares, x, verify=False)
+    with pytest.raises(bg.PerSampleError):
+        bg.per_sample_grads(model, _squares, x)
+    assert all(p.grad is None for p in model.parameters())
+
+
+class SometimesCentred(nn.Module):
+    """Mixes the samples only for batches with a large first value: a branch on values
+    that leaves the sequence of parameter uses as it is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = self.lin(x)
+        return h - h.mean(0) if float(x[0, 0]) > 10 else h
+
+
+def test_the_default_guard_does_not_see_a_branch_on_values_after_its_first_call():
+    """The documented limit of the default: for one signature the guard ran once, so a
+    computation chosen by the values later is not checked; ``verify=True`` checks it."""
+    model, x = SometimesCentred().double(), torch.randn(4, 3).double()
+    bg.per_sample_grads(model, _squares, x)  # guarded: no mixing on this batch
+    mixing = x.clone()
+    mixing[0, 0] = 20.0
+    bg.per_sample_grads(model, _squares, mixing)  # the same signature: not guarded again
+    with pytest.raises(bg.PerSampleError, match=r"differs from the gradient"):
+        bg.per_sample_grads(model, _squares, mixing, verify=True)
+    with pytest.raises(bg.PerSampleError, match=r"differs from the gradient"):
+        bg.per_sample_grads(SometimesCentred().double(), _squares, mixing)  # a first call
 
 
 def test_a_shared_use_outside_any_module_is_refused():

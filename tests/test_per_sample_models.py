@@ -122,6 +122,31 @@ def test_gpt2_projections_use_the_conv1d_rule_not_vmap():
     assert _sum_checked(traced, units, list(model.parameters())) == []
 
 
+def test_gpt2_norms_and_clipping_form_no_conv1d_per_sample_gradients(monkeypatch):
+    """Conv1D's norms come from ghost norms and its clipped sum from one weighted
+    product, as nn.Linear's: its per-sample gradients are never formed for them."""
+    from batchgrad._per_sample_rules import TransformersConv1D
+
+    torch.manual_seed(0)
+    model, loss_fn = hf("gpt2")
+    model = model.double()
+    batch = padded_batch(11)
+    reference = loop_grads(model, loss_fn, batch, 3)
+
+    def refuse(self):
+        raise AssertionError("Conv1D per-sample gradients formed")
+
+    monkeypatch.setattr(TransformersConv1D, "grads", refuse)
+    flat = torch.cat([r.flatten(1) for r in reference.values()], 1).norm(dim=1)
+    assert rel_err(bg.per_sample_norms(model, loss_fn, batch, verify=True), flat) <= 1e-10
+    clip = float(flat.median())
+    factors = (clip / (flat + 1e-6)).clamp(max=1.0)
+    model.zero_grad(set_to_none=True)
+    bg.accumulate(model, loss_fn, batch, reduction="sum", clip_per_sample=clip)
+    expected = {k: torch.einsum("b,b...->...", factors, r) for k, r in reference.items()}
+    assert_close({k: p.grad for k, p in model.named_parameters()}, expected)
+
+
 class CausalSelfAttention(nn.Module):
     """nanoGPT's attention: one fused c_attn, a causal mask, SDPA."""
 

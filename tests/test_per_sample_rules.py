@@ -65,6 +65,15 @@ def test_zoo_case_equals_the_per_sample_loop(case):
     norms = bg.per_sample_norms(model, sample_loss, batch)
     expected = torch.cat([r.flatten(1) for r in reference.values()], 1).norm(dim=1)
     assert rel_err(norms, expected) <= 1e-10
+    # clipping at the median norm: some samples clipped, some not
+    factors = (float(expected.median()) / (expected + 1e-6)).clamp(max=1.0)
+    model.zero_grad(set_to_none=True)
+    bg.accumulate(
+        model, sample_loss, batch, reduction="sum", clip_per_sample=float(expected.median())
+    )
+    for name, p in model.named_parameters():
+        want = torch.einsum("b,b...->...", factors, reference[name])
+        assert rel_err(p.grad, want) <= 1e-10, name
 
 
 @given(
