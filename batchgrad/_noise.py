@@ -118,8 +118,8 @@ class NoiseScale:
         small_batches: how many micro-batches of each step, from the first, are
             measured as small batches. 1 (the default) costs one gradient norm per
             step; ``None`` measures every one but the last, for less variance per step
-            at the cost of a norm and of the earlier sum held apart for each (about
-            8% of an MLP's step with 4 micro-batches, against 2-3% for one). The
+            at the cost of a norm and of the earlier sum held apart for each (5-9%
+            of an MLP's step with 4 micro-batches, against 1-3% for one). The
             averages across steps are unbiased either way; `batchgrad.advise`
             measures every micro-batch.
 
