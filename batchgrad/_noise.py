@@ -45,7 +45,9 @@ class NoiseEstimate:
         b_simple: ``trace_cov / grad_sq``, in samples (``inf`` when ``grad_sq <= 0``:
             the gradient is lost in the noise).
         b_simple_std: the standard error of ``b_simple`` (delta method; for one step,
-            from the spread of the small batches' ``‖ĝ‖²`` around ``‖G‖² + tr Σ / n``).
+            from the spread of the small batches' ``‖ĝ‖²`` around ``‖G‖² + tr Σ / n``,
+            ``inf`` with one small batch; a `NoiseScale`'s, from the spread across
+            steps).
         small_batch: the small batch size ``b`` (harmonic mean of the small batches).
         big_batch: the big batch size ``B`` (the logical batch, in samples).
     """
