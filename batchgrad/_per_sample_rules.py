@@ -202,7 +202,7 @@ class _Linear(OpRule):
         a, g = self._pair()
         out: dict[nn.Parameter, Tensor] = {}
         if self.has("weight"):
-            out[self.param("weight")] = torch.bmm(g.transpose(1, 2), a.to(g.dtype))
+            out[self.param("weight")] = _outer_sums(g, a.to(g.dtype))
         if self.has("bias"):
             out[self.param("bias")] = g.sum(1)
         return out
@@ -234,6 +234,16 @@ class _Linear(OpRule):
         if self.has("bias"):
             out[self.param("bias")] = (g.sum(1) * weights.to(g.dtype)[:, None]).sum(0)
         return out
+
+
+def _outer_sums(left: Tensor, right: Tensor) -> Tensor:
+    """``Σ_t left_t right_tᵀ`` per sample (``left``: ``[B, T, m]``, ``right``: ``[B, T,
+    n]``, the result ``[B, m, n]``): a broadcast product for one step, which writes the
+    result in one pass (a batched matrix product of inner size 1 costs about 7% more
+    on a CPU, its result the same), ``bmm`` otherwise."""
+    if left.shape[1] == 1:
+        return left.transpose(1, 2) * right
+    return torch.bmm(left.transpose(1, 2), right)
 
 
 def _outer_sq_norms(a: Tensor, g: Tensor) -> Tensor:
@@ -828,7 +838,7 @@ def _transformers_conv1d(
     (x, *_), (g, *_) = args, grad_outputs
     a = x.reshape(x.shape[0], -1, x.shape[-1])
     g = g.reshape(g.shape[0], -1, g.shape[-1]).to(a.dtype)
-    out = {"weight": torch.bmm(a.transpose(1, 2), g)}
+    out = {"weight": _outer_sums(a, g)}
     if getattr(module, "bias", None) is not None:
         out["bias"] = g.sum(1)
     return out
@@ -931,7 +941,7 @@ class TransformersConv1D(KnownModule):
         a, g = self._pair()
         out: dict[nn.Parameter, Tensor] = {}
         if self._has(self.weight):
-            out[self.weight] = torch.bmm(a.to(g.dtype).transpose(1, 2), g)
+            out[self.weight] = _outer_sums(a.to(g.dtype), g)
         if self.bias is not None and self._has(self.bias):
             out[self.bias] = g.sum(1)
         return out
