@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from ._loss import Loss, LossFn
     from ._noise import NoiseEstimate, NoiseScale
     from ._per_sample import per_sample_grads, per_sample_norms
-    from ._per_sample_rules import register_per_sample_rule
+    from ._per_sample_modules import register_per_sample_rule
     from ._reduction import Reduction, detect_reduction
 
 _WHERE = {
@@ -67,7 +67,7 @@ _WHERE = {
     "NoiseScale": "._noise",
     "per_sample_grads": "._per_sample",
     "per_sample_norms": "._per_sample",
-    "register_per_sample_rule": "._per_sample_rules",
+    "register_per_sample_rule": "._per_sample_modules",
     "Reduction": "._reduction",
     "detect_reduction": "._reduction",
 }

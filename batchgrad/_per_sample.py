@@ -13,7 +13,8 @@ and one backward, without the parameters' own gradients:
    equal the batch size;
 2. one ``autograd.grad`` call returns the gradient of the batch's total reaching
    each use's output; row ``i`` of it is sample ``i``'s own;
-3. a rule per use forms each sample's gradient (`batchgrad._per_sample_rules`); a
+3. a rule per use forms each sample's gradient (`batchgrad._per_sample_rules`, the
+   generic `_per_sample_vmap` and the module rules of `_per_sample_modules`); a
    parameter some use of which no rule can read is handled by the innermost module
    call enclosing all its uses, by ``torch.func.vmap`` over that call's samples.
    Every parameter is counted once per use, however many modules register it.
@@ -77,19 +78,15 @@ from torch.autograd.graph import get_gradient_edge
 
 from ._errors import BatchError, ConfigError, NonFiniteError, PerSampleError
 from ._loss import Loss, LossFn, unpack_loss
-from ._per_sample_rules import (
-    RULES,
+from ._per_sample_modules import (
     KnownModule,
-    OpRule,
-    Unit,
     UserModule,
-    VmapModule,
-    VmapOp,
     known_rule,
     known_unit,
     rules_generation,
     user_rule,
 )
+from ._per_sample_rules import RULES, OpRule, Unit
 from ._per_sample_trace import (
     Diverged,
     ModuleCall,
@@ -102,6 +99,7 @@ from ._per_sample_trace import (
     remember_probe,
     rng_states,
 )
+from ._per_sample_vmap import VmapModule, VmapOp
 from ._split import (
     Batch,
     _map_leaves,

@@ -9,34 +9,29 @@ the output gradient:
 
 - ``F.linear`` (any middle dimensions): ``Σ_t g_t a_tᵀ`` and ``Σ_t g_t``;
 - ``F.conv1d`` / ``F.conv2d``: the weight gradient of one convolution grouped by sample;
-- Hugging Face's ``Conv1D`` (`TransformersConv1D`, a module rule): the linear layer's;
 - ``F.embedding``: the output gradients added into the rows of the sample's ids;
 - ``F.embedding_bag`` (sum / mean, with offsets): the same, per bag;
 - ``F.layer_norm``, ``F.group_norm``: the normalised input times the output gradient;
 - ``nn.RNN`` / ``nn.GRU`` / ``nn.LSTM`` (`_Recurrent`): the recurrence re-run step by
   step, its gates' gradients, then ``Σ_t δ_t x_tᵀ`` and ``Σ_t δ_t h_{t-1}ᵀ``;
-- any other function of a parameter (`VmapOp`) and, where a use cannot be read
-  alone, the innermost module call enclosing all uses of the parameter
-  (`VmapModule`): ``torch.func.vmap`` over the samples of that function's own
-  vector-Jacobian product, the samples given to it as batches of one.
-
-Users add rules for their own functions or modules with
-`batchgrad.register_per_sample_rule`.
+- any other function of a parameter, or a module call whose uses cannot be read
+  alone: the generic rules of `batchgrad._per_sample_vmap`;
+- Hugging Face's ``Conv1D`` and the modules users register rules for
+  (`batchgrad.register_per_sample_rule`): `batchgrad._per_sample_modules`.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.grad import conv2d_weight
 
-from ._errors import ConfigError, PerSampleError
-from ._per_sample_trace import MIXED, Dim, ModuleCall, OpCall, leaves_of, stale, unflatten
+from ._errors import ConfigError
+from ._per_sample_trace import MIXED, Dim, ModuleCall, OpCall, stale
 
 Site = OpCall | ModuleCall
 
@@ -202,7 +197,7 @@ class _Linear(OpRule):
         a, g = self._pair()
         out: dict[nn.Parameter, Tensor] = {}
         if self.has("weight"):
-            out[self.param("weight")] = _outer_sums(g, a.to(g.dtype))
+            out[self.param("weight")] = outer_sums(g, a.to(g.dtype))
         if self.has("bias"):
             out[self.param("bias")] = g.sum(1)
         return out
@@ -211,7 +206,7 @@ class _Linear(OpRule):
         a, g = self._pair()
         total = torch.zeros(self.rows, dtype=g.dtype, device=g.device)
         if self.has("weight"):
-            total = total + _outer_sq_norms(a, g)
+            total = total + outer_sq_norms(a, g)
         if self.has("bias"):
             total = total + g.sum(1).pow(2).sum(1)
         return total
@@ -220,23 +215,23 @@ class _Linear(OpRule):
         """One ``addmm_`` into the batch gradient: no temporary of the weight's size."""
         a, g = self._pair()
         if self.has("weight"):
-            _outer_subtract(targets[self.param("weight")], g, a)
+            outer_subtract(targets[self.param("weight")], g, a)
         if self.has("bias"):
             target = targets[self.param("bias")]
             target.sub_(g.sum((0, 1)).to(target.dtype))
 
     def weighted(self, weights: Tensor) -> dict[nn.Parameter, Tensor]:
-        """``Σ_i w_i g_iᵀ a_i`` as one product (`_outer_weighted`)."""
+        """``Σ_i w_i g_iᵀ a_i`` as one product (`outer_weighted`)."""
         a, g = self._pair()
         out: dict[nn.Parameter, Tensor] = {}
         if self.has("weight"):
-            out[self.param("weight")] = _outer_weighted(g, a, weights)
+            out[self.param("weight")] = outer_weighted(g, a, weights)
         if self.has("bias"):
             out[self.param("bias")] = (g.sum(1) * weights.to(g.dtype)[:, None]).sum(0)
         return out
 
 
-def _outer_sums(left: Tensor, right: Tensor) -> Tensor:
+def outer_sums(left: Tensor, right: Tensor) -> Tensor:
     """``Σ_t left_t right_tᵀ`` per sample (``left``: ``[B, T, m]``, ``right``: ``[B, T,
     n]``, the result ``[B, m, n]``): a broadcast product for one step, which writes the
     result in one pass (a batched matrix product of inner size 1 costs about 7% more
@@ -246,7 +241,7 @@ def _outer_sums(left: Tensor, right: Tensor) -> Tensor:
     return torch.bmm(left.transpose(1, 2), right)
 
 
-def _outer_sq_norms(a: Tensor, g: Tensor) -> Tensor:
+def outer_sq_norms(a: Tensor, g: Tensor) -> Tensor:
     """``‖Σ_t g_t a_tᵀ‖²`` per sample (``a``: ``[B, T, in]``, ``g``: ``[B, T, out]``), the
     same for ``Σ_t a_t g_tᵀ``: Goodfellow's product of norms for one step, the ghost norm
     ``Σ_{t,s} (a_t·a_s)(g_t·g_s)`` while ``T²`` is at most ``in·out`` (no ``[B, out, in]``
@@ -260,7 +255,7 @@ def _outer_sq_norms(a: Tensor, g: Tensor) -> Tensor:
     return torch.bmm(g.transpose(1, 2), a).pow(2).sum((1, 2))
 
 
-def _outer_weighted(left: Tensor, right: Tensor, weights: Tensor) -> Tensor:
+def outer_weighted(left: Tensor, right: Tensor, weights: Tensor) -> Tensor:
     """``Σ_i w_i Σ_t left_{i,t} right_{i,t}ᵀ`` (``[B, T, m]`` and ``[B, T, n]`` → ``[m, n]``)
     as one matrix product, the weights on the narrower of the two (the only temporary of
     the activations' size)."""
@@ -274,7 +269,7 @@ def _outer_weighted(left: Tensor, right: Tensor, weights: Tensor) -> Tensor:
     return left.reshape(-1, left.shape[-1]).T @ right.reshape(-1, right.shape[-1])
 
 
-def _outer_subtract(target: Tensor, left: Tensor, right: Tensor) -> None:
+def outer_subtract(target: Tensor, left: Tensor, right: Tensor) -> None:
     """``target -= Σ_{i,t} left_{i,t} right_{i,t}ᵀ`` in place: one ``addmm_``."""
     lhs = left.reshape(-1, left.shape[-1]).T.to(target.dtype)
     target.addmm_(lhs, right.reshape(-1, right.shape[-1]).to(target.dtype), alpha=-1)
@@ -596,386 +591,6 @@ class _GroupNorm(_Norm):
         x = self.bound["input"]
         normalised = F.group_norm(x, self.bound["num_groups"], None, None, self.bound["eps"])
         return normalised, tuple(range(2, x.ndim))
-
-
-# -- the generic rules: vmap over the samples ----------------------------------------
-
-
-def _vmap_grads(
-    function: Callable[[dict[str, Tensor], list[Any]], Any],
-    params: dict[str, nn.Parameter],
-    site: Site,
-    rows: int,
-    unit: Unit,
-    where: str,
-    replay: Tensor | None = None,
-) -> dict[nn.Parameter, Tensor]:
-    """``vmap`` over samples of the VJP of ``function(params, inputs)`` with the site's
-    output gradients; each sample enters as a batch of one (its dimension kept, size 1)."""
-    per_sample = [
-        i
-        for i, (t, d) in enumerate(zip(site.inputs, site.in_dims, strict=True))
-        if isinstance(t, Tensor) and d is not None
-    ]
-    dims = [cast(int, site.in_dims[i]) for i in per_sample]  # None filtered out above
-    outs = [
-        (i, d)
-        for i, (t, d) in enumerate(zip(site.outputs, site.out_dims, strict=True))
-        if isinstance(t, Tensor) and t.requires_grad and d is not None
-    ]
-    cotangents = [unit.grad_of(site.outputs[i]) for i, _ in outs]
-    base = [t.detach() if isinstance(t, Tensor) else t for t in site.inputs]
-
-    def sample_loss(p: dict[str, Tensor], xs: list[Tensor], cs: list[Tensor]) -> Tensor:
-        inputs = list(base)
-        for i, d, x in zip(per_sample, dims, xs, strict=True):
-            inputs[i] = x.unsqueeze(d)
-        leaves = leaves_of(function(p, inputs))
-        total = torch.zeros((), dtype=cs[0].dtype if cs else torch.float32)
-        for (i, d), c in zip(outs, cs, strict=True):
-            total = total + (leaves[i] * c.unsqueeze(d)).sum()
-        return total
-
-    detached = {n: p.detach() for n, p in params.items()}
-    xs = [base[i] for i in per_sample]
-    randomness = "different" if replay is not None else "error"
-    try:
-        with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
-            warnings.filterwarnings("ignore", message="There is a performance drop")
-            if replay is not None:  # draw the forward's random numbers again
-                torch.set_rng_state(replay)
-            result: dict[str, Tensor] = torch.func.vmap(
-                torch.func.grad(sample_loss),
-                in_dims=(None, dims, [d for _, d in outs]),
-                randomness=randomness,
-            )(detached, xs, cotangents)
-    except (RuntimeError, ValueError, TypeError, IndexError, AssertionError) as error:
-        raise PerSampleError(
-            f"Per-sample gradients of {where} go through torch.func.vmap over its samples, "
-            f"which failed: {type(error).__name__}: {error}. Register a per-sample rule for "
-            f"it (batchgrad.register_per_sample_rule), or move what vmap cannot run "
-            f"(data-dependent control flow, in-place updates of inputs) out of it."
-        ) from error
-    return {params[n]: g for n, g in result.items()}
-
-
-class VmapOp(OpRule):
-    """Any torch function of parameters whose inputs and outputs hold the samples."""
-
-    param_names = ()
-
-    def release(self) -> None:
-        pass  # the function is run again on its outputs' gradients: keep the site whole
-
-    @classmethod
-    def unsupported(cls, site: OpCall, params: list[nn.Parameter]) -> str | None:
-        if site.rng is not None and site.func in _RECURRENT:
-            raise PerSampleError(
-                f"{site.where()} draws dropout masks between its layers inside one fused "
-                f"kernel, which cannot be drawn again per sample. Build it with dropout=0 "
-                f"(or stack one-layer modules with nn.Dropout between them)."
-            )
-        return _site_unsupported(site)
-
-    def grads(self) -> dict[nn.Parameter, Tensor]:
-        site = self.site
-        slots = {id(p): f"p{k}" for k, p in enumerate(self.params)}
-        names = {f"p{k}": p for k, p in enumerate(self.params)}
-
-        def function(p: dict[str, Tensor], inputs: list[Any]) -> Any:
-            leaves = [p[slots[id(t)]] if id(t) in slots else t for t in inputs]
-            leaves = [
-                p[slots[id(orig)]] if id(orig) in slots else leaf
-                for orig, leaf in zip(site.inputs, leaves, strict=True)
-            ]
-            args, kwargs = unflatten(leaves, site.spec)
-            return site.func(*args, **kwargs)
-
-        return _vmap_grads(function, names, site, self.rows, self, site.where(), site.rng)
-
-
-_RECURRENT = (torch.lstm, torch.gru, torch.rnn_tanh, torch.rnn_relu)
-
-
-def _site_unsupported(site: Site) -> str | None:
-    if stale(site.inputs, site.in_versions):
-        return "a tensor it read was modified in place afterwards"
-    if stale(site.outputs, site.out_versions):
-        return "its output was modified in place afterwards"
-    for t, d in zip(site.inputs, site.in_dims, strict=True):
-        if isinstance(t, int) and d == MIXED:
-            return f"its argument {t} is the number of samples"
-        if isinstance(t, Tensor) and d == MIXED:
-            return (
-                f"an input of shape {tuple(t.shape)} holds the samples mixed with another "
-                f"dimension (flattened, packed or reshaped), not in a dimension of their own"
-            )
-    carried = False
-    for t, d in zip(site.outputs, site.out_dims, strict=True):
-        if isinstance(t, Tensor) and t.requires_grad:
-            if d is None or d == MIXED:
-                return (
-                    f"an output of shape {tuple(t.shape)} does not hold the samples in a "
-                    f"dimension of their own"
-                )
-            carried = True
-    if not carried:
-        return "none of its outputs carries a gradient"
-    return None
-
-
-class VmapModule(Unit):
-    """A module call: vmap over its samples, differentiating only ``params``."""
-
-    site: ModuleCall
-
-    @classmethod
-    def unsupported(cls, site: ModuleCall) -> str | None:
-        return _site_unsupported(site)
-
-    def grads(self) -> dict[nn.Parameter, Tensor]:
-        site, module = self.site, self.site.module
-        names = {
-            id(p): n for n, p in module.named_parameters(remove_duplicate=False)
-        }  # a tied parameter: functional_call replaces every name it has
-        params = {names[id(p)]: p for p in self.params}
-
-        def function(p: dict[str, Tensor], inputs: list[Any]) -> Any:
-            args, kwargs = unflatten(inputs, site.spec)
-            return torch.func.functional_call(module, p, tuple(args), kwargs)
-
-        where = f"module {site.name!r} ({type(module).__name__})"
-        return _vmap_grads(function, params, site, self.rows, self, where, site.rng)
-
-
-UserRule = Callable[[nn.Module, tuple[Any, ...], tuple[Tensor, ...]], dict[str, Tensor]]
-"""``rule(module, args, grad_outputs) -> {name: [B, *p.shape]}``, samples in dimension 0."""
-
-MODULE_RULES: dict[type[nn.Module], UserRule] = {}
-_registrations = [0]  # how many rules were registered: a guarded signature is guarded again
-
-
-def rules_generation() -> int:
-    """Changes whenever a rule is registered (the guard's record of what it checked)."""
-    return _registrations[0]
-
-
-def register_per_sample_rule(module_type: type[nn.Module]) -> Callable[[UserRule], UserRule]:
-    """Register ``rule`` for the per-sample gradients of every ``module_type`` layer.
-
-    ``rule(module, args, grad_outputs)`` gets the positional arguments of one call of
-    the module and the gradient of the batch's total reaching each tensor it returned
-    (in order, zeros where none arrives), all with the samples in dimension 0, and
-    returns ``{name: [B, *p.shape]}`` for the module's trainable parameters (names as
-    in ``module.named_parameters()``). Their uses inside the call are then left to the
-    rule; the guard (``verify=``) checks its results like any other rule's.
-
-    Example:
-        >>> import torch, batchgrad as bg
-        >>> class Scale(torch.nn.Module):
-        ...     def __init__(self, n):
-        ...         super().__init__()
-        ...         self.weight = torch.nn.Parameter(torch.ones(n))
-        ...     def forward(self, x):
-        ...         return x * self.weight
-        >>> @bg.register_per_sample_rule(Scale)
-        ... def scale_rule(module, args, grad_outputs):
-        ...     (x,), (g,) = args, grad_outputs  # [B, ..., n] each
-        ...     return {"weight": (x * g).flatten(1, -2).sum(1) if x.ndim > 2 else x * g}
-        >>> def loss_fn(model, x):
-        ...     return bg.Loss.from_values(model(x).pow(2).sum(1))
-        >>> bg.per_sample_grads(Scale(3), loss_fn, torch.ones(4, 3))["weight"].shape
-        torch.Size([4, 3])
-    """
-
-    def register(rule: UserRule) -> UserRule:
-        if not (isinstance(module_type, type) and issubclass(module_type, nn.Module)):
-            raise ConfigError(
-                f"register_per_sample_rule takes an nn.Module class, got {module_type!r}."
-            )
-        MODULE_RULES[module_type] = rule
-        _registrations[0] += 1
-        return rule
-
-    return register
-
-
-def user_rule(module: nn.Module) -> UserRule | None:
-    for cls in type(module).__mro__:
-        if cls in MODULE_RULES:
-            return MODULE_RULES[cls]
-    return known_rule(module)
-
-
-def known_rule(module: nn.Module) -> UserRule | None:
-    """A built-in module rule (layers of other libraries, recognised without importing
-    them); a rule the user registers for the class comes first."""
-    if _is_transformers_conv1d(module):
-        return _transformers_conv1d
-    return None
-
-
-def _is_transformers_conv1d(module: nn.Module) -> bool:
-    """Hugging Face's ``Conv1D`` (GPT-2's projections), known without importing it."""
-    cls = type(module)
-    weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
-    return (
-        cls.__name__ == "Conv1D"
-        and cls.__module__.startswith("transformers.")
-        and isinstance(weight, nn.Parameter)
-        and weight.ndim == 2
-        and (bias is None or (isinstance(bias, nn.Parameter) and bias.shape == weight.shape[1:]))
-    )
-
-
-def _transformers_conv1d(
-    module: nn.Module, args: tuple[Any, ...], grad_outputs: tuple[Tensor, ...]
-) -> dict[str, Tensor]:
-    """``Conv1D``: ``y = x W + b`` at every position, ``W`` stored ``[in, out]``, which it
-    computes on the samples flattened with the positions (``addmm`` on ``x.view(-1,
-    in)``), so no rule of a use can read it; its gradients are those of a linear layer,
-    and their sum over samples is the batch gradient's own formula (`KnownModule`)."""
-    (x, *_), (g, *_) = args, grad_outputs
-    a = x.reshape(x.shape[0], -1, x.shape[-1])
-    g = g.reshape(g.shape[0], -1, g.shape[-1]).to(a.dtype)
-    out = {"weight": _outer_sums(a, g)}
-    if getattr(module, "bias", None) is not None:
-        out["bias"] = g.sum(1)
-    return out
-
-
-class UserModule(Unit):
-    """A module call with a registered rule."""
-
-    site: ModuleCall
-
-    @classmethod
-    def unsupported(cls, site: ModuleCall) -> str | None:
-        problem = _site_unsupported(site)
-        if problem is not None:
-            return problem
-        dims = [*site.in_dims, *site.out_dims]
-        leaves = [*site.inputs, *site.outputs]
-        if any(
-            isinstance(t, Tensor) and d not in (None, 0) for t, d in zip(leaves, dims, strict=True)
-        ):
-            return "its registered rule needs the samples in dimension 0"
-        return None
-
-    def grads(self) -> dict[nn.Parameter, Tensor]:
-        site, module = self.site, self.site.module
-        rule = user_rule(module)
-        assert rule is not None
-        args, _ = unflatten(site.inputs, site.spec)
-        grads = tuple(
-            self.grad_of(t) if t.requires_grad else torch.zeros_like(t)
-            for t in site.outputs
-            if isinstance(t, Tensor)
-        )
-        result = rule(module, tuple(args), grads)
-        named = dict(module.named_parameters(remove_duplicate=False))
-        wanted = {id(p) for p in self.params}
-        out: dict[nn.Parameter, Tensor] = {}
-        for name, grad in result.items():
-            p = named.get(name)
-            if p is None or not isinstance(grad, Tensor) or grad.shape != (self.rows, *p.shape):
-                raise PerSampleError(
-                    f"The per-sample rule registered for {type(module).__name__} returned "
-                    f"{name!r} with {'no such parameter' if p is None else 'a wrong shape'} "
-                    f"for module {site.name!r}: it must return {{name: [B, *p.shape]}} for "
-                    f"the module's parameters."
-                )
-            if id(p) in wanted:
-                out[p] = grad
-        return out
-
-
-class KnownModule(UserModule):
-    """A module call with a built-in rule (`known_rule`): exact like the layer rules, so
-    the guard checks the paths around it, not its sums."""
-
-
-class TransformersConv1D(KnownModule):
-    """Hugging Face's ``Conv1D``, ``y = x W + b`` with ``W`` stored ``[in, out]``: the
-    linear layer's ghost norms and weighted product (`_Linear`), transposed, so that its
-    norms and clipped sums form no per-sample gradient."""
-
-    def __init__(self, site: ModuleCall, params: list[nn.Parameter], rows: int) -> None:
-        super().__init__(site, params, rows)
-        module = site.module
-        self.weight = cast(nn.Parameter, module.weight)
-        bias = getattr(module, "bias", None)
-        self.bias = bias if isinstance(bias, nn.Parameter) else None
-        self._like: tuple[torch.Size, torch.dtype, torch.device] | None = None
-
-    @classmethod
-    def unsupported(cls, site: ModuleCall) -> str | None:
-        problem = super().unsupported(site)
-        if problem is None and (len(site.inputs) != 1 or len(site.outputs) != 1):
-            return "it is called with other arguments than one input"
-        return problem
-
-    def release(self) -> None:
-        """Let go of the output (its shape kept): only its gradient is read."""
-        t = self.site.outputs[0]
-        self._like = (t.shape, t.dtype, t.device)
-        self.site.outputs = [None]
-
-    def _pair(self) -> tuple[Tensor, Tensor]:
-        x = self.site.inputs[0]
-        g = self.site.grads[0] if self.site.grads else None
-        if g is None:
-            if self._like is None:
-                g = torch.zeros_like(self.site.outputs[0])
-            else:
-                shape, dtype, device = self._like
-                g = torch.zeros(shape, dtype=dtype, device=device)
-        a = x.reshape(self.rows, -1, x.shape[-1])
-        g = g.reshape(self.rows, -1, g.shape[-1])
-        return a, g
-
-    def _has(self, p: nn.Parameter | None) -> bool:
-        return p is not None and any(p is q for q in self.params)
-
-    def grads(self) -> dict[nn.Parameter, Tensor]:
-        a, g = self._pair()
-        out: dict[nn.Parameter, Tensor] = {}
-        if self._has(self.weight):
-            out[self.weight] = _outer_sums(a.to(g.dtype), g)
-        if self.bias is not None and self._has(self.bias):
-            out[self.bias] = g.sum(1)
-        return out
-
-    def sq_norms(self) -> Tensor:
-        a, g = self._pair()
-        total = torch.zeros(self.rows, dtype=g.dtype, device=g.device)
-        if self._has(self.weight):
-            total = total + _outer_sq_norms(a, g)
-        if self.bias is not None and self._has(self.bias):
-            total = total + g.sum(1).pow(2).sum(1)
-        return total
-
-    def weighted(self, weights: Tensor) -> dict[nn.Parameter, Tensor]:
-        a, g = self._pair()
-        out: dict[nn.Parameter, Tensor] = {}
-        if self._has(self.weight):
-            out[self.weight] = _outer_weighted(a, g, weights)
-        if self.bias is not None and self._has(self.bias):
-            out[self.bias] = (g.sum(1) * weights.to(g.dtype)[:, None]).sum(0)
-        return out
-
-    def subtract_sum(self, targets: dict[nn.Parameter, Tensor]) -> None:
-        a, g = self._pair()
-        if self._has(self.weight):
-            _outer_subtract(targets[self.weight], a, g)
-        if self.bias is not None and self._has(self.bias):
-            target = targets[self.bias]
-            target.sub_(g.sum((0, 1)).to(target.dtype))
-
-
-def known_unit(module: nn.Module) -> type[KnownModule]:
-    """The unit of a module with a built-in rule (`known_rule`)."""
-    return TransformersConv1D if _is_transformers_conv1d(module) else KnownModule
 
 
 RULES: dict[Callable[..., Any], type[OpRule]] = {

@@ -690,7 +690,7 @@ class Gain(nn.Module):
 
 @pytest.fixture
 def gain_rule():
-    from batchgrad._per_sample_rules import MODULE_RULES
+    from batchgrad._per_sample_modules import MODULE_RULES
 
     def register(rule):
         bg.register_per_sample_rule(Gain)(rule)

@@ -109,7 +109,8 @@ def test_gpt2_projections_use_the_conv1d_rule_not_vmap():
     """Hugging Face's Conv1D flattens the samples with the positions; a built-in rule
     reads it as a linear layer, exact like the layer rules (no sums compared)."""
     from batchgrad._per_sample import _plan, _sum_checked, _trace
-    from batchgrad._per_sample_rules import KnownModule, VmapModule
+    from batchgrad._per_sample_modules import KnownModule
+    from batchgrad._per_sample_vmap import VmapModule
 
     torch.manual_seed(0)
     model, loss_fn = hf("gpt2")
@@ -125,7 +126,7 @@ def test_gpt2_projections_use_the_conv1d_rule_not_vmap():
 def test_gpt2_norms_and_clipping_form_no_conv1d_per_sample_gradients(monkeypatch):
     """Conv1D's norms come from ghost norms and its clipped sum from one weighted
     product, as nn.Linear's: its per-sample gradients are never formed for them."""
-    from batchgrad._per_sample_rules import TransformersConv1D
+    from batchgrad._per_sample_modules import TransformersConv1D
 
     torch.manual_seed(0)
     model, loss_fn = hf("gpt2")
