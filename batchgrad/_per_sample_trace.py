@@ -215,8 +215,9 @@ def _leaf_key(leaf: Any) -> Any:
 
 def probe_key(model: nn.Module, loss_fn: Any, batch: Any) -> Any:
     """What a probe's shapes depend on other than the values: the batch's structure and
-    its tensors' shapes, the modules and their modes, the trainable parameters, the
-    loss function and the grad mode."""
+    its tensors' shapes, the modules and their modes, the trainable parameters (and
+    their shapes and dtypes: ``p.data`` may be replaced), the loss function and the
+    grad mode."""
     try:
         hash(loss_fn)  # kept in the key (not its id, which a new function may reuse)
     except TypeError:
@@ -226,7 +227,7 @@ def probe_key(model: nn.Module, loss_fn: Any, batch: Any) -> Any:
         spec,
         tuple(_leaf_key(leaf) for leaf in leaves),
         tuple((id(m), type(m), m.training) for m in model.modules()),
-        tuple(id(p) for p in model.parameters() if p.requires_grad),
+        tuple((id(p), p.shape, p.dtype) for p in model.parameters() if p.requires_grad),
         loss_fn,
         torch.is_grad_enabled(),
     )

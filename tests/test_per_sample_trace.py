@@ -122,3 +122,27 @@ def test_a_forward_that_differs_from_the_cached_probe_is_probed_again():
         ]
     )
     torch.testing.assert_close(grads["b.weight"], expected, rtol=1e-10, atol=1e-12)
+
+
+def test_a_parameter_resized_in_place_is_probed_again_not_read_with_the_old_shapes():
+    """``p.data`` replaced by a tensor of another shape (here the output features
+    become the batch size) between two calls: the cached probe is not reused."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3).double()
+
+    def loss_fn(m, batch):
+        return bg.Loss.from_values(m(batch).pow(2).sum(1))
+
+    x = torch.randn(6, 4, dtype=torch.float64)
+    bg.per_sample_grads(model, loss_fn, x)
+    with torch.no_grad():
+        model.weight.data = torch.randn(6, 4, dtype=torch.float64)
+        model.bias.data = torch.randn(6, dtype=torch.float64)
+
+    grads = bg.per_sample_grads(model, loss_fn, x)
+
+    for i in range(6):
+        model.zero_grad(set_to_none=True)
+        loss_fn(model, x[i : i + 1]).total.backward()
+        torch.testing.assert_close(grads["weight"][i], model.weight.grad, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(grads["bias"][i], model.bias.grad, rtol=1e-12, atol=1e-14)
