@@ -196,3 +196,43 @@ def test_existing_gradients_are_kept_and_do_not_enter_the_estimate(small_batches
         torch.testing.assert_close(p.grad, g + o, rtol=1e-12, atol=1e-14)
     assert scale.last.grad_sq == pytest.approx(fresh.last.grad_sq, rel=1e-10)
     assert scale.last.trace_cov == pytest.approx(fresh.last.trace_cov, rel=1e-10)
+
+
+@pytest.mark.parametrize("small_batches", [1, None])
+@pytest.mark.parametrize("failing", [0, 2, 5])  # the measured first, a measured later, the last
+def test_a_failure_in_a_measured_micro_batch_keeps_the_gradients_and_the_scale(
+    small_batches, failing
+):
+    """A micro-batch whose backward raises while the earlier sum is held apart: the
+    gradients before the call come back, the scale is not updated, the next call works."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 1)).double()
+    x, y = regression(40)
+    old = [torch.randn_like(p) for p in model.parameters()]
+    for p, g in zip(model.parameters(), old, strict=True):
+        p.grad = g.clone()
+    scale = bg.NoiseScale(small_batches=small_batches)
+    calls = []
+
+    def breaking(m, batch):
+        loss = mse(m, batch)
+        calls.append(None)
+        if len(calls) == failing + 1:
+            loss.total.register_hook(lambda g: (_ for _ in ()).throw(RuntimeError("in backward")))
+        return loss
+
+    with pytest.raises(RuntimeError, match="in backward"):  # the user's own error, as raised
+        bg.accumulate(model, breaking, (x, y), micro_batch_size=7, noise=scale, existing_grad="add")
+
+    for p, g in zip(model.parameters(), old, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=0, atol=0)
+    assert scale.steps == 0
+    fresh = bg.NoiseScale(small_batches=small_batches)
+    model.zero_grad(set_to_none=True)
+    bg.accumulate(model, mse, (x, y), micro_batch_size=7, noise=fresh)
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    bg.accumulate(model, mse, (x, y), micro_batch_size=7, noise=scale)
+    for p, g in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=0, atol=0)
+    assert scale.last.trace_cov == fresh.last.trace_cov
