@@ -25,20 +25,29 @@ micro-batch. So:
 
 An exception *inside* the model's forward or backward on one rank (a hook, a
 custom autograd Function) leaves it out of the all-gathers and reduce-scatters the
-others are in. That rank then *completes their schedule* (`_Schedule`): every
-parameter group's all-gather (``unshard``) and post-backward (its reduce-scatter)
-is recorded as FSDP issues it, on every successful step, and the failing rank
-issues the rest of the step's sequence itself through FSDP's own methods (its
-contributions are thrown away with everything else of the call). It then tells
-the others at their next agreement (the step's, after a forward; the next step's
-or the final one, after a backward), every rank puts every gradient back, resets
-FSDP's state of the pass (``_reset_iter_state``) and raises the same
+others are in. That rank then *completes their schedule* (`_fsdp_schedule`): the
+sequence of FSDP's collectives is learned from the steps that succeeded, and the
+failing rank issues the rest of the step's sequence itself through FSDP's own
+methods (its contributions are thrown away with everything else of the call). It
+then tells the others at their next agreement (the step's, after a forward; the
+next step's or the final one, after a backward), every rank puts every gradient
+back, resets FSDP's state of the pass (``_reset_iter_state``) and raises the same
 `DistributedError`; the process group stays usable and the next call is exact.
+
+So that a sequence is known before the first real backward, the first call of a
+model with a loss function (and FSDP settings) starts with a *rehearsal*
+(`_Steps.rehearse`): every rank runs its padding micro-batch, forward and a zero
+backward, with the gradient sync off. It costs one step's all-gathers and no
+reduce-scatter, once, and changes nothing (no gradient, buffers and RNG put back).
+
 What is still fatal (`DistributedError`, the process group shut down at once so
-that no rank waits for its timeout): a failure with no sequence to complete (a
-backward before any backward of this model succeeded, or a rank whose part of the
-sequence does not match), an exception inside FSDP's own collectives, a rank that
-died. Restart the job from the last checkpoint then.
+that no rank waits for its timeout): a failure with no sequence to complete (the
+rehearsal's own backward failing, a forward never seen before, a model whose
+sequence differed between steps, a rank whose part does not match), an exception
+inside FSDP's own collectives, a rank that died. Restart the job from the last
+checkpoint then. Not detected: a step whose backward issues other collectives than
+the last successful one after the same forward did (autograd reaching other
+blocks), failing on one rank; it can wait for the process group's timeout.
 
 Unused parameters: FSDP reduce-scatters every parameter of a group (so that the
 ranks' collectives match whatever each used), a zero for one a rank did not use;
@@ -51,7 +60,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -67,12 +75,13 @@ from ._errors import (
     LossTypeError,
     NonFiniteError,
 )
+from ._fsdp_schedule import Event, Schedule, Unrecoverable
 from ._loop import _backward, _loop, _Run
 from ._loss import LossFn, unpack_loss
 from ._protocol import Local, agree, layout, raise_failures
 from ._readout import _as_floats
 from ._split import Batch, batch_length, is_structured, micro_batches, slice_batch
-from ._state import GradStash, _refuse_existing_grads, trainable_and_buffers
+from ._state import GradStash, RngSnapshot, _refuse_existing_grads, trainable_and_buffers
 
 if TYPE_CHECKING:
     from ._accumulate import AccumulateReport
@@ -125,7 +134,7 @@ class _Steps:
     once: bool
     knobs: _Knobs
     template: Batch | None  # a 0-row micro-batch, for padding steps
-    schedule: _Schedule
+    schedule: Schedule
     more: bool = True  # some rank holds a micro-batch for the next step
     loss_sum: float = 0.0  # over every rank
     count: float = 0.0  # over every rank
@@ -235,6 +244,46 @@ class _Steps:
             self.tell(error, index if real else None)
         self.schedule.learn()
 
+    def rehearse(self, model: nn.Module, loss_fn: LossFn) -> None:
+        """The 0-row step before a model's first real one (see the module's
+        docstring): it learns the sequence of FSDP's collectives. A forward that
+        fails on 0 rows (on any rank) only leaves the sequence unknown, as without
+        a rehearsal; the caller puts the buffers back."""
+        rng = RngSnapshot.take()
+        self.knobs.sync(False)
+        self.schedule.begin()
+        total: Tensor | None = None
+        failure: BaseException | None = None
+        try:
+            if self.template is None:
+                raise ConfigError("no 0-row micro-batch to rehearse with")
+            total = loss_fn(model, self.template).total
+        except BaseException as error:
+            self.finish_forward(error, _REHEARSAL)
+            failure = error
+        self.schedule.forward_done()
+        interrupted = float(failure is not None and not isinstance(failure, Exception))
+        failed, stop, *_ = _step(self.group, [float(failure is not None), interrupted, 0, 0, 0])
+        if stop:  # a KeyboardInterrupt (or the like) on some rank: every rank stops
+            self.failure = failure
+            raise _Stop
+        if not failed:
+            assert total is not None
+            try:
+                _backward(total, torch.zeros_like(total))
+            except BaseException as error:
+                # fatal where nothing was learned; else (another rank had no sequence)
+                # told at the first step's agreement
+                self.complete(error, _REHEARSAL, "backward", self.schedule.backward_events())
+                self.tell(error, None)
+            self.schedule.learn(rehearsal=True)
+        else:
+            self.schedule.rehearsal_failed()
+        reset_pass(self.knobs)  # drops the unsharded gradients of the 0 rows
+        self.schedule.used = [False] * len(self.schedule.used)
+        rng.put_back()
+        self.knobs.sync(not self.once)
+
     def finish_forward(self, error: BaseException, index: int) -> None:
         """The others run the whole forward: issue the all-gathers this rank missed.
         Nothing is missing when the error came after the model's forward (a NaN
@@ -244,20 +293,20 @@ class _Steps:
         if not inside and done:  # the model ran; loss_fn raised afterwards
             try:
                 expected = self.schedule.expected("forward")
-            except _Unrecoverable:
+            except Unrecoverable:
                 return
             if len(done) >= len(expected) or expected[: len(done)] != done:
                 return  # (a strict prefix: raised between two calls of the model)
         self.complete(error, index, "forward", done)
 
-    def complete(self, error: BaseException, index: int, where: str, done: list[_Event]) -> None:
+    def complete(self, error: BaseException, index: int, where: str, done: list[Event]) -> None:
         """Issue the rest of this step's forward or backward collectives that the
-        other ranks are in (`_Schedule.complete`); what cannot be completed stops the
+        other ranks are in (`Schedule.complete`); what cannot be completed stops the
         process group (`abandon`)."""
         if _peer_gone(error):
             raise DistributedError(
-                f"Another rank failed inside the sharded model's {where} (micro-batch "
-                f"{index} here), in the middle of FSDP's collectives ({error}). The process "
+                f"Another rank failed inside the sharded model's {where} ({_at(index)} "
+                f"here), in the middle of FSDP's collectives ({error}). The process "
                 f"group cannot be used any more: look at the other ranks' tracebacks, and "
                 f"restart the job from your last checkpoint (torchrun --max-restarts)."
             ) from error
@@ -276,6 +325,7 @@ class _Steps:
             self.tell_at_the_end = True
             raise _Stop
         try:
+            self.schedule.ran(self.schedule.forward_events())  # the next step runs it too
             self.schedule.begin()
             self.schedule.complete("forward", [])
         except BaseException as reason:
@@ -285,14 +335,14 @@ class _Steps:
 
     def abandon(self, error: BaseException, index: int, where: str, reason: BaseException) -> None:
         """An error in the middle of FSDP's collectives that this rank cannot take its
-        place in any more (`_Schedule.complete` could not): shut the process group
+        place in any more (`Schedule.complete` could not): shut the process group
         down, so that the others hear of it now (the closed connection) instead of at
         its timeout, and raise `DistributedError` here as there."""
         with contextlib.suppress(Exception):
             # Closes this rank's connections; the others' collectives fail at once.
             dist.distributed_c10d._abort_process_group()
         raise DistributedError(
-            f"On rank {self.rank}, micro-batch {index}: {type(error).__name__}: {error}, "
+            f"On rank {self.rank}, {_at(index)}: {type(error).__name__}: {error}, "
             f"raised inside the sharded model's {where}, in the middle of FSDP's "
             f"collectives, where this rank could not take its place in the others' "
             f"collectives ({reason}). The process group was shut down so that they stop "
@@ -301,149 +351,13 @@ class _Steps:
         ) from error
 
 
-_Event = tuple[str, int]  # ("ag": an all-gather, "pb": a post-backward; group index)
-
-# The last successful step's collectives of each model, by what they hold for (the
-# settings, the loss function's code): the forward's and the backward's.
-_LEARNED: weakref.WeakKeyDictionary[nn.Module, dict[object, tuple[list[_Event], list[_Event]]]] = (
-    weakref.WeakKeyDictionary()
-)
+_REHEARSAL = -1  # the index of the rehearsal step, in messages
 
 
-# Models whose sequence has differed between two steps with the same settings.
-_CHANGING: weakref.WeakSet[nn.Module] = weakref.WeakSet()
-
-
-class _Unrecoverable(Exception):
-    """No sequence of collectives to complete, or this rank's part differs from it."""
-
-
-class _Schedule:
-    """FSDP's collectives of a step, as this rank issues them, for a rank that fails
-    in the middle of them to issue the rest (see the module's docstring).
-
-    Each parameter group's ``unshard`` (an all-gather, when it issues one) and
-    ``post_backward`` (a reduce-scatter when gradients are synced, with HSDP's
-    all-reduce) are wrapped for the call, and each step's sequence is learned once
-    it succeeded. The wrapped ``post_backward`` also notes which parameters got a
-    gradient on this rank (the unused ones get None)."""
-
-    def __init__(
-        self, model: nn.Module, groups: list[Any], params: list[nn.Parameter], loss_fn: object
-    ) -> None:
-        self.model, self.groups = model, groups
-        self.code = getattr(loss_fn, "__code__", type(loss_fn))  # which blocks it runs
-        self.events: list[_Event] = []
-        self.forward_end = 0
-        position = {id(p): i for i, p in enumerate(params)}
-        self.used = [False] * len(params)
-        self.where = [[position.get(id(f.sharded_param)) for f in g.fsdp_params] for g in groups]
-
-    def key(self) -> object:
-        """What decides the sequence besides the model's code."""
-        return self.code, tuple(
-            (g.post_forward_mesh_info is not None, g.unshard_in_backward, g.reshard_after_backward)
-            for g in self.groups
-        )
-
-    def wrap(self) -> None:
-        for index, group in enumerate(self.groups):
-            group.unshard = self._unshard(group, index)
-            group.post_backward = self._post_backward(group, index)
-
-    def unwrap(self) -> None:
-        for group in self.groups:
-            group.__dict__.pop("unshard", None)
-            group.__dict__.pop("post_backward", None)
-
-    def _unshard(self, group: Any, index: int) -> Any:
-        original = type(group).unshard
-
-        def unshard(async_op: bool = False) -> None:
-            pending = group._all_gather_result is None
-            original(group, async_op)
-            if pending and group._all_gather_result is not None:
-                self.events.append(("ag", index))
-
-        return unshard
-
-    def _post_backward(self, group: Any, index: int) -> Any:
-        original = type(group).post_backward
-        where = self.where[index]
-
-        def post_backward(*unused: Any) -> None:
-            for fsdp_param, at in zip(group.fsdp_params, where, strict=True):
-                if at is not None and not self.used[at] and _has_grad(fsdp_param):
-                    self.used[at] = True
-            original(group, *unused)
-            self.events.append(("pb", index))
-
-        return post_backward
-
-    def begin(self) -> None:
-        self.events = []
-        self.forward_end = 0
-
-    def forward_done(self) -> None:
-        self.forward_end = len(self.events)
-
-    def backward_events(self) -> list[_Event]:
-        return self.events[self.forward_end :]
-
-    def learn(self) -> None:
-        key, learned = self.key(), (self.events[: self.forward_end], self.backward_events())
-        known = _LEARNED.setdefault(self.model, {})
-        before = known.get(key)
-        if before != learned:
-            if before is not None:
-                _CHANGING.add(self.model)  # the order depends on the data: not predictable
-            known[key] = learned
-
-    def expected(self, where: str) -> list[_Event]:
-        if self.model in _CHANGING:
-            raise _Unrecoverable(
-                "the model's sequence of FSDP collectives has changed between steps, so "
-                "the others' is not known"
-            )
-        learned = _LEARNED.get(self.model, {}).get(self.key())
-        if learned is not None:
-            return learned[0] if where == "forward" else learned[1]
-        if where == "forward":  # FSDP's own order: the modules', the root first
-            return [("ag", index) for index in range(len(self.groups))]
-        raise _Unrecoverable(
-            "no backward of this model had succeeded yet, so the others' sequence of "
-            "collectives is not known"
-        )
-
-    def complete(self, where: str, done: list[_Event]) -> None:
-        """Issue the collectives of ``where`` that follow ``done`` (this rank's part),
-        with FSDP's own methods; what they contribute is thrown away."""
-        from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
-
-        expected = self.expected(where)
-        if expected[: len(done)] != done:
-            raise _Unrecoverable(f"this rank's {where} issued {done}, not the start of {expected}")
-        with torch.no_grad():
-            for kind, index in expected[len(done) :]:
-                group = self.groups[index]
-                with group.use_training_state(TrainingState.IDLE):
-                    if kind == "ag":
-                        if group._all_gather_result is not None:
-                            group.wait_for_unshard()
-                        group.reshard()
-                        type(group).unshard(group)
-                        group.wait_for_unshard()
-                        group.reshard()
-                    else:
-                        type(group).post_backward(group)
-
-
-def _has_grad(fsdp_param: Any) -> bool:
-    """Whether this rank's backward gave the parameter a gradient so far."""
-    if fsdp_param.unsharded_accumulated_grad is not None:
-        return True
-    unsharded = getattr(fsdp_param, "_unsharded_param", None)
-    return unsharded is not None and unsharded.grad is not None
+def _at(index: int) -> str:
+    if index == _REHEARSAL:
+        return "the 0-row rehearsal of the model's first call"
+    return f"micro-batch {index}"
 
 
 def reset_pass(knobs: _Knobs) -> None:
@@ -613,7 +527,7 @@ def accumulate_sharded(
     mine = Local(settings, layout_hash, entries)
     own: Iterator[tuple[Batch, bool]] = iter(())
     template: Batch | None = None
-    schedule = _Schedule(model, knobs.groups, params, loss_fn)
+    schedule = Schedule(model, knobs.groups, params, loss_fn)
     steps = _Steps(group, grad_sync == "once", knobs, None, schedule, rank=rank)
     schedule.wrap()
     handles = steps.watch(model)
@@ -663,6 +577,7 @@ def accumulate_sharded(
                     own = _chain(first, own)
         except BaseException as error:  # reported to every rank below, so none waits
             mine.failure = error.error if isinstance(error, _FetchFailed) else error
+        mine.rehearse = schedule.unknown()
         agreed = agree(group, rank, world_size, _device(group), mine)
         if len(agreed.idle) == world_size:
             raise EmptyBatchError(
@@ -672,6 +587,9 @@ def accumulate_sharded(
         steps.template = _shared_template(group, template, agreed.idle)
         knobs.for_call(steps.once)
         try:
+            if agreed.rehearse:  # some rank has not seen this model's collectives yet
+                steps.rehearse(model, loss_fn)
+                buffers.put_back()
             _loop(_Run(None), model, loss_fn, steps.parts(own), steps)
         except _Stop:
             reset_pass(knobs)

@@ -6,7 +6,8 @@ stays quiet under ``no_sync()``), catching whatever fails, and then every rank,
 whatever happened to it, enters the same single all-reduce (`agree`) of a small
 float64 vector:
 
-- summed over the ranks: the loss sum, the count ``N(B)`` and the micro-batches;
+- summed over the ranks: the loss sum, the count ``N(B)``, the micro-batches (and,
+  on FSDP models, the ranks that ask for a rehearsal: `batchgrad._fsdp`);
 - one block per rank, the others' zero: whether and where it failed, a hash of
   its settings and one of its trainable parameters' layout, whether it holds
   any sample, whether it left a parameter without a gradient, and the squared
@@ -43,7 +44,7 @@ from torch import Tensor, nn
 
 from ._errors import BatchError, ConfigError, DistributedError
 
-_HEADER = 5  # loss sum, count, micro-batches, clipped samples, samples: summed
+_HEADER = 6  # loss sum, count, micro-batches, clipped and all samples, rehearsals: summed
 _BLOCK = 8  # values per rank, below
 _FAILED, _WHERE, _SETTINGS, _LAYOUT, _WORKS, _UNUSED, _SQ_NORM, _SAMPLES = range(_BLOCK)
 _HASH_BITS = 24  # a float64 holds the hash exactly, also summed over many ranks
@@ -67,6 +68,7 @@ class Local:
     clip_samples: int = 0  # samples clipped or not, with clip_per_sample
     sq_norm: float = 0.0  # ‖local gradient‖², with noise=
     samples: int = 0
+    rehearse: bool = False  # (FSDP) this rank has not learned the model's collectives
 
     def header(self) -> list[float]:
         """The `_HEADER` values, summed over the ranks."""
@@ -76,6 +78,7 @@ class Local:
             float(self.micro_batches),
             float(self.clipped),
             float(self.clip_samples),
+            float(self.rehearse),
         ]
 
     def block(self) -> list[float]:
@@ -104,6 +107,7 @@ class Agreement:
     some_unused: bool  # a working rank left a parameter without a gradient
     sq_norms: list[float]  # of each working rank's local gradient
     samples: list[int]  # of each working rank
+    rehearse: bool  # (FSDP) some rank asked for a rehearsal step
 
 
 def settings_hash(settings: dict[str, object]) -> int:
@@ -177,6 +181,7 @@ def _decide(
         some_unused=any(b[_UNUSED] for b in working),
         sq_norms=[b[_SQ_NORM] for b in working],
         samples=[int(b[_SAMPLES]) for b in working],
+        rehearse=header[5] > 0,
     )
 
 

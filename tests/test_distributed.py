@@ -360,10 +360,10 @@ def test_ddp_synchronises_once_per_logical_batch():
         assert counts == [per_sync] * 3  # not one sync per micro-batch
         # Unwrapped, first call: one control all-reduce (a header and a block per
         # rank) and one gradient all-reduce (and a flag per parameter: has it a
-        # gradient?). Then one: gradients, flags and per rank 15 control values,
+        # gradient?). Then one: gradients, flags and per rank 16 control values,
         # each as 4 float32 (a mantissa in three parts and an exponent).
         n_params = 4 * 8 + 8 + 8 * 2 + 2
-        assert all_reduces == [5 + 8 * 2, n_params + 4, n_params + 4 + 2 * 15 * 4]
+        assert all_reduces == [6 + 8 * 2, n_params + 4, n_params + 4 + 2 * 16 * 4]
 
 
 # ---- bad input on one rank: every rank raises, nothing hangs, gradients kept -------

@@ -14,6 +14,7 @@ import random
 import re
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -146,6 +147,12 @@ class _Boom(torch.autograd.Function):
         raise RuntimeError("raised in backward")
 
 
+def _index(calls: Iterator[int], micro_batch: object) -> int | None:
+    """The index of a real micro-batch among a loss_fn's calls; None for a 0-row one
+    (a padding step, or the rehearsal that starts a model's first call)."""
+    return next(calls) if bg._split.batch_length(micro_batch) else None
+
+
 def _net() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 1)).double()
@@ -181,7 +188,7 @@ def _faults() -> dict[str, object]:
         calls = itertools.count()
 
         def loss_fn(m, b):  # type: ignore[no-untyped-def]
-            index = next(calls)
+            index = _index(calls, b)
             loss = square(m, b)
             if rank != failing:
                 return loss
@@ -359,7 +366,7 @@ def _inner_faults() -> dict[object, object]:
         calls = itertools.count()
 
         def loss_fn(m, b, where=where, at=at, failing=failing, block=block, calls=calls):  # type: ignore[no-untyped-def]
-            if rank != failing or next(calls) != at:
+            if rank != failing or _index(calls, b) != at:
                 return _square(m, b)
             if where.startswith("forward"):
                 handle = block.register_forward_pre_hook(_raise_in_forward)
@@ -403,7 +410,7 @@ def _lm_backward_fault() -> tuple[str, str, bool, list[torch.Tensor]]:
     calls = itertools.count()
 
     def loss_fn(m, b):  # type: ignore[no-untyped-def]
-        if rank != world - 1 or next(calls) != 1:
+        if rank != world - 1 or _index(calls, b) != 1:
             return case.loss_fn(m, b)
         layer = m.blocks.layers[0]
         handle = layer.register_forward_hook(lambda _m, _a, out: _Relay.apply(out))
@@ -514,10 +521,78 @@ def _unused() -> dict[str, object]:
     return out
 
 
+def _first_backward_fault() -> tuple[str, str, bool, list[torch.Tensor]]:
+    """An exception inside one rank's first real backward of a fresh model (its
+    0-row rehearsal went through), then the next call."""
+    rank = dist.get_rank()
+    model = _shard(_net())
+    x = _deep_x(2)[5 * rank : 5 * (rank + 1)]
+    state = {"fail": rank == 1}
+
+    def loss_fn(m, b):  # type: ignore[no-untyped-def]
+        out = m(b)
+        if state["fail"] and len(b):
+            out = _Relay.apply(out)
+        return bg.Loss.from_values(out.square())
+
+    try:
+        bg.accumulate(model, loss_fn, x, micro_batch_size=2)
+        got, message = "no error", ""
+    except bg.BatchError as error:
+        got, message = type(error).__name__, str(error)
+    untouched = all(p.grad is None for p in model.parameters())
+    state["fail"] = False
+    bg.accumulate(model, loss_fn, x, micro_batch_size=2)
+    return got, message, untouched, _full(model)
+
+
+class _Counting(nn.Module):
+    """A linear block counting its forwards in a buffer, and refusing 0 rows when
+    told to."""
+
+    def __init__(self, refuse_empty: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = nn.Linear(3, 1).double()
+        self.refuse_empty = refuse_empty
+        self.register_buffer("forwards", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        if self.refuse_empty and not len(x):
+            raise ValueError("no rows")
+        self.forwards += 1
+        return self.linear(x)
+
+
+def _rehearsals() -> dict[str, object]:
+    """What a model's first call does besides its micro-batches: its 0-row rehearsal
+    changes no buffer, runs once per model and loss_fn, and a model that refuses 0
+    rows (an even split: no padding step) still gets the exact gradient."""
+    rank = dist.get_rank()
+    x = _deep_x(2)[5 * rank : 5 * (rank + 1)]
+    out: dict[str, object] = {}
+    for refuse in (False, True):
+        model = _Counting(refuse)
+        fully_shard(model.linear)
+        fully_shard(model)
+        empty = [0]
+
+        def loss_fn(m, b, empty=empty):  # type: ignore[no-untyped-def]
+            empty[0] += not len(b)
+            return bg.Loss.from_values(m(b).square())
+
+        counts = []
+        for _ in range(2):
+            bg.accumulate(model, loss_fn, x, micro_batch_size=5, existing_grad="replace")
+            counts.append(int(model.forwards))
+        out[f"refuse={refuse}"] = (counts, empty[0], _full(model))
+    return out
+
+
 def _backward_fault() -> tuple[str, str]:
-    """An exception inside one rank's very first backward of a fresh model: no
-    sequence of the backward's collectives known yet, so every rank raises
-    `DistributedError` at once (the group is shut down)."""
+    """An exception inside one rank's every backward, the 0-row rehearsal's of a
+    fresh model included: no sequence of the backward's collectives known, so every
+    rank raises `DistributedError` at once (the group is shut down)."""
     rank = dist.get_rank()
     model = _shard(_net())
     x = torch.randn(6, 3, dtype=torch.float64)
@@ -570,15 +645,26 @@ class _Skipping(nn.Module):
         return x
 
 
-def _changing_fault() -> tuple[str, str]:
-    """A model whose sequence of collectives has changed between steps (the same
-    loss_fn): an exception in the last rank's backward then is not completed but
-    stops every rank at once (the group is shut down)."""
-    rank, world = dist.get_rank(), dist.get_world_size()
+def _skipping_model(skip: bool) -> nn.Module:
     model = _Skipping()
+    model.skip = skip
     for block in model.blocks:
         fully_shard(block)
     fully_shard(model)
+    return model
+
+
+def _skipping_reference(x: torch.Tensor) -> list[torch.Tensor]:
+    model = _Skipping()
+    return list(torch.autograd.grad(model(x).square().mean(), list(model.parameters())))
+
+
+def _skipping_fault() -> tuple[str, str, list[torch.Tensor]]:
+    """A model that skips a block in some steps (the same loss_fn): an exception in
+    the last rank's backward after a forward seen before is completed from what
+    that forward's backward issued; then the next call."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = _skipping_model(skip=False)
     local = _deep_x(world)[5 * rank : 5 * (rank + 1)]
     state = {"fail": False}
 
@@ -591,6 +677,33 @@ def _changing_fault() -> tuple[str, str]:
     for skip in (False, True):
         model.skip = skip
         bg.accumulate(model, loss_fn, local, micro_batch_size=2, existing_grad="replace")
+    model.skip, state["fail"] = False, True
+    try:
+        bg.accumulate(model, loss_fn, local, micro_batch_size=2, existing_grad="replace")
+        got, message = "no error", ""
+    except bg.BatchError as error:
+        got, message = type(error).__name__, str(error)
+    state["fail"] = False
+    bg.accumulate(model, loss_fn, local, micro_batch_size=2, existing_grad="replace")
+    return got, message, _full(model)
+
+
+def _unseen_forward_fault() -> tuple[str, str]:
+    """An exception in the last rank's backward after a forward never seen to
+    succeed (the block skipped until then, the rehearsal's included): not completed
+    but every rank stops at once (the group is shut down)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = _skipping_model(skip=True)
+    local = _deep_x(world)[5 * rank : 5 * (rank + 1)]
+    state = {"fail": False}
+
+    def loss_fn(m, b):  # type: ignore[no-untyped-def]
+        out = m(b)
+        if state["fail"] and rank == world - 1:
+            out = _Relay.apply(out)
+        return bg.Loss.from_values(out.square())
+
+    bg.accumulate(model, loss_fn, local, micro_batch_size=2)
     model.skip, state["fail"] = False, True
     try:
         bg.accumulate(model, loss_fn, local, micro_batch_size=2, existing_grad="replace")
@@ -610,12 +723,15 @@ def _run(nproc: int) -> dict[str, object]:
         results["fit"] = _fit(sharded=True)
         # what `python benchmarks/fsdp_communication.py --quick` runs on each rank
         results["benchmark"] = _fsdp_benchmark()._worker(*BENCHMARK_QUICK)
+        results["first-backward"] = _first_backward_fault()
+        results["rehearsals"] = _rehearsals()
         results["backward"] = _backward_fault()  # last: it shuts the group down
     else:
         results["unused"] = _unused()
         # what `batchgrad check tests/factories.py:exact --nproc 3 --fsdp` runs on each rank
         results["check"] = _check._rank_check(factories.exact, 4, "mean", None, True)
-        results["changing"] = _changing_fault()  # last: it shuts the group down
+        results["skipping"] = _skipping_fault()
+        results["unseen"] = _unseen_forward_fault()  # last: it shuts the group down
     return results
 
 
@@ -638,7 +754,7 @@ def _hsdp() -> dict[str, object]:
     before, values, calls = [p.grad for p in model.parameters()], _full(model), itertools.count()
 
     def loss_fn(m, b):  # type: ignore[no-untyped-def]
-        if dist.get_rank() != 3 or next(calls) != 1:
+        if dist.get_rank() != 3 or _index(calls, b) != 1:
             return case.loss_fn(m, b)
         handle = m.blocks.layers[0].register_forward_hook(lambda _m, _a, o: _Relay.apply(o))
         try:
@@ -854,13 +970,40 @@ def test_a_parameter_no_rank_uses_has_no_gradient_as_in_one_process(world3):
         assert out["plain"] == unused, rank  # FSDP2's own defaults
 
 
-def test_an_exception_in_a_fresh_models_first_backward_stops_every_rank(world2):
+def test_an_exception_in_a_fresh_models_first_backward_is_completed_from_its_rehearsal(world2):
+    nproc, results = world2
+    expected = _square_reference(_deep_x(nproc)[:10])
+    for rank in range(nproc):
+        got, message, untouched, after = results[rank]["first-backward"]
+        assert got == "DistributedError", message
+        assert message.startswith("On rank 1, micro-batch 0: RuntimeError: raised in backward")
+        assert untouched, rank
+        assert rel_err(after, expected) <= 1e-10, rank
+
+
+def test_the_rehearsal_runs_once_changes_no_buffer_and_may_fail_on_0_rows(world2):
+    nproc, results = world2
+    x = _deep_x(nproc)[:10]
+    torch.manual_seed(0)
+    reference = nn.Linear(3, 1).double()
+    expected = list(torch.autograd.grad(reference(x).square().mean(), list(reference.parameters())))
+    for rank in range(nproc):
+        for refuse in (False, True):
+            counts, empty, after = results[rank]["rehearsals"][f"refuse={refuse}"]
+            assert counts == [1, 2], (rank, refuse)  # one micro-batch a call, nothing more
+            assert empty == 1, (rank, refuse)  # the first call's rehearsal only
+            assert rel_err(after, expected) <= 1e-10, (rank, refuse)
+
+
+def test_an_exception_in_every_backward_rehearsal_included_stops_every_rank(world2):
     _, results = world2
     (kind0, text0), (kind1, text1) = results[0]["backward"], results[1]["backward"]
     assert kind0 == kind1 == "DistributedError"
     assert "Another rank failed inside the sharded model's backward" in text0
-    assert text1.startswith("On rank 1, micro-batch 0: RuntimeError: raised in backward")
-    assert "no backward of this model had succeeded yet" in text1
+    assert text1.startswith(
+        "On rank 1, the 0-row rehearsal of the model's first call: RuntimeError: raised in backward"
+    )
+    assert "no backward of this model after this step's forward had succeeded yet" in text1
 
 
 def test_the_cli_check_across_processes_sharded_with_fsdp(world3, monkeypatch, capsys):
@@ -913,15 +1056,31 @@ def test_the_fsdp_communication_benchmark_counts_the_same_gradient_traffic(
         assert row["all_gathers"] == titan["all_gathers"]  # even shares: no padding step
         assert row["control_all_reduces"] == 4 + 2  # one per step, one before, one after
         assert row["max_rel_diff_vs_torchtitan"] <= 1e-5  # float32
+    # the first call's rehearsal: the forward's all-gathers and the backward's (the
+    # root keeps its parameters), no reduce-scatter, its one agreement
+    first = json.loads(out.read_text())["first_call_extra"]
+    assert first["all_gathers"] == groups + 2
+    assert first["reduce_scatters"] == 0
+    assert first["control_all_reduces"] == 1
     # unsharded gradients kept between micro-batches: twice the shard on 2 ranks
     assert once["peak_grad_bytes"] == 2 * every["peak_grad_bytes"]
 
 
-def test_an_exception_on_a_model_whose_sequence_changed_stops_every_rank(world3):
+def test_an_exception_after_a_forward_seen_before_is_completed_on_a_model_that_skips(world3):
+    nproc, results = world3
+    expected = _skipping_reference(_deep_x(nproc))
+    for rank in range(nproc):
+        got, message, after = results[rank]["skipping"]
+        assert got == "DistributedError", message
+        assert message.startswith(f"On rank {nproc - 1}, micro-batch 0: RuntimeError: raised in")
+        assert rel_err(after, expected) <= 1e-10, rank
+
+
+def test_an_exception_after_a_forward_never_seen_stops_every_rank(world3):
     nproc, results = world3
     for rank in range(nproc):
-        kind, text = results[rank]["changing"]
+        kind, text = results[rank]["unseen"]
         assert kind == "DistributedError", (rank, text)
-    text = results[nproc - 1]["changing"][1]
+    text = results[nproc - 1]["unseen"][1]
     assert text.startswith(f"On rank {nproc - 1}, micro-batch 0: RuntimeError: raised in backward")
-    assert "has changed between steps" in text
+    assert "no backward of this model after this step's forward had succeeded yet" in text
