@@ -42,8 +42,9 @@ reduce-scatter, once, and changes nothing (no gradient, buffers and RNG put back
 
 What is still fatal (`DistributedError`, the process group shut down at once so
 that no rank waits for its timeout): a failure with no sequence to complete (the
-rehearsal's own backward failing, a forward never seen before, a model whose
-sequence differed between steps, a rank whose part does not match), an exception
+rehearsal's own backward failing, a backward after a forward never seen to
+succeed, a forward that differed between two steps of one call, a rank whose part
+does not match), an exception
 inside FSDP's own collectives, a rank that died. Restart the job from the last
 checkpoint then. Not detected: a step whose backward issues other collectives than
 the last successful one after the same forward did (autograd reaching other
@@ -81,7 +82,13 @@ from ._loss import LossFn, unpack_loss
 from ._protocol import Local, agree, layout, raise_failures
 from ._readout import _as_floats
 from ._split import Batch, batch_length, is_structured, micro_batches, slice_batch
-from ._state import GradStash, RngSnapshot, _refuse_existing_grads, trainable_and_buffers
+from ._state import (
+    BufferSnapshot,
+    GradStash,
+    RngSnapshot,
+    _refuse_existing_grads,
+    trainable_and_buffers,
+)
 
 if TYPE_CHECKING:
     from ._accumulate import AccumulateReport
@@ -141,7 +148,7 @@ class _Steps:
     micro_batches: int = 0  # real ones, over every rank
     unit_counts: list[float] = field(default_factory=list)  # this rank's
     failure: BaseException | None = None
-    failed_at: int | None = None
+    failed_at: int | str | None = None  # a micro-batch, or where else
     steps: int = 0
     rank: int = 0
     tell_at_the_end: bool = False  # this rank's last backward failed: say so at the end
@@ -244,11 +251,11 @@ class _Steps:
             self.tell(error, index if real else None)
         self.schedule.learn()
 
-    def rehearse(self, model: nn.Module, loss_fn: LossFn) -> None:
+    def rehearse(self, model: nn.Module, loss_fn: LossFn, buffers: BufferSnapshot) -> None:
         """The 0-row step before a model's first real one (see the module's
         docstring): it learns the sequence of FSDP's collectives. A forward that
         fails on 0 rows (on any rank) only leaves the sequence unknown, as without
-        a rehearsal; the caller puts the buffers back."""
+        a rehearsal. ``buffers``: as the call found them, put back after it."""
         rng = RngSnapshot.take()
         self.knobs.sync(False)
         self.schedule.begin()
@@ -265,7 +272,7 @@ class _Steps:
         interrupted = float(failure is not None and not isinstance(failure, Exception))
         failed, stop, *_ = _step(self.group, [float(failure is not None), interrupted, 0, 0, 0])
         if stop:  # a KeyboardInterrupt (or the like) on some rank: every rank stops
-            self.failure = failure
+            self.failure, self.failed_at = failure, _REHEARSAL
             raise _Stop
         if not failed:
             assert total is not None
@@ -275,16 +282,17 @@ class _Steps:
                 # fatal where nothing was learned; else (another rank had no sequence)
                 # told at the first step's agreement
                 self.complete(error, _REHEARSAL, "backward", self.schedule.backward_events())
-                self.tell(error, None)
+                self.tell(error, _REHEARSAL)
             self.schedule.learn(rehearsal=True)
         else:
             self.schedule.rehearsal_failed()
         reset_pass(self.knobs)  # drops the unsharded gradients of the 0 rows
-        self.schedule.used = [False] * len(self.schedule.used)
+        self.schedule.forget_used()
+        buffers.put_back()
         rng.put_back()
         self.knobs.sync(not self.once)
 
-    def finish_forward(self, error: BaseException, index: int) -> None:
+    def finish_forward(self, error: BaseException, index: int | str) -> None:
         """The others run the whole forward: issue the all-gathers this rank missed.
         Nothing is missing when the error came after the model's forward (a NaN
         loss, a bad count), whatever was learned."""
@@ -299,7 +307,9 @@ class _Steps:
                 return  # (a strict prefix: raised between two calls of the model)
         self.complete(error, index, "forward", done)
 
-    def complete(self, error: BaseException, index: int, where: str, done: list[Event]) -> None:
+    def complete(
+        self, error: BaseException, index: int | str | None, where: str, done: list[Event]
+    ) -> None:
         """Issue the rest of this step's forward or backward collectives that the
         other ranks are in (`Schedule.complete`); what cannot be completed stops the
         process group (`abandon`)."""
@@ -315,7 +325,7 @@ class _Steps:
         except BaseException as reason:
             self.abandon(error, index, where, reason)
 
-    def tell(self, error: BaseException, index: int | None) -> None:
+    def tell(self, error: BaseException, index: int | str | None) -> None:
         """After this rank's backward failed (and its collectives were completed):
         join the others at their next agreement, the next step's (after its forward's
         all-gathers) or the final one, with the failure."""
@@ -329,11 +339,13 @@ class _Steps:
             self.schedule.begin()
             self.schedule.complete("forward", [])
         except BaseException as reason:
-            self.abandon(error, index or 0, "backward", reason)
+            self.abandon(error, index, "backward", reason)
         _step(self.group, [1.0, 0.0, 0.0, 0.0, 0.0])
         raise _Stop
 
-    def abandon(self, error: BaseException, index: int, where: str, reason: BaseException) -> None:
+    def abandon(
+        self, error: BaseException, index: int | str | None, where: str, reason: BaseException
+    ) -> None:
         """An error in the middle of FSDP's collectives that this rank cannot take its
         place in any more (`Schedule.complete` could not): shut the process group
         down, so that the others hear of it now (the closed connection) instead of at
@@ -351,13 +363,14 @@ class _Steps:
         ) from error
 
 
-_REHEARSAL = -1  # the index of the rehearsal step, in messages
+# Where a step failed, in messages: a micro-batch's index, this, or None (a padding step).
+_REHEARSAL = "the 0-row rehearsal of the model's first call"
 
 
-def _at(index: int) -> str:
-    if index == _REHEARSAL:
-        return "the 0-row rehearsal of the model's first call"
-    return f"micro-batch {index}"
+def _at(index: int | str | None) -> str:
+    if index is None:
+        return "a padding step (0 rows)"
+    return index if isinstance(index, str) else f"micro-batch {index}"
 
 
 def reset_pass(knobs: _Knobs) -> None:
@@ -588,8 +601,7 @@ def accumulate_sharded(
         knobs.for_call(steps.once)
         try:
             if agreed.rehearse:  # some rank has not seen this model's collectives yet
-                steps.rehearse(model, loss_fn)
-                buffers.put_back()
+                steps.rehearse(model, loss_fn, buffers)
             _loop(_Run(None), model, loss_fn, steps.parts(own), steps)
         except _Stop:
             reset_pass(knobs)

@@ -57,7 +57,24 @@ class Schedule:
         self, model: nn.Module, groups: list[Any], params: list[nn.Parameter], loss_fn: object
     ) -> None:
         self.model, self.groups = model, groups
-        self.code = getattr(loss_fn, "__code__", type(loss_fn))  # which blocks it runs
+        # FSDP sets its root up (its streams, the root's settings that the key holds)
+        # in the model's first forward, which a rank may not reach before it has to
+        # complete the others' collectives (a loss function raising before calling
+        # the model): set it up now, as that forward would (a no-op afterwards).
+        model._get_fsdp_state()._lazy_init()  # type: ignore[operator]
+        # What decides the sequence besides the model's code: which blocks the loss
+        # function runs, and the groups' settings (fixed during a call).
+        self.key: object = (
+            getattr(loss_fn, "__code__", type(loss_fn)),
+            tuple(
+                (
+                    g.post_forward_mesh_info is not None,
+                    g.unshard_in_backward,
+                    g.reshard_after_backward,
+                )
+                for g in groups
+            ),
+        )
         self.events: list[Event] = []
         self.forward_end = 0
         self.call_forward: Sequence | None = None  # this call's last step's
@@ -65,17 +82,10 @@ class Schedule:
         self.used = [False] * len(params)
         self.where = [[position.get(id(f.sharded_param)) for f in g.fsdp_params] for g in groups]
 
-    def key(self) -> object:
-        """What decides the sequence besides the model's code."""
-        return self.code, tuple(
-            (g.post_forward_mesh_info is not None, g.unshard_in_backward, g.reshard_after_backward)
-            for g in self.groups
-        )
-
     def unknown(self) -> bool:
         """Whether no step of this model with this key has run here yet (nor the
         rehearsal that would learn one)."""
-        return self.key() not in _LEARNED.get(self.model, {})
+        return self.key not in _LEARNED.get(self.model, {})
 
     def wrap(self) -> None:
         for index, group in enumerate(self.groups):
@@ -145,16 +155,20 @@ class Schedule:
         self.call_forward = learned.forward = forward
 
     def _learned(self) -> _Learned:
-        return _LEARNED.setdefault(self.model, {}).setdefault(self.key(), _Learned())
+        return _LEARNED.setdefault(self.model, {}).setdefault(self.key, _Learned())
 
     def rehearsal_failed(self) -> None:
         """Nothing learned, and no other rehearsal for this key."""
-        _LEARNED.setdefault(self.model, {}).setdefault(self.key(), _Learned(rehearsed=True))
+        _LEARNED.setdefault(self.model, {}).setdefault(self.key, _Learned(rehearsed=True))
+
+    def forget_used(self) -> None:
+        """What a step that does not count (the rehearsal) used."""
+        self.used = [False] * len(self.used)
 
     def expected(self, where: str) -> list[Event]:
         """The others' sequence of this step's forward, or of its backward (after the
         forward this rank ran)."""
-        learned = _LEARNED.get(self.model, {}).get(self.key(), _Learned())
+        learned = _LEARNED.get(self.model, {}).get(self.key, _Learned())
         if where == "forward":
             if learned.forward is None:  # FSDP's own order: the modules', the root first
                 return [("ag", index) for index in range(len(self.groups))]

@@ -352,7 +352,7 @@ def raise_failures(
     rank: int,
     world_size: int,
     local: BaseException | None,
-    local_at: int | None = None,
+    local_at: int | str | None = None,
     where: dict[int, int] | None = None,
 ) -> None:
     """Every rank raises if any rank failed; each names the first rank that did.
@@ -363,7 +363,7 @@ def raise_failures(
     raised from the original on the rank where it happened.
     """
     mine = None if local is None else (type(local).__name__, str(local), local_at)
-    gathered: list[tuple[str, str, int | None] | None] = [None] * world_size
+    gathered: list[tuple[str, str, int | str | None] | None] = [None] * world_size
     dist.all_gather_object(gathered, mine, group=group)
     failures = [(r, f) for r, f in enumerate(gathered) if f is not None]
     if not failures:
@@ -373,7 +373,7 @@ def raise_failures(
     also = f" (ranks {others} failed too)" if others else ""
     if where is not None and first in where and where[first] >= 0:
         at = where[first]
-    place = f"On rank {first}" if at is None else f"On rank {first}, micro-batch {at}"
+    place = f"On rank {first}" if at is None else f"On rank {first}, {_place(at)}"
     error_type = _batch_error_types().get(kind, DistributedError)
     if error_type is DistributedError:
         message = (
@@ -384,6 +384,11 @@ def raise_failures(
             message += " (raised from it here)"
     error = error_type(f"{place}: {message}{also}")
     raise error from local
+
+
+def _place(at: int | str) -> str:
+    """Where on a rank: a micro-batch's index, or the place named."""
+    return at if isinstance(at, str) else f"micro-batch {at}"
 
 
 def _raise_mismatch(group: dist.ProcessGroup | None, world_size: int, mine: Local) -> None:

@@ -137,16 +137,6 @@ def _scenarios(nproc: int) -> dict[str, object]:
     return out
 
 
-class _Boom(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):  # type: ignore[no-untyped-def]
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[no-untyped-def]
-        raise RuntimeError("raised in backward")
-
-
 def _index(calls: Iterator[int], micro_batch: object) -> int | None:
     """The index of a real micro-batch among a loss_fn's calls; None for a 0-row one
     (a padding step, or the rehearsal that starts a model's first call)."""
@@ -521,25 +511,38 @@ def _unused() -> dict[str, object]:
     return out
 
 
+def _outcome(call) -> tuple[str, str]:  # type: ignore[no-untyped-def]
+    """The class and message of the `BatchError` that ``call()`` raised, if any."""
+    try:
+        call()
+    except bg.BatchError as error:
+        return type(error).__name__, str(error)
+    return "no error", ""
+
+
+def _relaying(fails: bool, state: dict[str, bool]):  # type: ignore[no-untyped-def]
+    """`_square`, raising in the backward of its real micro-batches while
+    ``state["fail"]`` on the rank that ``fails``."""
+
+    def loss_fn(m, b):  # type: ignore[no-untyped-def]
+        out = m(b)
+        if fails and state["fail"] and len(b):
+            out = _Relay.apply(out)
+        return bg.Loss.from_values(out.square())
+
+    return loss_fn
+
+
 def _first_backward_fault() -> tuple[str, str, bool, list[torch.Tensor]]:
     """An exception inside one rank's first real backward of a fresh model (its
     0-row rehearsal went through), then the next call."""
     rank = dist.get_rank()
     model = _shard(_net())
     x = _deep_x(2)[5 * rank : 5 * (rank + 1)]
-    state = {"fail": rank == 1}
+    state = {"fail": True}
+    loss_fn = _relaying(rank == 1, state)
 
-    def loss_fn(m, b):  # type: ignore[no-untyped-def]
-        out = m(b)
-        if state["fail"] and len(b):
-            out = _Relay.apply(out)
-        return bg.Loss.from_values(out.square())
-
-    try:
-        bg.accumulate(model, loss_fn, x, micro_batch_size=2)
-        got, message = "no error", ""
-    except bg.BatchError as error:
-        got, message = type(error).__name__, str(error)
+    got, message = _outcome(lambda: bg.accumulate(model, loss_fn, x, micro_batch_size=2))
     untouched = all(p.grad is None for p in model.parameters())
     state["fail"] = False
     bg.accumulate(model, loss_fn, x, micro_batch_size=2)
@@ -586,6 +589,68 @@ def _rehearsals() -> dict[str, object]:
             bg.accumulate(model, loss_fn, x, micro_batch_size=5, existing_grad="replace")
             counts.append(int(model.forwards))
         out[f"refuse={refuse}"] = (counts, empty[0], _full(model))
+    # micro-batches batchgrad cannot slice 0 rows of (no padding, no rehearsal), on a
+    # fresh model: every rank raises before its forward, completes it, goes on
+    model = _shard(_net())
+    parts = [_Rows(x[start : start + 2]) for start in range(0, 5, 2)]
+    bg.accumulate(model, lambda m, b: _square(m, b.x), iter(parts))
+    out["unstructured"] = _full(model)
+    return out
+
+
+class _Rows:
+    """A micro-batch of a type batchgrad does not know."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x
+
+
+def _rehearsal_faults() -> dict[str, object]:
+    """The rehearsal's own failures that do not stop the group, each followed by
+    the next call: the last rank raising in the rehearsal's backward where it knew
+    the sequence and rank 0 did not (rank 0 asked for the rehearsal), and a
+    KeyboardInterrupt in the rehearsal's forward on the last rank."""
+    from batchgrad import _fsdp_schedule
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    x = _deep_x(world)[5 * rank : 5 * (rank + 1)]
+    out: dict[str, object] = {}
+    model = _shard(_net())
+    state = {"fail": False}
+
+    def raising(m, b):  # type: ignore[no-untyped-def]
+        value = m(b)
+        if state["fail"] and rank == world - 1 and not len(b):
+            value = _Relay.apply(value)
+        return bg.Loss.from_values(value.square())
+
+    bg.accumulate(model, raising, x, micro_batch_size=2)
+    before, values = [p.grad for p in model.parameters()], _full(model)
+    if rank == 0:
+        _fsdp_schedule._LEARNED.pop(model)
+    state["fail"] = True
+    got, message = _outcome(
+        lambda: bg.accumulate(model, raising, x, micro_batch_size=2, existing_grad="add")
+    )
+    kept = all(p.grad is b for p, b in zip(model.parameters(), before, strict=True))
+    kept = kept and rel_err(_full(model), values) == 0.0
+    state["fail"] = False
+    bg.accumulate(model, raising, x, micro_batch_size=2, existing_grad="replace")
+    out["told"] = (got, message, kept, _full(model))
+
+    model = _shard(_net())
+
+    def interrupted(m, b):  # type: ignore[no-untyped-def]
+        if state["fail"] and rank == world - 1 and not len(b):
+            raise KeyboardInterrupt
+        return _square(m, b)
+
+    state["fail"] = True
+    got, message = _outcome(lambda: bg.accumulate(model, interrupted, x, micro_batch_size=2))
+    untouched = all(p.grad is None for p in model.parameters())
+    state["fail"] = False
+    bg.accumulate(model, interrupted, x, micro_batch_size=2)
+    out["interrupted"] = (got, message, untouched, _full(model))
     return out
 
 
@@ -600,7 +665,7 @@ def _backward_fault() -> tuple[str, str]:
     def loss_fn(m, b):  # type: ignore[no-untyped-def]
         out = m(b)
         if rank == 1:
-            out = _Boom.apply(out)
+            out = _Relay.apply(out)
         return bg.Loss.from_values(out.square())
 
     try:
@@ -667,22 +732,15 @@ def _skipping_fault() -> tuple[str, str, list[torch.Tensor]]:
     model = _skipping_model(skip=False)
     local = _deep_x(world)[5 * rank : 5 * (rank + 1)]
     state = {"fail": False}
-
-    def loss_fn(m, b):  # type: ignore[no-untyped-def]
-        out = m(b)
-        if state["fail"] and rank == world - 1:
-            out = _Relay.apply(out)
-        return bg.Loss.from_values(out.square())
+    loss_fn = _relaying(rank == world - 1, state)
 
     for skip in (False, True):
         model.skip = skip
         bg.accumulate(model, loss_fn, local, micro_batch_size=2, existing_grad="replace")
     model.skip, state["fail"] = False, True
-    try:
-        bg.accumulate(model, loss_fn, local, micro_batch_size=2, existing_grad="replace")
-        got, message = "no error", ""
-    except bg.BatchError as error:
-        got, message = type(error).__name__, str(error)
+    got, message = _outcome(
+        lambda: bg.accumulate(model, loss_fn, local, micro_batch_size=2, existing_grad="replace")
+    )
     state["fail"] = False
     bg.accumulate(model, loss_fn, local, micro_batch_size=2, existing_grad="replace")
     return got, message, _full(model)
@@ -696,20 +754,13 @@ def _unseen_forward_fault() -> tuple[str, str]:
     model = _skipping_model(skip=True)
     local = _deep_x(world)[5 * rank : 5 * (rank + 1)]
     state = {"fail": False}
-
-    def loss_fn(m, b):  # type: ignore[no-untyped-def]
-        out = m(b)
-        if state["fail"] and rank == world - 1:
-            out = _Relay.apply(out)
-        return bg.Loss.from_values(out.square())
+    loss_fn = _relaying(rank == world - 1, state)
 
     bg.accumulate(model, loss_fn, local, micro_batch_size=2)
     model.skip, state["fail"] = False, True
-    try:
-        bg.accumulate(model, loss_fn, local, micro_batch_size=2, existing_grad="replace")
-    except bg.BatchError as error:
-        return type(error).__name__, str(error)
-    return "no error", ""
+    return _outcome(
+        lambda: bg.accumulate(model, loss_fn, local, micro_batch_size=2, existing_grad="replace")
+    )
 
 
 def _run(nproc: int) -> dict[str, object]:
@@ -725,6 +776,7 @@ def _run(nproc: int) -> dict[str, object]:
         results["benchmark"] = _fsdp_benchmark()._worker(*BENCHMARK_QUICK)
         results["first-backward"] = _first_backward_fault()
         results["rehearsals"] = _rehearsals()
+        results["rehearsal-faults"] = _rehearsal_faults()
         results["backward"] = _backward_fault()  # last: it shuts the group down
     else:
         results["unused"] = _unused()
@@ -931,32 +983,39 @@ def test_an_exception_in_one_ranks_backward_of_a_transformer_lm_raises_and_recov
     case = CASE["lm-padded"]
     model, batch = case.build(N, torch.float64, seed=7)
     expected = reference_grads(case, model, batch, "mean")
-    for rank in range(nproc):
-        got, message, kept, after = results[rank]["inner"]["lm"]
+    outcomes = [results[rank]["inner"]["lm"] for rank in range(nproc)]
+    _assert_contained(
+        outcomes, f"On rank {nproc - 1}, micro-batch 1: RuntimeError: raised in", expected
+    )
+
+
+def _assert_contained(outcomes, prefix, expected):  # type: ignore[no-untyped-def]
+    """Each rank's ``(class, message, [kept...,] gradients after the next call)``:
+    `DistributedError` starting with ``prefix``, the gradients kept (where the
+    outcome says), and the next call equal to ``expected``."""
+    for rank, (got, message, *kept, after) in enumerate(outcomes):
         assert got == "DistributedError", message
-        assert message.startswith(f"On rank {nproc - 1}, micro-batch 1: RuntimeError: raised in")
-        assert kept, rank
+        assert message.startswith(prefix), (rank, message)
+        assert all(kept), rank
         assert rel_err(after, expected) <= 1e-10, rank
 
 
 def test_an_exception_in_a_fresh_models_first_forward_is_completed_in_fsdps_order(world):
     nproc, results = world
     expected = _deep_reference(_deep_x(nproc))
-    for rank in range(nproc):
-        got, message, after = results[rank]["first-forward"]
-        assert got == "DistributedError", message
-        assert message.startswith(f"On rank {nproc - 1}, micro-batch 0: RuntimeError: raised in")
-        assert rel_err(after, expected) <= 1e-10, rank
+    outcomes = [results[rank]["first-forward"] for rank in range(nproc)]
+    _assert_contained(
+        outcomes, f"On rank {nproc - 1}, micro-batch 0: RuntimeError: raised in", expected
+    )
 
 
 def test_a_data_loader_failing_mid_call_on_one_rank_raises_everywhere_and_recovers(world):
     nproc, results = world
     expected = _deep_reference(_deep_x(nproc))
-    for rank in range(nproc):
-        got, message, after = results[rank]["fetch"]
-        assert got == "DistributedError", message
-        assert message.startswith(f"On rank {nproc - 1}, micro-batch 2: OSError: the data loader")
-        assert rel_err(after, expected) <= 1e-10, rank
+    outcomes = [results[rank]["fetch"] for rank in range(nproc)]
+    _assert_contained(
+        outcomes, f"On rank {nproc - 1}, micro-batch 2: OSError: the data loader", expected
+    )
 
 
 def test_a_parameter_no_rank_uses_has_no_gradient_as_in_one_process(world3):
@@ -973,12 +1032,20 @@ def test_a_parameter_no_rank_uses_has_no_gradient_as_in_one_process(world3):
 def test_an_exception_in_a_fresh_models_first_backward_is_completed_from_its_rehearsal(world2):
     nproc, results = world2
     expected = _square_reference(_deep_x(nproc)[:10])
-    for rank in range(nproc):
-        got, message, untouched, after = results[rank]["first-backward"]
-        assert got == "DistributedError", message
-        assert message.startswith("On rank 1, micro-batch 0: RuntimeError: raised in backward")
-        assert untouched, rank
-        assert rel_err(after, expected) <= 1e-10, rank
+    outcomes = [results[rank]["first-backward"] for rank in range(nproc)]
+    _assert_contained(
+        outcomes, "On rank 1, micro-batch 0: RuntimeError: raised in backward", expected
+    )
+
+
+def test_the_rehearsals_own_failures_on_one_rank_raise_everywhere_and_recover(world2):
+    nproc, results = world2
+    expected = _square_reference(_deep_x(nproc)[:10])
+    told = [results[rank]["rehearsal-faults"]["told"] for rank in range(nproc)]
+    rehearsal = "the 0-row rehearsal of the model's first call"
+    _assert_contained(told, f"On rank 1, {rehearsal}: RuntimeError: raised in backward", expected)
+    interrupted = [results[rank]["rehearsal-faults"]["interrupted"] for rank in range(nproc)]
+    _assert_contained(interrupted, f"On rank 1, {rehearsal}: KeyboardInterrupt", expected)
 
 
 def test_the_rehearsal_runs_once_changes_no_buffer_and_may_fail_on_0_rows(world2):
@@ -993,6 +1060,8 @@ def test_the_rehearsal_runs_once_changes_no_buffer_and_may_fail_on_0_rows(world2
             assert counts == [1, 2], (rank, refuse)  # one micro-batch a call, nothing more
             assert empty == 1, (rank, refuse)  # the first call's rehearsal only
             assert rel_err(after, expected) <= 1e-10, (rank, refuse)
+        unstructured = results[rank]["rehearsals"]["unstructured"]
+        assert rel_err(unstructured, _square_reference(x)) <= 1e-10, rank
 
 
 def test_an_exception_in_every_backward_rehearsal_included_stops_every_rank(world2):
@@ -1069,11 +1138,10 @@ def test_the_fsdp_communication_benchmark_counts_the_same_gradient_traffic(
 def test_an_exception_after_a_forward_seen_before_is_completed_on_a_model_that_skips(world3):
     nproc, results = world3
     expected = _skipping_reference(_deep_x(nproc))
-    for rank in range(nproc):
-        got, message, after = results[rank]["skipping"]
-        assert got == "DistributedError", message
-        assert message.startswith(f"On rank {nproc - 1}, micro-batch 0: RuntimeError: raised in")
-        assert rel_err(after, expected) <= 1e-10, rank
+    outcomes = [results[rank]["skipping"] for rank in range(nproc)]
+    _assert_contained(
+        outcomes, f"On rank {nproc - 1}, micro-batch 0: RuntimeError: raised in", expected
+    )
 
 
 def test_an_exception_after_a_forward_never_seen_stops_every_rank(world3):
