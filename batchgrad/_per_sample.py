@@ -125,8 +125,10 @@ def _devices(model: nn.Module) -> list[torch.device]:
     return sorted({p.device for p in model.parameters() if p.device.type == "cuda"}, key=str)
 
 
-def _trace(model: nn.Module, loss_fn: LossFn, micro_batch: Batch, index: int) -> _Traced:
-    """The probe forward (a few rows), then the real forward, both traced.
+def _trace(
+    model: nn.Module, loss_fn: LossFn, micro_batch: Batch, index: int
+) -> tuple[_Traced, list[Unit]]:
+    """The probe forward (a few rows), then the real forward, both traced, and the plan.
 
     The probe's shapes are kept per model and batch signature (`probe_key`): a batch of
     the same structure and shapes reuses them, and should its forward call other
@@ -138,12 +140,48 @@ def _trace(model: nn.Module, loss_fn: LossFn, micro_batch: Batch, index: int) ->
     if probe is not None:
         before = rng_states(model)
         try:
-            return _real_forward(model, loss_fn, micro_batch, index, rows, probe, buffers)
+            return _traced_plan(model, loss_fn, micro_batch, index, rows, probe, buffers)
         except Diverged:
             _restore(model, before, buffers)
             forget_probe(model, key)
     probe = _probe(model, loss_fn, micro_batch, index, rows, buffers, key)
-    return _real_forward(model, loss_fn, micro_batch, index, rows, probe, buffers)
+    return _traced_plan(model, loss_fn, micro_batch, index, rows, probe, buffers)
+
+
+_OP_RULES = tuple(RULES.values())
+
+
+def _traced_plan(
+    model: nn.Module,
+    loss_fn: LossFn,
+    micro_batch: Batch,
+    index: int,
+    rows: int,
+    probe: Probe,
+    buffers: list[tuple[Tensor, Tensor]],
+) -> tuple[_Traced, list[Unit]]:
+    """The real forward and its plan. A signature whose plan had only layer rules of
+    parameter uses, under the rules registered now, is traced lean (`Tracer`): those
+    rules read nothing of module calls or random states. Should its plan need more this
+    time (a use no layer rule reads), the forward runs again, fully traced."""
+    generation = rules_generation()
+    if generation in probe.lean:
+        before = rng_states(model)
+        traced = _real_forward(model, loss_fn, micro_batch, index, rows, probe, buffers, True)
+        try:
+            units = _plan(traced)
+        except PerSampleError:
+            units = []  # escalated to a module call, which a lean trace does not record
+        if units and all(isinstance(unit, _OP_RULES) for unit in units):
+            return traced, units
+        probe.lean.discard(generation)
+        del traced, units
+        _restore(model, before, buffers)
+    traced = _real_forward(model, loss_fn, micro_batch, index, rows, probe, buffers, False)
+    units = _plan(traced)
+    if units and all(isinstance(unit, _OP_RULES) for unit in units):
+        probe.lean.add(generation)
+    return traced, units
 
 
 def _probe(
@@ -191,9 +229,10 @@ def _real_forward(
     rows: int,
     probe: Probe,
     buffers: list[tuple[Tensor, Tensor]],
+    lean: bool,
 ) -> _Traced:
     before = rng_states(model)
-    tracer = Tracer(model, rows, probe)
+    tracer = Tracer(model, rows, probe, lean=lean)
     try:
         with tracer:
             loss = loss_fn(model, micro_batch)
@@ -211,7 +250,7 @@ def _real_forward(
         # (permuted, reduced, dropped out): run again as is, leaving those uses to the
         # module calls around them.
         _restore(model, before, buffers)
-        tracer = Tracer(model, rows, probe, expand=False)
+        tracer = Tracer(model, rows, probe, expand=False, lean=lean)
         try:
             with tracer:
                 loss = loss_fn(model, micro_batch)
@@ -629,9 +668,8 @@ def _per_sample_grads(
     trainable = [p for _, p in named]
     parts: dict[nn.Parameter, list[Tensor]] = {p: [] for p in trainable}
     for index, micro_batch in enumerate(micro_batches(batch, micro_batch_size)):
-        traced = _trace(model, loss_fn, micro_batch, index)
+        traced, units = _trace(model, loss_fn, micro_batch, index)
         size = traced.tracer.rows
-        units = _plan(traced)
         guard = _guarding(traced, verify, "grads")
         checked = _checked(traced, units, trainable, guard, thorough)
         batch_grads = _backward(traced, units, checked)
@@ -687,8 +725,7 @@ def _per_sample_norms(
     trainable = [p for _, p in _trainable(model)]
     norms = []
     for index, micro_batch in enumerate(micro_batches(batch, micro_batch_size)):
-        traced = _trace(model, loss_fn, micro_batch, index)
-        units = _plan(traced)
+        traced, units = _trace(model, loss_fn, micro_batch, index)
         guard = _guarding(traced, verify, "norms")
         batch_grads = _backward(traced, units, _checked(traced, units, trainable, guard, thorough))
         with torch.no_grad():
@@ -818,10 +855,9 @@ def clipped_sum(
     signature.
     """
     trainable = [p for _, p in _trainable(model)]
-    traced = _trace(model, loss_fn, micro_batch, index)
+    traced, units = _trace(model, loss_fn, micro_batch, index)
     check = _guarding(traced, verify, "clipped")
     size = traced.tracer.rows
-    units = _plan(traced)
     batch_grads = _backward(traced, units, _checked(traced, units, trainable, check, False))
     with torch.no_grad():
         norms = _sq_norms(units, size).sqrt()

@@ -121,12 +121,19 @@ class OpCall:
 _FLAT = object()  # the spec of arguments that are all leaves already (the usual case)
 
 
+def _leaf(value: Any) -> bool:
+    """Whether an argument is kept whole: anything but a container, and a tuple or list
+    of numbers (a convolution's stride, a shape), which holds no tensor to record."""
+    if isinstance(value, dict):
+        return False
+    if isinstance(value, tuple | list):
+        return all(isinstance(v, int | float | bool | None) for v in value)
+    return True
+
+
 def flatten(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[list[Any], Any]:
     """The leaves of ``(args, kwargs)`` and what `unflatten` needs to rebuild them."""
-    nested = (tuple, list, dict)
-    if not any(isinstance(a, nested) for a in args) and not any(
-        isinstance(v, nested) for v in kwargs.values()
-    ):
+    if all(_leaf(a) for a in args) and all(_leaf(v) for v in kwargs.values()):
         return [*args, *kwargs.values()], (_FLAT, len(args), tuple(kwargs))
     return pytree.tree_flatten((args, kwargs))
 
@@ -161,8 +168,8 @@ def _shapes(leaves: list[Any]) -> list[Any]:
 
 def _sample_dim(real: Any, probe: Any, rows: int, probe_rows: int) -> Dim:
     if not isinstance(real, Tensor):
-        if isinstance(real, int) and not isinstance(real, bool) and real != probe:
-            return MIXED  # a number that follows the batch size (x.expand(B, …))
+        if isinstance(real, int | tuple | list) and not isinstance(real, bool) and real != probe:
+            return MIXED  # numbers that follow the batch size (x.expand(B, …), x.view((B, -1)))
         return None
     if not isinstance(probe, tuple) or len(probe) != real.ndim:
         return MIXED
@@ -193,6 +200,9 @@ class Probe:
     call_shapes: list[tuple[int, list[Any], list[Any]]]
     # what the per-sample guard has checked on this signature and found consistent
     guarded: set[Any] = field(default_factory=set, compare=False, hash=False)
+    # the rule generations under which this signature's plan needed nothing but the
+    # parameter uses (no module call, no random state): its forwards are traced lean
+    lean: set[int] = field(default_factory=set, compare=False, hash=False)
 
 
 class Diverged(PerSampleError):
@@ -267,7 +277,11 @@ def forget_probe(model: nn.Module, key: Any) -> None:
 
 
 class Tracer(TorchFunctionMode):
-    """Records module calls and parameter uses of one forward (probe or real)."""
+    """Records module calls and parameter uses of one forward (probe or real).
+
+    ``lean``: the parameter uses alone, without the module calls around them or the
+    random state before each use (no module hooks, no copies of the generator's state),
+    for a forward whose rules read nothing else."""
 
     def __init__(
         self,
@@ -275,9 +289,11 @@ class Tracer(TorchFunctionMode):
         rows: int,
         probe: Probe | None = None,
         expand: bool = True,
+        lean: bool = False,
     ) -> None:
         super().__init__()
         self.rows = rows
+        self.lean = lean
         self.probe = probe
         self.expand, self.expanded = expand, False
         self.shared: dict[int, tuple[Tensor, tuple[int, ...]]] = {}  # expanded → shape
@@ -295,7 +311,7 @@ class Tracer(TorchFunctionMode):
         modules = list(dict.fromkeys(self.names))
         for module in modules:
             _refuse_mixing(module, self.names[module])
-        for module in modules:
+        for module in [] if lean else modules:
             self.handles.append(module.register_forward_pre_hook(self._enter, with_kwargs=True))
             self.handles.append(module.register_forward_hook(self._leave, with_kwargs=True))
 
@@ -379,9 +395,9 @@ class Tracer(TorchFunctionMode):
             return self._consume(func, args, kwargs)
         if not _has_param(args, kwargs, self.params.keys()):
             return func(*args, **kwargs)
-        rng: Tensor | None = torch.get_rng_state()
+        rng = None if self.lean else torch.get_rng_state()
         output = func(*args, **kwargs)
-        if torch.equal(rng, torch.get_rng_state()):  # type: ignore[arg-type]
+        if rng is not None and torch.equal(rng, torch.get_rng_state()):
             rng = None  # it drew no random numbers: nothing to replay
         outputs = leaves_of(output)
         if not any(isinstance(t, Tensor) for t in outputs):

@@ -126,8 +126,8 @@ def site_unsupported(site: Site) -> str | None:
     if stale(site.outputs, site.out_versions):
         return "its output was modified in place afterwards"
     for t, d in zip(site.inputs, site.in_dims, strict=True):
-        if isinstance(t, int) and d == MIXED:
-            return f"its argument {t} is the number of samples"
+        if isinstance(t, int | tuple | list) and d == MIXED:
+            return f"its argument {t} is or holds the number of samples"
         if isinstance(t, Tensor) and d == MIXED:
             return (
                 f"an input of shape {tuple(t.shape)} holds the samples mixed with another "

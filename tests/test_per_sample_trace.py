@@ -1,5 +1,6 @@
 """Sample dimensions and parameter uses read from the forward, never from sizes."""
 
+import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -10,7 +11,7 @@ from batchgrad._per_sample_trace import MIXED
 
 
 def traced(model, loss_fn, batch):
-    return _trace(model, loss_fn, batch, 0).tracer
+    return _trace(model, loss_fn, batch, 0)[0].tracer
 
 
 def values(model, x):
@@ -48,20 +49,26 @@ def test_shared_position_ids_are_not_taken_for_samples_when_t_equals_b():
     assert not tracer.opaque
 
 
-def test_a_number_that_follows_the_batch_size_marks_the_call():
-    h0 = nn.Parameter(torch.randn(1, 1, 2))
-
+@pytest.mark.parametrize("as_tuple", [False, True], ids=["numbers", "tuple"])
+def test_a_number_that_follows_the_batch_size_marks_the_call(as_tuple):
     class Model(nn.Module):
         def __init__(self):
             super().__init__()
-            self.h0 = h0
+            self.h0 = nn.Parameter(torch.randn(1, 1, 2, dtype=torch.float64))
 
         def forward(self, x):
+            if as_tuple:  # kept whole as one argument, compared whole with the probe's
+                return self.h0.expand((1, x.shape[0], 2)).transpose(0, 1) * x
             return self.h0.expand(-1, x.shape[0], -1).transpose(0, 1) * x
 
-    tracer = traced(Model(), values, torch.randn(3, 1, 2))
-    (op,) = tracer.ops
+    model, x = Model(), torch.randn(3, 1, 2, dtype=torch.float64)
+    (op,) = traced(model, values, x).ops
     assert MIXED in op.in_dims  # the argument x.shape[0]
+    grads = bg.per_sample_grads(model, values, x)  # so the module call is vmapped
+    expected = torch.stack(
+        [torch.autograd.grad(values(model, x[i : i + 1]).total, model.h0)[0] for i in range(3)]
+    )
+    torch.testing.assert_close(grads["h0"], expected, rtol=1e-10, atol=1e-12)
 
 
 def test_every_use_of_a_parameter_is_recorded_where_it_happens():
@@ -146,3 +153,122 @@ def test_a_parameter_resized_in_place_is_probed_again_not_read_with_the_old_shap
         loss_fn(model, x[i : i + 1]).total.backward()
         torch.testing.assert_close(grads["weight"][i], model.weight.grad, rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(grads["bias"][i], model.bias.grad, rtol=1e-12, atol=1e-14)
+
+
+# -- lean traces: a signature whose plan has only layer rules -------------------------
+
+
+@pytest.fixture
+def tracers(monkeypatch):
+    """The ``lean`` flag of every real forward's tracer, in order."""
+    import batchgrad._per_sample as per_sample
+    from batchgrad._per_sample_trace import Tracer
+
+    seen = []
+
+    class Spy(Tracer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if self.probe is not None:
+                seen.append(self.lean)
+
+    monkeypatch.setattr(per_sample, "Tracer", Spy)
+    return seen
+
+
+def _loop(model, loss_fn, x, p):
+    return torch.stack(
+        [torch.autograd.grad(loss_fn(model, x[i : i + 1]).total, p)[0] for i in range(len(x))]
+    )
+
+
+def test_later_calls_of_a_signature_with_only_layer_rules_trace_no_module_calls(tracers):
+    from batchgrad._per_sample_trace import _PROBES
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.LayerNorm(8), nn.Linear(8, 2))
+    model = model.double()
+    x = torch.randn(4, 1, 4, 4, dtype=torch.float64)
+    for _ in range(3):
+        grads = bg.per_sample_grads(model, values, x)
+        norms = bg.per_sample_norms(model, values, x)
+    assert tracers == [False, True, True, True, True, True]  # the first call fully traced
+    (probe,) = _PROBES[model].values()
+    assert probe.lean
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], _loop(model, values, x, p), rtol=1e-10, atol=1e-12)
+    expected = torch.cat([g.flatten(1) for g in grads.values()], 1).norm(dim=1)
+    torch.testing.assert_close(norms, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_a_rule_registered_after_a_lean_call_is_used(tracers):
+    """A rule registered since: the signature is traced fully again, so the rule is seen."""
+    from batchgrad._per_sample_modules import MODULE_RULES
+
+    class Wide(nn.Linear):
+        pass
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Wide(3, 2)).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    bg.per_sample_grads(model, values, x)
+    bg.per_sample_grads(model, values, x)
+    calls = []
+
+    def rule(module, args, grad_outputs):
+        calls.append(module)
+        (a,), (g,) = args, grad_outputs
+        return {"weight": g[:, :, None] * a[:, None, :], "bias": g}
+
+    bg.register_per_sample_rule(Wide)(rule)
+    try:
+        grads = bg.per_sample_grads(model, values, x)
+    finally:
+        MODULE_RULES.pop(Wide, None)
+    assert calls == [model[0]]
+    assert tracers == [False, True, False]
+    torch.testing.assert_close(
+        grads["0.weight"], _loop(model, values, x, model[0].weight), rtol=1e-10, atol=1e-12
+    )
+
+
+class Kept(nn.Module):
+    """Keeps the rows whose first feature is positive: a shape that follows the values."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x):
+        kept = x[:, 0] > 0
+        out = x.new_zeros(len(x), 2)
+        out[kept] = self.lin(x[kept])
+        return out
+
+
+def test_a_lean_call_whose_plan_needs_more_is_traced_again_fully(tracers):
+    """The same functions on the same parameters, but one use's input no longer holds
+    the samples in a dimension of their own: the lean plan cannot stand, so the call
+    is traced fully and ends as it does on a fresh model."""
+
+    def loss_fn(model, x):
+        return bg.Loss.from_values(model(x).pow(2).sum(1))
+
+    torch.manual_seed(0)
+    model = Kept().double()
+    x = torch.randn(4, 3, dtype=torch.float64).abs()
+    bg.per_sample_grads(model, loss_fn, x)
+    grads = bg.per_sample_grads(model, loss_fn, x)
+    assert tracers == [False, True]
+    expected = _loop(model, loss_fn, x, model.lin.weight)
+    torch.testing.assert_close(grads["lin.weight"], expected, rtol=1e-10, atol=1e-12)
+    x[1, 0] = -1.0
+    with pytest.raises(bg.PerSampleError) as lean:
+        bg.per_sample_grads(model, loss_fn, x)
+    assert tracers[2:] == [True, False]
+    fresh = Kept().double()
+    fresh.load_state_dict(model.state_dict())
+    with pytest.raises(bg.PerSampleError) as full:
+        bg.per_sample_grads(fresh, loss_fn, x)
+    assert str(lean.value) == str(full.value)
+    assert "module" in str(lean.value)  # named where a fully traced call names it
