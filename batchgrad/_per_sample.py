@@ -148,7 +148,13 @@ def _trace(
     return _traced_plan(model, loss_fn, micro_batch, index, rows, probe, buffers)
 
 
-_OP_RULES = tuple(RULES.values())
+def _lean(units: list[Unit]) -> frozenset[int] | None:
+    """The modules whose calls a plan's rules read, if they read nothing else of the
+    forward: layer rules read their uses, module rules their module's call; the generic
+    rules may read any module call and the random state before a use."""
+    if not units or any(isinstance(unit, VmapOp | VmapModule) for unit in units):
+        return None
+    return frozenset(id(unit.site.module) for unit in units if isinstance(unit.site, ModuleCall))
 
 
 def _traced_plan(
@@ -160,27 +166,29 @@ def _traced_plan(
     probe: Probe,
     buffers: list[tuple[Tensor, Tensor]],
 ) -> tuple[_Traced, list[Unit]]:
-    """The real forward and its plan. A signature whose plan had only layer rules of
-    parameter uses, under the rules registered now, is traced lean (`Tracer`): those
-    rules read nothing of module calls or random states. Should its plan need more this
-    time (a use no layer rule reads), the forward runs again, fully traced."""
+    """The real forward and its plan. A signature whose plan, under the rules registered
+    now, read only the uses and some module calls (`_lean`) records no more than that
+    (`Tracer`'s ``lean``). Should its plan need more this time (a use no layer rule
+    reads), the forward runs again, fully traced."""
     generation = rules_generation()
-    if generation in probe.lean:
+    lean = probe.lean.get(generation)
+    if lean is not None:
         before = rng_states(model)
-        traced = _real_forward(model, loss_fn, micro_batch, index, rows, probe, buffers, True)
+        traced = _real_forward(model, loss_fn, micro_batch, index, rows, probe, buffers, lean)
         try:
             units = _plan(traced)
         except PerSampleError:
-            units = []  # escalated to a module call, which a lean trace does not record
-        if units and all(isinstance(unit, _OP_RULES) for unit in units):
+            units = []  # escalated to a module call a lean trace did not record
+        if _lean(units) == lean:
             return traced, units
-        probe.lean.discard(generation)
+        del probe.lean[generation]
         del traced, units
         _restore(model, before, buffers)
-    traced = _real_forward(model, loss_fn, micro_batch, index, rows, probe, buffers, False)
+    traced = _real_forward(model, loss_fn, micro_batch, index, rows, probe, buffers, None)
     units = _plan(traced)
-    if units and all(isinstance(unit, _OP_RULES) for unit in units):
-        probe.lean.add(generation)
+    lean = _lean(units)
+    if lean is not None:
+        probe.lean[generation] = lean
     return traced, units
 
 
@@ -229,7 +237,7 @@ def _real_forward(
     rows: int,
     probe: Probe,
     buffers: list[tuple[Tensor, Tensor]],
-    lean: bool,
+    lean: frozenset[int] | None,
 ) -> _Traced:
     before = rng_states(model)
     tracer = Tracer(model, rows, probe, lean=lean)

@@ -200,9 +200,10 @@ class Probe:
     call_shapes: list[tuple[int, list[Any], list[Any]]]
     # what the per-sample guard has checked on this signature and found consistent
     guarded: set[Any] = field(default_factory=set, compare=False, hash=False)
-    # the rule generations under which this signature's plan needed nothing but the
-    # parameter uses (no module call, no random state): its forwards are traced lean
-    lean: set[int] = field(default_factory=set, compare=False, hash=False)
+    # per rule generation under which this signature's plan had only layer and module
+    # rules: the modules whose calls those rules read (its later forwards record no
+    # others, and no random states: they are traced lean)
+    lean: dict[int, frozenset[int]] = field(default_factory=dict, compare=False, hash=False)
 
 
 class Diverged(PerSampleError):
@@ -279,9 +280,9 @@ def forget_probe(model: nn.Module, key: Any) -> None:
 class Tracer(TorchFunctionMode):
     """Records module calls and parameter uses of one forward (probe or real).
 
-    ``lean``: the parameter uses alone, without the module calls around them or the
-    random state before each use (no module hooks, no copies of the generator's state),
-    for a forward whose rules read nothing else."""
+    ``lean``: the ids of the only modules whose calls are recorded, and no random state
+    before each use (no hooks on the other modules, no copies of the generator's
+    state), for a forward whose rules read nothing else; ``None``: everything."""
 
     def __init__(
         self,
@@ -289,7 +290,7 @@ class Tracer(TorchFunctionMode):
         rows: int,
         probe: Probe | None = None,
         expand: bool = True,
-        lean: bool = False,
+        lean: AbstractSet[int] | None = None,
     ) -> None:
         super().__init__()
         self.rows = rows
@@ -311,7 +312,12 @@ class Tracer(TorchFunctionMode):
         modules = list(dict.fromkeys(self.names))
         for module in modules:
             _refuse_mixing(module, self.names[module])
-        for module in [] if lean else modules:
+        if lean is not None:
+            modules = [m for m in modules if id(m) in lean]
+        self.probe_calls = probe.call_shapes if probe is not None else []
+        if probe is not None and lean is not None:
+            self.probe_calls = [entry for entry in probe.call_shapes if entry[0] in lean]
+        for module in modules:
             self.handles.append(module.register_forward_pre_hook(self._enter, with_kwargs=True))
             self.handles.append(module.register_forward_hook(self._leave, with_kwargs=True))
 
@@ -364,9 +370,9 @@ class Tracer(TorchFunctionMode):
         if self.probe is None:
             self.call_shapes.append((module, _shapes(call.inputs), _shapes(call.outputs)))
             return
-        if index >= len(self.probe.call_shapes) or self.probe.call_shapes[index][0] != id(module):
+        if index >= len(self.probe_calls) or self.probe_calls[index][0] != id(module):
             raise _diverged(f"module {call.name!r} ({type(module).__name__})")
-        _, in_shapes, out_shapes = self.probe.call_shapes[index]
+        _, in_shapes, out_shapes = self.probe_calls[index]
         call.in_dims = self._dims(call.inputs, in_shapes)
         call.out_dims = self._dims(call.outputs, out_shapes)
 
@@ -395,7 +401,7 @@ class Tracer(TorchFunctionMode):
             return self._consume(func, args, kwargs)
         if not _has_param(args, kwargs, self.params.keys()):
             return func(*args, **kwargs)
-        rng = None if self.lean else torch.get_rng_state()
+        rng = None if self.lean is not None else torch.get_rng_state()
         output = func(*args, **kwargs)
         if rng is not None and torch.equal(rng, torch.get_rng_state()):
             rng = None  # it drew no random numbers: nothing to replay

@@ -160,7 +160,7 @@ def test_a_parameter_resized_in_place_is_probed_again_not_read_with_the_old_shap
 
 @pytest.fixture
 def tracers(monkeypatch):
-    """The ``lean`` flag of every real forward's tracer, in order."""
+    """Whether each real forward's tracer was lean, in order."""
     import batchgrad._per_sample as per_sample
     from batchgrad._per_sample_trace import Tracer
 
@@ -170,7 +170,7 @@ def tracers(monkeypatch):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             if self.probe is not None:
-                seen.append(self.lean)
+                seen.append(self.lean is not None)
 
     monkeypatch.setattr(per_sample, "Tracer", Spy)
     return seen
@@ -194,7 +194,7 @@ def test_later_calls_of_a_signature_with_only_layer_rules_trace_no_module_calls(
         norms = bg.per_sample_norms(model, values, x)
     assert tracers == [False, True, True, True, True, True]  # the first call fully traced
     (probe,) = _PROBES[model].values()
-    assert probe.lean
+    assert list(probe.lean.values()) == [frozenset()]  # no module call read
     for name, p in model.named_parameters():
         torch.testing.assert_close(grads[name], _loop(model, values, x, p), rtol=1e-10, atol=1e-12)
     expected = torch.cat([g.flatten(1) for g in grads.values()], 1).norm(dim=1)
@@ -230,6 +230,38 @@ def test_a_rule_registered_after_a_lean_call_is_used(tracers):
     torch.testing.assert_close(
         grads["0.weight"], _loop(model, values, x, model[0].weight), rtol=1e-10, atol=1e-12
     )
+
+
+def test_a_lean_trace_records_the_calls_of_the_modules_with_a_rule_only(tracers):
+    from batchgrad._per_sample_modules import MODULE_RULES
+    from batchgrad._per_sample_trace import _PROBES
+
+    class Gain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(4, dtype=torch.float64))
+
+        def forward(self, x):
+            return x * self.weight
+
+    @bg.register_per_sample_rule(Gain)
+    def rule(module, args, grad_outputs):
+        (x,), (g,) = args, grad_outputs
+        return {"weight": x * g}
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), Gain(), nn.Linear(4, 2)).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    try:
+        for _ in range(3):
+            grads = bg.per_sample_grads(model, values, x)
+        (probe,) = _PROBES[model].values()
+        assert list(probe.lean.values()) == [frozenset({id(model[2])})]
+    finally:
+        MODULE_RULES.pop(Gain, None)
+    assert tracers == [False, True, True]
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], _loop(model, values, x, p), rtol=1e-10, atol=1e-12)
 
 
 class Kept(nn.Module):
