@@ -284,9 +284,9 @@ def _plan(traced: _Traced) -> list[Unit]:
     tracer, names = traced.tracer, traced.names
     units: list[Unit] = []
     covered: dict[ModuleCall, set[nn.Parameter]] = {}  # calls with a registered rule
-    for call in tracer.calls:
-        if user_rule(call.module) is None or any(c in covered for c in call.enclosing()):
-            continue
+    for call in tracer.calls:  # in the order the calls returned: inner ones first
+        if user_rule(call.module) is None or _within_ruled(call):
+            continue  # the outermost call with a rule covers all inside it
         registered = user_rule(call.module) is not known_rule(call.module)
         kind = UserModule if registered else known_unit(call.module)
         problem = kind.unsupported(call)
@@ -349,6 +349,13 @@ def _plan(traced: _Traced) -> list[Unit]:
         scopes.setdefault(scope, []).append(p)
     units += [VmapModule(scope, params, tracer.rows) for scope, params in scopes.items()]
     return units
+
+
+def _within_ruled(call: ModuleCall) -> bool:
+    """Whether a call happens inside the call of a module with a rule of its own."""
+    return call.parent is not None and any(
+        user_rule(c.module) is not None for c in call.parent.enclosing()
+    )
 
 
 def _enclosing(uses: list[OpCall]) -> ModuleCall | None:

@@ -727,6 +727,54 @@ def test_a_registered_rule_is_used_and_checked(gain_rule):
         assert_close_rel(grads[name], reference[name])
 
 
+class Gains(nn.Module):
+    """A layer with a rule of its own around one that has another: ``y = (x · w) · v``."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.inner = Gain(features)
+        self.scale = nn.Parameter(torch.randn(features))
+
+    def forward(self, x):
+        return self.inner(x) * self.scale
+
+
+def test_the_outermost_registered_rule_covers_a_registered_layer_inside_it(gain_rule):
+    """The calls return inner first; still only the outer rule counts the inner weight
+    (it used to be counted by both rules: twice the gradient, without the guard)."""
+    from batchgrad._per_sample_modules import MODULE_RULES
+
+    inner_calls = []
+
+    def inner_rule(module, args, grad_outputs):
+        inner_calls.append(module)
+        (x,), (g,) = args, grad_outputs
+        return {"weight": x * g}
+
+    def outer_rule(module, args, grad_outputs):
+        (x,), (g,) = args, grad_outputs
+        return {"scale": x * module.inner.weight * g, "inner.weight": x * module.scale * g}
+
+    gain_rule(inner_rule)
+    bg.register_per_sample_rule(Gains)(outer_rule)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 4), Gains(4)).double()
+        batch = (torch.randn(5, 3).double(), torch.zeros(5))
+
+        def loss_fn(model, batch):
+            return _gain_loss(model, batch[0])
+
+        reference = single_sample_grads(model, loss_fn, batch, 5)
+        for verify in (False, True):
+            grads = bg.per_sample_grads(model, loss_fn, batch, verify=verify)
+            for name in reference:
+                assert_close_rel(grads[name], reference[name])
+    finally:
+        MODULE_RULES.pop(Gains, None)
+    assert inner_calls == []
+
+
 def test_a_wrong_registered_rule_is_caught_by_the_guard(gain_rule):
     gain_rule(lambda module, args, grads: {"weight": args[0] * grads[0] * 0.5})
     model = Gain(3)
