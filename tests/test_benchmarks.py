@@ -207,7 +207,7 @@ def test_per_sample_quick_run_checks_and_times_every_method(per_sample, tmp_path
             assert row["max_rel_err"] is None
         else:  # every method is checked against torch.func before it is timed
             assert 0 <= row["max_rel_err"] <= settings["tolerance"]
-    assert len(results["targets"]) == len(models) * 3 * 2 + 2
+    assert len(results["targets"]) == len(models) * 3 + 2
     assert all(target["met"] in (True, False) for target in results["targets"])
 
 
