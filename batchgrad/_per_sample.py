@@ -244,6 +244,8 @@ def _real_forward(
     try:
         with tracer:
             loss = loss_fn(model, micro_batch)
+        if lean is not None:
+            tracer.check_lean()
         failed = False
     except BatchError:
         raise
@@ -262,6 +264,8 @@ def _real_forward(
         try:
             with tracer:
                 loss = loss_fn(model, micro_batch)
+            if lean is not None:
+                tracer.check_lean()
         finally:
             tracer.remove()
     random = any(not torch.equal(a, b) for a, b in zip(before, rng_states(model), strict=True))

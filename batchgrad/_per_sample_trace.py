@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.nn.modules.module import register_module_forward_hook
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
@@ -318,7 +319,13 @@ class Tracer(TorchFunctionMode):
         modules = list(dict.fromkeys(self.names))
         for module in modules:
             _refuse_mixing(module, self.names[module])
+        # A lean trace still follows which modules return, in order (one global hook
+        # that notes ids): a branch on the values through a module without parameters
+        # (a layout swap) must be probed afresh, as a full trace's checks would have it.
+        self.returned: list[int] = []
         if lean is not None:
+            ids = {id(m) for m in modules}
+            self.handles.append(register_module_forward_hook(self._returned(ids)))
             modules = [m for m in modules if id(m) in lean]
         self.probe_calls = probe.call_shapes if probe is not None else []
         if probe is not None and lean is not None:
@@ -331,6 +338,21 @@ class Tracer(TorchFunctionMode):
         for handle in self.handles:
             handle.remove()
         self.handles = []
+
+    def _returned(self, ids: AbstractSet[int]) -> Callable[..., None]:
+        def note(module: nn.Module, args: Any, output: Any) -> None:
+            if id(module) in ids:
+                self.returned.append(id(module))
+
+        return note
+
+    def check_lean(self) -> None:
+        """After a lean forward: the same module calls as the probe's, and no fewer uses."""
+        assert self.probe is not None
+        if self.returned != [entry[0] for entry in self.probe.call_shapes]:
+            raise _diverged("the sequence of module calls")
+        if len(self.ops) != len(self.probe.op_shapes):
+            raise _diverged("the number of parameter uses")
 
     # -- module calls -------------------------------------------------------------
 

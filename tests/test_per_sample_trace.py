@@ -304,3 +304,70 @@ def test_a_lean_call_whose_plan_needs_more_is_traced_again_fully(tracers):
         bg.per_sample_grads(fresh, loss_fn, x)
     assert str(lean.value) == str(full.value)
     assert "module" in str(lean.value)  # named where a fully traced call names it
+
+
+class Swap(nn.Module):
+    """No parameters: ``[B, T, D] <-> [T, B, D]``."""
+
+    def forward(self, h):
+        return h.transpose(0, 1)
+
+
+class Swapping(nn.Module):
+    """Time-first around its linear layer only when the data says so: with T == B the
+    linear layer's shapes are the same either way; only the module calls differ."""
+
+    def __init__(self):
+        super().__init__()
+        self.swap, self.lin = Swap(), nn.Linear(3, 2)
+
+    def forward(self, x):
+        if bool(x[0, 0, 0] > 100):
+            return self.swap(self.lin(self.swap(x)))
+        return self.lin(x)
+
+
+def test_a_lean_call_through_other_modules_than_the_probe_is_probed_again(tracers):
+    """A lean trace hooks no module without a rule, yet notices that other modules ran
+    (it used to read time as the samples here: wrong gradients without an error)."""
+
+    def loss_fn(model, x):
+        return bg.Loss.from_values(model(x).pow(2).sum((1, 2)))
+
+    torch.manual_seed(0)
+    model = Swapping().double()
+    for _ in range(2):
+        bg.per_sample_grads(model, loss_fn, torch.randn(4, 4, 3, dtype=torch.float64))
+    x = torch.randn(4, 4, 3, dtype=torch.float64)
+    x[0, 0, 0] = 1000.0
+    grads = bg.per_sample_grads(model, loss_fn, x)
+    assert tracers[:3] == [False, True, True]
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], _loop(model, loss_fn, x, p), rtol=1e-10, atol=1e-12)
+
+
+def test_a_lean_call_with_fewer_uses_than_the_probe_ends_as_on_a_fresh_model():
+    class Repeated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x):
+            for _ in range(1 + 2 * int(x[:, 0].max() < 100)):  # three times, or once
+                x = self.lin(x)
+            return x
+
+    torch.manual_seed(0)
+    model = Repeated().double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    for _ in range(2):
+        bg.per_sample_grads(model, values, x)
+    y = x.clone()
+    y[2, 0] = 1000.0  # not among the probe's rows (0, 1): the batch runs it once
+    with pytest.raises(bg.PerSampleError, match="runs differently") as lean:
+        bg.per_sample_grads(model, values, y)
+    fresh = Repeated().double()
+    fresh.load_state_dict(model.state_dict())
+    with pytest.raises(bg.PerSampleError, match="runs differently") as full:
+        bg.per_sample_grads(fresh, values, y)
+    assert str(lean.value) == str(full.value)
