@@ -27,7 +27,8 @@ each sample's own.
 A signature whose plan had only layer rules and module rules (`Probe.lean`) is traced
 *lean* on its later calls: only the calls of the modules with a rule are hooked and no
 random state is kept per use, which leaves the traced forward a few percent above a
-plain one. Its uses are still checked against the probe's, and a plan that then needs
+plain one. Its uses, and which modules returned in which order, are still checked
+against the probe's (a call that differs is probed afresh), and a plan that then needs
 more runs the forward again, fully traced.
 """
 
