@@ -477,11 +477,12 @@ class HalfHidden(nn.Module):
 def test_the_guard_catches_a_hidden_second_use_of_a_parameter_a_rule_reads():
     """The sums are compared only where a path to the parameter bypasses the uses the
     built-in rules read; this one does."""
-    from batchgrad._per_sample import _sum_checked, _trace
+    from batchgrad._per_sample_guard import sum_checked
+    from batchgrad._per_sample_plan import trace
 
     model, x = HalfHidden().double(), torch.randn(4, 3).double()
-    traced, units = _trace(model, _squares, x, 0)
-    assert _sum_checked(traced, units, list(model.parameters())) == [model.lin.weight]
+    traced, units = trace(model, _squares, x, 0)
+    assert sum_checked(traced, units, list(model.parameters())) == [model.lin.weight]
     for run in (
         lambda: bg.per_sample_grads(model, _squares, x),
         lambda: bg.per_sample_norms(model, _squares, x),
@@ -540,14 +541,15 @@ def test_kept_convolution_gradients_give_the_clipped_sum_of_the_loop(monkeypatch
 
 
 def test_the_guard_forms_no_batch_gradient_where_the_rules_read_every_use():
-    from batchgrad._per_sample import _sum_checked, _trace
+    from batchgrad._per_sample_guard import sum_checked
+    from batchgrad._per_sample_plan import trace
 
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.LayerNorm(8), nn.Linear(8, 2))
-    traced, units = _trace(model, _squares, torch.randn(3, 1, 4, 4), 0)
-    assert _sum_checked(traced, units, list(model.parameters())) == []
+    traced, units = trace(model, _squares, torch.randn(3, 1, 4, 4), 0)
+    assert sum_checked(traced, units, list(model.parameters())) == []
     scaled = nn.Sequential(nn.Linear(3, 3), Scale(3))  # the generic rule: its sums compared
-    traced, units = _trace(scaled, _squares, torch.randn(3, 3), 0)
-    checked = _sum_checked(traced, units, list(scaled.parameters()))
+    traced, units = trace(scaled, _squares, torch.randn(3, 3), 0)
+    checked = sum_checked(traced, units, list(scaled.parameters()))
     assert checked == [scaled[1].weight, scaled[1].shift]
 
 
@@ -566,13 +568,13 @@ def guard_runs(monkeypatch):
     from batchgrad import _per_sample
 
     runs = []
-    verify_sums = _per_sample._verify_sums
+    verify_sums = _per_sample.verify_sums
 
     def counted(*args, **kwargs):
         runs.append(1)
         return verify_sums(*args, **kwargs)
 
-    monkeypatch.setattr(_per_sample, "_verify_sums", counted)
+    monkeypatch.setattr(_per_sample, "verify_sums", counted)
     return runs
 
 

@@ -108,18 +108,19 @@ def test_hugging_face_models_as_shipped(name):
 def test_gpt2_projections_use_the_conv1d_rule_not_vmap():
     """Hugging Face's Conv1D flattens the samples with the positions; a built-in rule
     reads it as a linear layer, exact like the layer rules (no sums compared)."""
-    from batchgrad._per_sample import _sum_checked, _trace
+    from batchgrad._per_sample_guard import sum_checked
     from batchgrad._per_sample_modules import KnownModule
+    from batchgrad._per_sample_plan import trace
     from batchgrad._per_sample_vmap import VmapModule
 
     torch.manual_seed(0)
     model, loss_fn = hf("gpt2")
-    traced, units = _trace(model.double(), loss_fn, padded_batch(11), 0)
+    traced, units = trace(model.double(), loss_fn, padded_batch(11), 0)
     conv1d = [u for u in units if type(getattr(u.site, "module", None)).__name__ == "Conv1D"]
     assert len(conv1d) == 4
     assert all(isinstance(u, KnownModule) for u in conv1d)
     assert not any(isinstance(u, VmapModule) for u in units)
-    assert _sum_checked(traced, units, list(model.parameters())) == []
+    assert sum_checked(traced, units, list(model.parameters())) == []
 
 
 def test_gpt2_norms_and_clipping_form_no_conv1d_per_sample_gradients(monkeypatch):

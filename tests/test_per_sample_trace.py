@@ -6,12 +6,12 @@ from torch import nn
 from torch.nn import functional as F
 
 import batchgrad as bg
-from batchgrad._per_sample import _trace
+from batchgrad._per_sample_plan import trace
 from batchgrad._per_sample_trace import MIXED
 
 
 def traced(model, loss_fn, batch):
-    return _trace(model, loss_fn, batch, 0)[0].tracer
+    return trace(model, loss_fn, batch, 0)[0].tracer
 
 
 def values(model, x):
@@ -161,7 +161,7 @@ def test_a_parameter_resized_in_place_is_probed_again_not_read_with_the_old_shap
 @pytest.fixture
 def tracers(monkeypatch):
     """Whether each real forward's tracer was lean, in order."""
-    import batchgrad._per_sample as per_sample
+    import batchgrad._per_sample_plan as per_sample_plan
     from batchgrad._per_sample_trace import Tracer
 
     seen = []
@@ -172,7 +172,7 @@ def tracers(monkeypatch):
             if self.probe is not None:
                 seen.append(self.lean is not None)
 
-    monkeypatch.setattr(per_sample, "Tracer", Spy)
+    monkeypatch.setattr(per_sample_plan, "Tracer", Spy)
     return seen
 
 
